@@ -1,0 +1,116 @@
+// Brings a token in line with the key set in policy.ts: creates what is
+// missing (only when asked to), and refuses with HSM_POLICY_VIOLATION when an
+// existing object is weaker than the policy, e.g. someone made it extractable
+// or gave it an extra usage. A vault never runs on keys it cannot vouch for.
+import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { P256_OID, type Handle, type KeyAttributes, type Token } from '../vault/hsm/token.js';
+import { KEY_SET, REQUIRED_ATTRIBUTES, epochOfLabel, sealLabel, type KeySpec, type KeyUsage } from './policy.js';
+
+export interface EcKey {
+  priv: Handle;
+  pub: Handle;
+  /** Uncompressed SEC1 public point (65 bytes). */
+  point: Uint8Array;
+}
+
+/** Handles of the vault's key set, resolved once at start. */
+export interface ResolvedKeys {
+  kx: EcKey;
+  sig: EcKey;
+  oprf: EcKey;
+  verifier: Handle;
+  /** Seal keys by epoch; the highest is current. */
+  seals: Map<number, Handle>;
+  /** Labels of the objects this call created (empty on a second run: init is idempotent). */
+  created: string[];
+}
+
+const USAGES: KeyUsage[] = ['derive', 'sign', 'verify', 'encrypt', 'decrypt'];
+
+/** Why `attrs` does not satisfy `spec`; empty when it does. */
+export function violations(spec: KeySpec, attrs: KeyAttributes): string[] {
+  const out: string[] = [];
+  for (const [k, want] of Object.entries(REQUIRED_ATTRIBUTES)) {
+    const got = attrs[k as keyof typeof REQUIRED_ATTRIBUTES];
+    if (got !== want) out.push(`${attrs.label}: CKA_${k.replace(/[A-Z]/g, (c) => '_' + c).toUpperCase()} is ${got}, policy requires ${want}`);
+  }
+  for (const u of USAGES) {
+    // Public-key-only flags (verify on an EC private key) read as false, which is what we want.
+    const want = spec.usages.includes(u);
+    if (attrs[u] !== want) out.push(`${attrs.label}: CKA_${u.toUpperCase()} is ${attrs[u]}, policy requires ${want}`);
+  }
+  const kindOk =
+    spec.kind === 'ec-p256'
+      ? attrs.keyType === 'ec' && Buffer.from(attrs.ecParams).equals(P256_OID)
+      : spec.kind === 'aes-256'
+        ? attrs.keyType === 'aes' && attrs.valueLen === 32
+        : attrs.keyType === 'generic' && attrs.valueLen === 32;
+  if (!kindOk) out.push(`${attrs.label}: key type is not ${spec.kind}`);
+  return out;
+}
+
+function one(token: Token, cls: 'private' | 'public' | 'secret', label: string): Handle | undefined {
+  const found = token.find(cls, label);
+  if (found.length > 1) {
+    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `${found.length} ${cls} objects labelled "${label}": ambiguous key`);
+  }
+  return found[0];
+}
+
+function ecKey(token: Token, spec: KeySpec, create: boolean, created: string[]): EcKey {
+  let priv = one(token, 'private', spec.label);
+  let pub = one(token, 'public', spec.label);
+  if (!priv && !pub && create) {
+    ({ priv, pub } = token.generateEcKeyPair(spec.label, spec.usages));
+    created.push(spec.label);
+  }
+  if (!priv || !pub) throw missing(spec.label);
+  check(spec, token.attributes(priv));
+  return { priv, pub, point: token.ecPoint(pub) };
+}
+
+function secretKey(token: Token, spec: KeySpec, label: string, create: boolean, created: string[]): Handle {
+  let h = one(token, 'secret', label);
+  if (!h && create) {
+    h = token.generateSecretKey(label, spec.kind === 'aes-256' ? 'aes' : 'generic', 32, spec.usages);
+    created.push(label);
+  }
+  if (!h) throw missing(label);
+  check(spec, token.attributes(h));
+  return h;
+}
+
+function check(spec: KeySpec, attrs: KeyAttributes): void {
+  const v = violations(spec, attrs);
+  if (v.length) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `HSM key policy violated: ${v.join('; ')}`);
+}
+
+function missing(label: string): VaultError {
+  return new VaultError(
+    ErrorCodes.HSM_POLICY_VIOLATION,
+    `HSM key "${label}" is missing or incomplete; run "bkv-admin init" on a fresh token`,
+  );
+}
+
+const spec = (name: KeySpec['name']): KeySpec => KEY_SET.find((k) => k.name === name)!;
+
+/**
+ * Resolve (and with `create`, make) the vault's keys on `token`. With
+ * `create: false` a missing key is an error: a running vault never silently
+ * mints a new OPRF key, which would make every existing record unrecoverable.
+ */
+export function enforcePolicy(token: Token, opts: { create: boolean }): ResolvedKeys {
+  const created: string[] = [];
+  const kx = ecKey(token, spec('kx'), opts.create, created);
+  const sig = ecKey(token, spec('sig'), opts.create, created);
+  const oprf = ecKey(token, spec('oprf'), opts.create, created);
+  const verifier = secretKey(token, spec('verifier'), spec('verifier').label, opts.create, created);
+  const seals = new Map<number, Handle>();
+  for (const { label } of token.listLabels('secret', spec('seal').label)) {
+    const epoch = epochOfLabel(label);
+    if (epoch === undefined) continue;
+    seals.set(epoch, secretKey(token, spec('seal'), label, false, created));
+  }
+  if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), opts.create, created));
+  return { kx, sig, oprf, verifier, seals, created };
+}

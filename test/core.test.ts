@@ -1,0 +1,284 @@
+// Vault core against a real SoftHSM2 token and a real SQLite file.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { readFileSync, existsSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import Database from 'better-sqlite3';
+import { tempVault, type TestVault } from './helpers/vault.js';
+import { enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
+import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { utf8 } from '../vault/protocol/bytes.js';
+
+let t: TestVault;
+beforeAll(async () => {
+  t = await tempVault();
+});
+afterAll(() => t.close());
+
+const key = () => new Uint8Array(randomBytes(32));
+
+async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string> {
+  try {
+    await (typeof p === 'function' ? p() : p);
+  } catch (e) {
+    if (e instanceof VaultError) return e.code;
+    throw e;
+  }
+  return 'NO_ERROR';
+}
+
+function row(userId: string): Record<string, unknown> | undefined {
+  const db = new Database(t.dbPath, { readonly: true });
+  try {
+    return db.prepare('SELECT * FROM records WHERE user_id = ?').get(userId) as Record<string, unknown> | undefined;
+  } finally {
+    db.close();
+  }
+}
+
+function corrupt(userId: string, set: string, ...args: unknown[]): void {
+  const db = new Database(t.dbPath);
+  try {
+    db.prepare(`UPDATE records SET ${set} WHERE user_id = ?`).run(...args, userId);
+  } finally {
+    db.close();
+  }
+}
+
+describe('enrol and recover', () => {
+  it('returns the exact key for the right password', async () => {
+    const k = key();
+    const e = await enroll(t.vault, 'alice', 'correct horse battery staple', k);
+    expect(e.generation).toBe(1);
+    const r = await recover(t.vault, 'alice', 'correct horse battery staple');
+    expect(r.outcome).toBe('ok');
+    expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
+  });
+
+  it('never writes the key, the password or authKey to the database or the logs', async () => {
+    const password = 'leak-canary-' + randomBytes(8).toString('hex');
+    await enroll(t.vault, 'leaky', password, key());
+    await recover(t.vault, 'leaky', password);
+    await recover(t.vault, 'leaky', password + 'x');
+    t.vault.store.close();
+    const files = [t.dbPath, t.dbPath + '-wal'].filter(existsSync).map((f) => readFileSync(f));
+    const logs = Buffer.from(t.logs.join('\n'));
+    const needles = [utf8(password), ...secretsSeen].flatMap((s) => {
+      const b = Buffer.from(s);
+      return [b, Buffer.from(b.toString('hex')), Buffer.from(b.toString('base64')), Buffer.from(b.toString('base64url'))];
+    });
+    expect(needles.length).toBeGreaterThan(8);
+    for (const hay of [...files, logs]) for (const n of needles) expect(hay.includes(n)).toBe(false);
+    await t.reopen();
+  });
+});
+
+describe('attempt counting', () => {
+  it('charges a wrong password one attempt and resets on the right one', async () => {
+    await enroll(t.vault, 'bob', 'pw-bob', key());
+    expect(await recover(t.vault, 'bob', 'nope')).toEqual({ outcome: 'wrong-password', attemptsLeft: 9 });
+    expect(await recover(t.vault, 'bob', 'nope2')).toEqual({ outcome: 'wrong-password', attemptsLeft: 8 });
+    expect(t.vault.status('bob').attemptsLeft).toBe(8);
+    expect((await recover(t.vault, 'bob', 'pw-bob')).outcome).toBe('ok');
+    expect(t.vault.status('bob')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+  });
+
+  it('destroys the record at the 10th wrong guess; the right password then gets LOCKED', async () => {
+    await enroll(t.vault, 'carol', 'pw-carol', key());
+    for (let i = 1; i <= 9; i++) {
+      expect(await recover(t.vault, 'carol', `wrong-${i}`)).toEqual({ outcome: 'wrong-password', attemptsLeft: 10 - i });
+    }
+    expect(await recover(t.vault, 'carol', 'wrong-10')).toEqual({ outcome: 'locked' });
+    expect(await codeOf(recover(t.vault, 'carol', 'pw-carol'))).toBe(ErrorCodes.LOCKED);
+    const r = row('carol')!;
+    expect(r.verifier).toBeNull();
+    expect(r.sealed).toBeNull();
+    expect(t.vault.status('carol').state).toBe('locked');
+  });
+
+  it('honours a per-vault limit', async () => {
+    const v3 = await tempVault({ attemptLimit: 3 });
+    try {
+      await enroll(v3.vault, 'dave', 'pw', key());
+      expect(await recover(v3.vault, 'dave', 'a')).toEqual({ outcome: 'wrong-password', attemptsLeft: 2 });
+      expect(await recover(v3.vault, 'dave', 'b')).toEqual({ outcome: 'wrong-password', attemptsLeft: 1 });
+      expect(await recover(v3.vault, 'dave', 'c')).toEqual({ outcome: 'locked' });
+      expect(await codeOf(recover(v3.vault, 'dave', 'pw'))).toBe(ErrorCodes.LOCKED);
+    } finally {
+      v3.close();
+    }
+  });
+
+  it('charges an abandoned recovery, and destroys at the limit once the last one expires', async () => {
+    await enroll(t.vault, 'erin', 'pw-erin', key());
+    for (let i = 0; i < 10; i++) await beginOnly(t.vault, 'erin', 'whatever');
+    expect(t.vault.status('erin').attemptsLeft).toBe(0);
+    // All ten guesses are still in flight: more begins are refused, the record is kept.
+    expect(await codeOf(beginOnly(t.vault, 'erin', 'pw-erin'))).toBe(ErrorCodes.LOCKED);
+    expect(t.vault.status('erin').state).toBe('active');
+    t.clock.now += t.vault.options.sessionTtlMs + 1;
+    expect(t.vault.sweep()).toBe(1);
+    expect(t.vault.status('erin').state).toBe('locked');
+  });
+
+  it('never lets concurrent guesses exceed the limit', async () => {
+    await enroll(t.vault, 'frank', 'pw-frank', key());
+    const results = await Promise.allSettled(Array.from({ length: 40 }, () => beginOnly(t.vault, 'frank', 'guess')));
+    const counted = results.filter((r) => r.status === 'fulfilled');
+    expect(counted.length).toBe(10);
+    for (const r of results) if (r.status === 'rejected') expect((r.reason as VaultError).code).toBe(ErrorCodes.LOCKED);
+    expect(row('frank')!.attempts).toBe(10);
+  });
+});
+
+describe('sessions', () => {
+  it('refuses a second finish of the same session', async () => {
+    await enroll(t.vault, 'gina', 'pw-gina', key());
+    const b = await beginOnly(t.vault, 'gina', 'pw-gina');
+    expect((await t.vault.recoverFinish(b.sessionId, b.authKey)).outcome).toBe('ok');
+    expect(await codeOf(t.vault.recoverFinish(b.sessionId, b.authKey))).toBe(ErrorCodes.SESSION_NOT_FOUND);
+  });
+
+  it('refuses an unknown and an expired session', async () => {
+    await enroll(t.vault, 'hank', 'pw-hank', key());
+    expect(await codeOf(t.vault.recoverFinish('A'.repeat(22), new Uint8Array(32)))).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    const b = await beginOnly(t.vault, 'hank', 'pw-hank');
+    t.clock.now += t.vault.options.sessionTtlMs + 1;
+    expect(await codeOf(t.vault.recoverFinish(b.sessionId, b.authKey))).toBe(ErrorCodes.SESSION_EXPIRED);
+    expect(t.vault.status('hank').attemptsLeft).toBe(9);
+  });
+});
+
+describe('tampered storage never yields a key', () => {
+  it('a row copied from another user does not verify', async () => {
+    await enroll(t.vault, 'ivan', 'pw-ivan', key());
+    await enroll(t.vault, 'judy', 'pw-judy', key());
+    const ivan = row('ivan')!;
+    corrupt('judy', 'verifier = ?, sealed = ?, generation = ?', ivan.verifier, ivan.sealed, ivan.generation);
+    // Ivan's password against Judy's name: the verifier binds the user id.
+    expect((await recover(t.vault, 'judy', 'pw-ivan')).outcome).toBe('wrong-password');
+    expect((await recover(t.vault, 'judy', 'pw-judy')).outcome).toBe('wrong-password');
+  });
+
+  it('a tampered verifier does not verify; a tampered envelope is RECORD_CORRUPT', async () => {
+    await enroll(t.vault, 'kate', 'pw-kate', key());
+    const orig = row('kate')!;
+    const v = Buffer.from(orig.verifier as Buffer);
+    v[0]! ^= 1;
+    corrupt('kate', 'verifier = ?', v);
+    expect((await recover(t.vault, 'kate', 'pw-kate')).outcome).toBe('wrong-password');
+    const s = Buffer.from(orig.sealed as Buffer);
+    s[s.length - 1]! ^= 1;
+    corrupt('kate', 'verifier = ?, sealed = ?', orig.verifier, s);
+    expect(await codeOf(recover(t.vault, 'kate', 'pw-kate'))).toBe(ErrorCodes.RECORD_CORRUPT);
+    expect(t.logs.some((l) => l.includes('record.corrupt'))).toBe(true);
+  });
+
+  it('a reset counter gives more guesses but never a key without the password', async () => {
+    await enroll(t.vault, 'liam', 'pw-liam', key());
+    await recover(t.vault, 'liam', 'x');
+    corrupt('liam', 'attempts = 0');
+    expect((await recover(t.vault, 'liam', 'y')).outcome).toBe('wrong-password');
+    const gen = row('liam')!.generation as number;
+    corrupt('liam', 'generation = ?', gen + 1);
+    // A generation bumped by hand breaks the binding: even the right password gets nothing.
+    expect(await recover(t.vault, 'liam', 'pw-liam')).toMatchObject({ outcome: 'wrong-password' });
+  });
+});
+
+describe('bad input changes nothing', () => {
+  it('each malformed request has its own code and leaves the row as it was', async () => {
+    await enroll(t.vault, 'mona', 'pw-mona', key());
+    const before = row('mona');
+    const good = (await beginOnly(t.vault, 'mona', 'pw-mona')).p.blinded;
+    await recover(t.vault, 'mona', 'pw-mona'); // reset, then snapshot
+    const snap = row('mona');
+    const identity = new Uint8Array(65);
+    identity[0] = 4;
+    const offCurve = new Uint8Array(good);
+    offCurve[64]! ^= 1;
+    const compressed = new Uint8Array(33);
+    compressed[0] = 2;
+    const cases: [string, () => Promise<unknown>][] = [
+      [ErrorCodes.INVALID_POINT, () => t.vault.recoverBegin('mona', identity)],
+      [ErrorCodes.INVALID_POINT, () => t.vault.recoverBegin('mona', offCurve)],
+      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverBegin('mona', compressed)],
+      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverBegin('mona', good.subarray(0, 64))],
+      [ErrorCodes.BAD_REQUEST, () => t.vault.recoverBegin('mona', 'not bytes')],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin('', good)],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin(42, good)],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin('x'.repeat(129), good)],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin('bad\nname', good)],
+      [ErrorCodes.RECORD_NOT_FOUND, () => t.vault.recoverBegin('nobody', good)],
+      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverFinish('A'.repeat(22), new Uint8Array(31))],
+      [ErrorCodes.SESSION_NOT_FOUND, () => t.vault.recoverFinish('short', new Uint8Array(32))],
+      [ErrorCodes.RECORD_EXISTS, () => t.vault.enrollBegin('mona', good)],
+      [ErrorCodes.INVALID_POINT, () => t.vault.enrollBegin('newbie', identity)],
+      [ErrorCodes.RECORD_NOT_FOUND, async () => t.vault.delete('nobody')],
+    ];
+    for (const [code, call] of cases) {
+      expect(await codeOf(call()), code).toBe(code);
+      expect(row('mona')).toEqual(snap);
+    }
+    expect(row('nobody')).toBeUndefined();
+    expect(row('newbie')).toBeUndefined();
+    expect(before).toBeDefined();
+  });
+
+  it('rejects enrolment payloads of the wrong shape without creating a record', async () => {
+    const k = key();
+    const { startOprf, enrollPayload } = await import('../client/protocol.js');
+    const { TEST_KDF } = await import('./helpers/vault.js');
+    const p = startOprf(t.vault.vaultId, 'nina', 'pw-nina');
+    const b = await t.vault.enrollBegin('nina', p.blinded);
+    const payload = await enrollPayload(p, b.evaluated, TEST_KDF, k);
+    const weak = { alg: 'argon2id', m: 8, t: 1, p: 1 };
+    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, kdf: weak }))).toBe(ErrorCodes.INVALID_KDF_PARAMS);
+    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, kdf: { alg: 'scrypt' } }))).toBe(ErrorCodes.INVALID_KDF_PARAMS);
+    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, envelope: new Uint8Array(59) }))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, authKey: new Uint8Array(33) }))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'other', payload))).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    expect(row('nina')).toBeUndefined();
+  });
+});
+
+describe('password change and delete', () => {
+  it('replaces an active record only with proof of the current password', async () => {
+    const k1 = key();
+    const k2 = key();
+    await enroll(t.vault, 'olga', 'old-pw', k1);
+    expect(await codeOf(enroll(t.vault, 'olga', 'attacker-pw', k2))).toBe(ErrorCodes.RECORD_EXISTS);
+    const r = await recover(t.vault, 'olga', 'old-pw');
+    if (r.outcome !== 'ok') throw new Error('expected ok');
+    expect((await enroll(t.vault, 'olga', 'new-pw', k2, r.grant)).generation).toBe(2);
+    expect((await recover(t.vault, 'olga', 'old-pw')).outcome).toBe('wrong-password');
+    const again = await recover(t.vault, 'olga', 'new-pw');
+    expect(again.outcome === 'ok' && Buffer.from(again.key).equals(Buffer.from(k2))).toBe(true);
+  });
+
+  it('a grant for one user does not unlock another', async () => {
+    await enroll(t.vault, 'paul', 'pw-paul', key());
+    await enroll(t.vault, 'quin', 'pw-quin', key());
+    const r = await recover(t.vault, 'paul', 'pw-paul');
+    if (r.outcome !== 'ok') throw new Error('expected ok');
+    expect(await codeOf(enroll(t.vault, 'quin', 'evil', key(), r.grant))).toBe(ErrorCodes.RECORD_EXISTS);
+  });
+
+  it('delete destroys the record; re-enrolment starts a new generation', async () => {
+    await enroll(t.vault, 'rita', 'pw-rita', key());
+    t.vault.delete('rita');
+    expect(t.vault.status('rita').state).toBe('deleted');
+    expect(await codeOf(recover(t.vault, 'rita', 'pw-rita'))).toBe(ErrorCodes.RECORD_NOT_FOUND);
+    expect(row('rita')!.sealed).toBeNull();
+    const k = key();
+    expect((await enroll(t.vault, 'rita', 'pw-rita-2', k)).generation).toBe(2);
+    const r = await recover(t.vault, 'rita', 'pw-rita-2');
+    expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
+  });
+
+  it('lockout survives a restart', async () => {
+    await enroll(t.vault, 'sam', 'pw-sam', key());
+    for (let i = 0; i < 4; i++) await recover(t.vault, 'sam', 'bad');
+    await t.reopen();
+    expect(t.vault.status('sam').attemptsLeft).toBe(6);
+  });
+});

@@ -1,0 +1,344 @@
+// The vault: orchestration of HSM, store and the pure decision logic. Each
+// method is check input → ask the HSM → decide and commit in one SQLite
+// transaction → only then reveal anything. Nothing here parses wire formats
+// (rpc/ does) or touches pkcs11js or SQL directly (hsm/ and store/ do).
+import { createHash } from 'node:crypto';
+import type { Logger } from 'pino';
+import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
+import type { VaultKeys } from '../hsm/vault-keys.js';
+import type { RecordStore, StoredRecord } from '../store/records.js';
+import { validatePoint } from '../protocol/oprf.js';
+import { checkKdfParams, MIN_KDF, type KdfParams } from '../protocol/kdf.js';
+import { sealAad, verifierInput } from '../protocol/record.js';
+import { descriptorDigest, vaultIdOf, type SignedDescriptor } from '../protocol/descriptor.js';
+import { PROTOCOL_VERSION, SIZES } from '../protocol/suite.js';
+import { toHex } from '../protocol/bytes.js';
+import { checkBytes, checkUserId } from './input.js';
+import { SessionTable } from './sessions.js';
+import {
+  decideDelete,
+  decideEnroll,
+  decideExpiry,
+  decideRecoverBegin,
+  decideRecoverFinish,
+} from './machine.js';
+
+export interface VaultOptions {
+  /** Wrong guesses allowed before the record is destroyed (per record, fixed at enrolment). */
+  attemptLimit: number;
+  /** How long a begin may wait for its finish. */
+  sessionTtlMs: number;
+  /** Weakest Argon2id parameters an enrolment may use. */
+  kdfFloor: KdfParams;
+  maxSessions: number;
+  now: () => number;
+}
+
+export const DEFAULT_OPTIONS: VaultOptions = {
+  attemptLimit: 10,
+  sessionTtlMs: 120_000,
+  kdfFloor: MIN_KDF,
+  maxSessions: 100_000,
+  now: Date.now,
+};
+
+export interface RecordStatus {
+  userId: string;
+  state: 'absent' | 'active' | 'locked' | 'deleted';
+  attemptsLeft: number;
+  attemptLimit: number;
+}
+
+export type RecoverOutcome =
+  | { outcome: 'ok'; envelope: Uint8Array; grant: string }
+  | { outcome: 'wrong-password'; attemptsLeft: number }
+  | { outcome: 'locked' };
+
+/** Pseudonymous user reference for logs: operators can correlate lines without the log holding user ids. */
+export const userRef = (userId: string): string => createHash('sha256').update(userId).digest('hex').slice(0, 16);
+
+export class Vault {
+  readonly vaultId: Uint8Array;
+  readonly options: VaultOptions;
+  private readonly sessions: SessionTable;
+  private descriptorCache: { epoch: number; value: SignedDescriptor } | undefined;
+  private sweepTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly keys: VaultKeys,
+    readonly store: RecordStore,
+    private readonly log: Logger,
+    options: Partial<VaultOptions> = {},
+  ) {
+    this.options = { ...DEFAULT_OPTIONS, ...options };
+    this.vaultId = vaultIdOf(keys.signingPublic);
+    this.sessions = new SessionTable(this.options.sessionTtlMs, this.options.maxSessions);
+    this.bindStore();
+  }
+
+  /** Sweep expired sessions periodically (destroys records whose last guess was abandoned). */
+  startSweeper(intervalMs = 1000): void {
+    this.sweepTimer ??= setInterval(() => this.sweep(), intervalMs);
+    this.sweepTimer.unref();
+  }
+
+  close(): void {
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.sweepTimer = undefined;
+  }
+
+  // A database belongs to exactly one vault identity: records of another vault
+  // would never verify, and silently mixing them hides an operator mistake.
+  private bindStore(): void {
+    const id = toHex(this.vaultId);
+    const bound = this.store.getMeta('vault_id');
+    if (bound === undefined) this.store.setMeta('vault_id', id);
+    else if (bound !== id) {
+      throw new VaultError(ErrorCodes.STATE_ROLLBACK_DETECTED, `database belongs to vault ${bound}, not to this HSM's vault ${id}`);
+    }
+  }
+
+  async descriptor(): Promise<SignedDescriptor> {
+    const epoch = this.keys.currentEpoch();
+    if (this.descriptorCache?.epoch === epoch) return this.descriptorCache.value;
+    const d = {
+      version: PROTOCOL_VERSION,
+      vaultId: this.vaultId,
+      channelKey: this.keys.channelPublic,
+      epoch,
+      attemptLimit: this.options.attemptLimit,
+      kdfFloor: this.options.kdfFloor,
+    };
+    const value = { ...d, signature: await this.keys.sign(descriptorDigest(d)) };
+    this.descriptorCache = { epoch, value };
+    return value;
+  }
+
+  // ---- enrol -----------------------------------------------------------------
+
+  async enrollBegin(
+    userIdIn: unknown,
+    blindedIn: unknown,
+    opts: { grant?: string } = {},
+  ): Promise<{ sessionId: string; evaluated: Uint8Array; attemptLimit: number; kdfFloor: KdfParams }> {
+    const userId = checkUserId(userIdIn);
+    const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
+    const grantGeneration = this.grantGeneration(opts.grant, userId);
+    const decision = decideEnroll(this.store.get(userId), grantGeneration);
+    if (!decision.ok) throw refusal(decision.code);
+    const evaluated = await this.keys.oprfEvaluate(blinded);
+    const session = this.sessions.create('enroll', userId, decision.generation, this.options.now());
+    this.log.info({ event: 'enroll.begin', user: userRef(userId) }, 'enrolment started');
+    return { sessionId: session.id, evaluated, attemptLimit: this.options.attemptLimit, kdfFloor: this.options.kdfFloor };
+  }
+
+  async enrollFinish(
+    sessionIdIn: unknown,
+    userIdIn: unknown,
+    req: { authKey: unknown; envelope: unknown; kdf: unknown; grant?: string },
+  ): Promise<{ generation: number; attemptLimit: number }> {
+    const userId = checkUserId(userIdIn);
+    const authKey = checkBytes(req.authKey, SIZES.authKey, 'authKey');
+    const envelope = checkBytes(req.envelope, SIZES.envelope, 'envelope');
+    const kdf = checkKdfParams(req.kdf, this.options.kdfFloor);
+    const sessionId = checkSessionId(sessionIdIn);
+    const now = this.options.now();
+    const session = this.sessions.take(sessionId, 'enroll', now);
+    if (session.userId !== userId) throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no enroll session for this user');
+    const generation = session.generation;
+    const epoch = this.keys.currentEpoch();
+    let verifier: Uint8Array;
+    let sealed: Uint8Array;
+    try {
+      verifier = await this.keys.makeVerifier(verifierInput(this.vaultId, userId, generation, authKey));
+      sealed = await this.keys.seal(epoch, sealAad(this.vaultId, userId, generation, epoch, verifier), envelope);
+    } catch (e) {
+      this.sessions.restore(session);
+      throw e;
+    }
+    this.store.transaction(() => {
+      const rec = this.store.get(userId);
+      const grantGeneration = this.grantGeneration(req.grant, userId);
+      const decision = decideEnroll(rec, grantGeneration);
+      // Someone else enrolled this user while our HSM calls ran: our verifier is for a stale generation.
+      if (!decision.ok || decision.generation !== generation) throw refusal(ErrorCodes.RECORD_EXISTS);
+      this.store.put({
+        userId,
+        state: 'active',
+        generation,
+        attempts: 0,
+        attemptLimit: this.options.attemptLimit,
+        verifier,
+        sealed,
+        sealEpoch: epoch,
+        kdf,
+        createdAt: now,
+        updatedAt: now,
+      });
+    });
+    // Old sessions and grants were for the previous generation.
+    this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
+    this.log.info({ event: 'enroll.finish', user: userRef(userId), generation }, 'record enrolled');
+    return { generation, attemptLimit: this.options.attemptLimit };
+  }
+
+  // ---- recover ---------------------------------------------------------------
+
+  async recoverBegin(
+    userIdIn: unknown,
+    blindedIn: unknown,
+  ): Promise<{ sessionId: string; evaluated: Uint8Array; kdf: KdfParams; attemptsLeft: number; attemptLimit: number }> {
+    const userId = checkUserId(userIdIn);
+    const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
+    // Cheap refusal first, so locked or unknown users cost no HSM work.
+    const pre = decideRecoverBegin(this.store.get(userId), this.sessions.pending(userId, this.options.now()), this.options.now());
+    if (!pre.ok && !pre.change) throw refusal(pre.code);
+    // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
+    // and nothing that depends on the guess leaves before its attempt is durable.
+    const evaluated = pre.ok ? await this.keys.oprfEvaluate(blinded) : undefined;
+    const now = this.options.now();
+    const committed = this.store.transaction(() => {
+      const d = decideRecoverBegin(this.store.get(userId), this.sessions.pending(userId, now), now);
+      if (d.change) this.store.put(d.change);
+      return d;
+    });
+    if (!committed.ok) {
+      if (committed.change) this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
+      throw refusal(committed.code);
+    }
+    const session = this.sessions.create('recover', userId, committed.change.generation, now);
+    this.log.info({ event: 'recover.begin', user: userRef(userId), attemptsLeft: committed.attemptsLeft }, 'attempt counted');
+    return {
+      sessionId: session.id,
+      evaluated: evaluated!,
+      kdf: committed.change.kdf!,
+      attemptsLeft: committed.attemptsLeft,
+      attemptLimit: committed.change.attemptLimit,
+    };
+  }
+
+  async recoverFinish(sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
+    const authKey = checkBytes(authKeyIn, SIZES.authKey, 'authKey');
+    const sessionId = checkSessionId(sessionIdIn);
+    const session = this.sessions.take(sessionId, 'recover', this.options.now());
+    const { userId, generation } = session;
+    const rec = this.store.get(userId);
+    let verified = false;
+    let envelope: Uint8Array | null = null;
+    if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
+      try {
+        verified = await this.keys.checkVerifier(verifierInput(this.vaultId, userId, generation, authKey), rec.verifier);
+        if (verified) envelope = await this.unseal(rec);
+      } catch (e) {
+        // Nothing was decided: the caller may finish this session again.
+        if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) this.sessions.restore(session);
+        throw e;
+      }
+    }
+    const now = this.options.now();
+    const d = this.store.transaction(() => {
+      const current = this.store.get(userId);
+      // Verified against the row we read; if the row changed meanwhile, decide on the new one.
+      const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
+      const d = decideRecoverFinish(current, generation, verified && !!same, this.sessions.pending(userId, now), now);
+      if (d.ok && d.change) this.store.put(d.change);
+      return d;
+    });
+    if (!d.ok) throw refusal(d.code);
+    if (d.outcome === 'ok') {
+      this.sessions.cancelUser(userId, ['recover', 'grant']);
+      const grant = this.sessions.create('grant', userId, generation, now);
+      this.log.info({ event: 'recover.finish', user: userRef(userId), outcome: 'ok' }, 'password verified; attempts reset');
+      return { outcome: 'ok', envelope: envelope!, grant: grant.id, userId };
+    }
+    if (d.outcome === 'locked') {
+      this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
+      this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
+      return { outcome: 'locked', userId };
+    }
+    this.log.info({ event: 'recover.finish', user: userRef(userId), outcome: 'wrong-password', attemptsLeft: d.attemptsLeft }, 'wrong password');
+    return { outcome: 'wrong-password', attemptsLeft: d.attemptsLeft, userId };
+  }
+
+  private async unseal(rec: StoredRecord): Promise<Uint8Array> {
+    const aad = sealAad(this.vaultId, rec.userId, rec.generation, rec.sealEpoch!, rec.verifier!);
+    const out = rec.sealEpoch !== null ? await this.keys.unseal(rec.sealEpoch, aad, rec.sealed!) : null;
+    if (!out || out.length !== SIZES.envelope) {
+      this.log.error({ event: 'record.corrupt', user: userRef(rec.userId) }, 'sealed envelope does not authenticate');
+      throw new VaultError(ErrorCodes.RECORD_CORRUPT, 'stored record does not authenticate; it was altered or its seal key is gone');
+    }
+    return out;
+  }
+
+  // ---- status, delete, expiry -------------------------------------------------
+
+  status(userIdIn: unknown): RecordStatus {
+    const userId = checkUserId(userIdIn);
+    const rec = this.store.get(userId);
+    if (!rec) return { userId, state: 'absent', attemptsLeft: 0, attemptLimit: this.options.attemptLimit };
+    return {
+      userId,
+      state: rec.state,
+      attemptsLeft: rec.state === 'active' ? Math.max(0, rec.attemptLimit - rec.attempts) : 0,
+      attemptLimit: rec.attemptLimit,
+    };
+  }
+
+  delete(userIdIn: unknown): void {
+    const userId = checkUserId(userIdIn);
+    const now = this.options.now();
+    this.store.transaction(() => {
+      const d = decideDelete(this.store.get(userId), now);
+      if (!d.ok) throw refusal(d.code);
+      this.store.put(d.change);
+    });
+    this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
+    this.log.info({ event: 'record.delete', user: userRef(userId) }, 'record deleted');
+  }
+
+  /** Destroy records whose final counted guess was abandoned. Returns how many. */
+  sweep(): number {
+    const now = this.options.now();
+    let destroyedCount = 0;
+    for (const s of this.sessions.sweep(now)) {
+      const change = this.store.transaction(() => {
+        const c = decideExpiry(this.store.get(s.userId), s.generation, this.sessions.pending(s.userId, now), now);
+        if (c) this.store.put(c);
+        return c;
+      });
+      if (change) {
+        destroyedCount++;
+        this.log.warn({ event: 'record.locked', user: userRef(s.userId) }, 'record destroyed: last guess abandoned at the limit');
+      }
+    }
+    return destroyedCount;
+  }
+
+  private grantGeneration(grant: string | undefined, userId: string): number | undefined {
+    if (grant === undefined) return undefined;
+    const s = this.sessions.take(checkSessionId(grant), 'grant', this.options.now());
+    this.sessions.restore(s);
+    return s.userId === userId ? s.generation : undefined;
+  }
+}
+
+function checkSessionId(v: unknown): string {
+  if (typeof v !== 'string' || !/^[A-Za-z0-9_-]{22}$/.test(v)) {
+    throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'sessionId is not a session id');
+  }
+  return v;
+}
+
+function sameBytes(a: Uint8Array | null, b: Uint8Array | null): boolean {
+  return !!a && !!b && Buffer.from(a).equals(Buffer.from(b));
+}
+
+function refusal(code: VaultError['code']): VaultError {
+  const messages: Partial<Record<VaultError['code'], string>> = {
+    [ErrorCodes.RECORD_NOT_FOUND]: 'no record for this user',
+    [ErrorCodes.LOCKED]: 'record is locked: the attempt limit was reached and the key destroyed',
+    [ErrorCodes.RECORD_EXISTS]: 'an active record exists; prove the current password or delete it first',
+    [ErrorCodes.SESSION_EXPIRED]: 'the record changed since this recovery began',
+  };
+  return new VaultError(code, messages[code] ?? code);
+}

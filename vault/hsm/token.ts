@@ -1,0 +1,672 @@
+// The one place that talks to pkcs11js. A Token is a logged-in PKCS#11 token
+// found by label, with a small session pool and typed wrappers for exactly the
+// calls the vault and its policy need. Everything above sees opaque handles.
+import pkcs11js from 'pkcs11js';
+import { VaultError, ErrorCodes } from '../errors.js';
+import { CKR, ckrOf, isSessionLost, toVaultError } from './ckr.js';
+
+const P = pkcs11js;
+
+export type Handle = Buffer & { readonly __handle?: never };
+
+export interface TokenConfig {
+  /** Path to the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so. */
+  modulePath: string;
+  /** Tokens are found by label: SoftHSM renumbers slots. */
+  tokenLabel: string;
+  /** User PIN. Never logged; a wrong one fails fast and is never retried. */
+  pin: string;
+  /** Upper bound on open sessions (one operation per session at a time). */
+  maxSessions?: number;
+}
+
+// One loaded, initialised library per module path per process: a second
+// C_Initialize on the same library fails, and finalising while another Token
+// still uses it would pull sessions out from under it.
+interface Library {
+  p11: pkcs11js.PKCS11;
+  refs: number;
+}
+const libraries = new Map<string, Library>();
+
+function acquireLibrary(modulePath: string): pkcs11js.PKCS11 {
+  const known = libraries.get(modulePath);
+  if (known) {
+    known.refs++;
+    return known.p11;
+  }
+  const p11 = new P.PKCS11();
+  try {
+    p11.load(modulePath);
+  } catch (e) {
+    throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, `cannot load PKCS#11 module ${modulePath}: ${(e as Error).message}`);
+  }
+  try {
+    // Without OS locking, concurrent sessions crash SoftHSM.
+    p11.C_Initialize({ flags: P.CKF_OS_LOCKING_OK });
+  } catch (e) {
+    if (ckrOf(e) !== CKR.CRYPTOKI_ALREADY_INITIALIZED) throw toVaultError(e, 'C_Initialize');
+  }
+  libraries.set(modulePath, { p11, refs: 1 });
+  return p11;
+}
+
+function releaseLibrary(modulePath: string): void {
+  const lib = libraries.get(modulePath);
+  if (!lib) return;
+  if (--lib.refs > 0) return;
+  libraries.delete(modulePath);
+  try {
+    lib.p11.C_Finalize();
+  } catch {
+    /* already gone */
+  }
+  try {
+    lib.p11.close();
+  } catch {
+    /* already gone */
+  }
+}
+
+export type KeyClass = 'private' | 'public' | 'secret' | 'data';
+const CLASS: Record<KeyClass, number> = {
+  private: P.CKO_PRIVATE_KEY,
+  public: P.CKO_PUBLIC_KEY,
+  secret: P.CKO_SECRET_KEY,
+  data: P.CKO_DATA,
+};
+
+/** The attributes the vault's policy reasons about, decoded. */
+export interface KeyAttributes {
+  label: string;
+  keyType: 'ec' | 'aes' | 'generic' | 'other';
+  token: boolean;
+  private: boolean;
+  sensitive: boolean;
+  extractable: boolean;
+  alwaysSensitive: boolean;
+  neverExtractable: boolean;
+  modifiable: boolean;
+  derive: boolean;
+  sign: boolean;
+  verify: boolean;
+  encrypt: boolean;
+  decrypt: boolean;
+  wrap: boolean;
+  unwrap: boolean;
+  /** Byte length of a secret key, 0 when not applicable. */
+  valueLen: number;
+  /** DER OID of an EC key's curve, empty when not applicable. */
+  ecParams: Buffer;
+}
+
+export type Usage = 'derive' | 'sign' | 'verify' | 'encrypt' | 'decrypt';
+const USAGE_ATTR: Record<Usage, number> = {
+  derive: P.CKA_DERIVE,
+  sign: P.CKA_SIGN,
+  verify: P.CKA_VERIFY,
+  encrypt: P.CKA_ENCRYPT,
+  decrypt: P.CKA_DECRYPT,
+};
+
+/** DER-encoded OID of secp256r1 (prime256v1). */
+export const P256_OID = Buffer.from('06082a8648ce3d030107', 'hex');
+
+export class Token {
+  readonly label: string;
+  private readonly p11: pkcs11js.PKCS11;
+  private readonly slot: Handle;
+  private readonly pin: string;
+  private readonly maxSessions: number;
+  private readonly modulePath: string;
+  private idle: Handle[] = [];
+  private open = 0;
+  private closed = false;
+
+  private constructor(cfg: TokenConfig, p11: pkcs11js.PKCS11, slot: Handle) {
+    this.label = cfg.tokenLabel;
+    this.p11 = p11;
+    this.slot = slot;
+    this.pin = cfg.pin;
+    this.maxSessions = cfg.maxSessions ?? 4;
+    this.modulePath = cfg.modulePath;
+  }
+
+  /** Load the module, find the token by label and log in. Fails fast on a wrong PIN. */
+  static open(cfg: TokenConfig): Token {
+    const p11 = acquireLibrary(cfg.modulePath);
+    try {
+      const slot = findSlot(p11, cfg.tokenLabel);
+      const token = new Token(cfg, p11, slot);
+      token.release(token.newSession());
+      return token;
+    } catch (e) {
+      releaseLibrary(cfg.modulePath);
+      throw e;
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const s of this.idle) {
+      try {
+        this.p11.C_CloseSession(s);
+      } catch {
+        /* session already gone */
+      }
+    }
+    this.idle = [];
+    releaseLibrary(this.modulePath);
+  }
+
+  /** True when a session can be opened and used right now (readiness probe). */
+  ping(): boolean {
+    try {
+      this.run('ping', (s) => this.p11.C_GetSessionInfo(s));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  // ---- sessions -------------------------------------------------------------
+
+  private newSession(): Handle {
+    const s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
+    this.open++;
+    try {
+      this.p11.C_Login(s, P.CKU_USER, this.pin);
+    } catch (e) {
+      // Login is per token: another session of ours may already hold it.
+      if (ckrOf(e) !== CKR.USER_ALREADY_LOGGED_IN) {
+        this.discard(s);
+        throw toVaultError(e, 'C_Login');
+      }
+    }
+    return s;
+  }
+
+  private acquire(): Handle {
+    if (this.closed) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM token is closed');
+    const s = this.idle.pop();
+    if (s) return s;
+    return this.newSession();
+  }
+
+  private release(s: Handle): void {
+    if (this.closed || this.idle.length >= this.maxSessions) {
+      this.discard(s);
+      return;
+    }
+    this.idle.push(s);
+  }
+
+  private discard(s: Handle): void {
+    this.open--;
+    try {
+      this.p11.C_CloseSession(s);
+    } catch {
+      /* already invalid */
+    }
+  }
+
+  /**
+   * Run one operation on a pooled session. A session that went bad (closed, login
+   * lost, device error) is dropped together with its idle siblings and the call is
+   * retried once on a fresh session; every vault operation is safe to repeat.
+   * A wrong PIN is never retried: real HSMs lock the token after a few.
+   */
+  private run<T>(op: string, fn: (s: Handle) => T): T {
+    for (let attempt = 0; ; attempt++) {
+      let s: Handle;
+      try {
+        s = this.acquire();
+      } catch (e) {
+        throw toVaultError(e, op);
+      }
+      try {
+        const out = fn(s);
+        this.release(s);
+        return out;
+      } catch (e) {
+        const ckr = ckrOf(e);
+        if (isSessionLost(ckr)) {
+          this.discard(s);
+          this.dropIdle();
+          if (attempt === 0) continue;
+        } else if (ckr === CKR.OPERATION_ACTIVE) {
+          // An aborted multi-part call left state behind; never reuse that session.
+          this.discard(s);
+        } else {
+          this.release(s);
+        }
+        throw e;
+      }
+    }
+  }
+
+  private dropIdle(): void {
+    const stale = this.idle;
+    this.idle = [];
+    for (const s of stale) this.discard(s);
+  }
+
+  // ---- objects --------------------------------------------------------------
+
+  /** Token objects of a class with an exact label (labels are our names). */
+  find(cls: KeyClass, label: string): Handle[] {
+    return this.guard('C_FindObjects', () =>
+      this.run('C_FindObjects', (s) => {
+        this.p11.C_FindObjectsInit(s, [
+          { type: P.CKA_CLASS, value: CLASS[cls] },
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_LABEL, value: label },
+        ]);
+        try {
+          return this.p11.C_FindObjects(s, 16) as Handle[];
+        } finally {
+          this.p11.C_FindObjectsFinal(s);
+        }
+      }),
+    );
+  }
+
+  /** Labels of all token objects of a class whose label starts with a prefix. */
+  listLabels(cls: KeyClass, prefix: string): { label: string; handle: Handle }[] {
+    return this.guard('C_FindObjects', () =>
+      this.run('C_FindObjects', (s) => {
+        this.p11.C_FindObjectsInit(s, [
+          { type: P.CKA_CLASS, value: CLASS[cls] },
+          { type: P.CKA_TOKEN, value: true },
+        ]);
+        const found: Handle[] = [];
+        try {
+          for (;;) {
+            const batch = this.p11.C_FindObjects(s, 64) as Handle[];
+            if (batch.length === 0) break;
+            found.push(...batch);
+          }
+        } finally {
+          this.p11.C_FindObjectsFinal(s);
+        }
+        const out: { label: string; handle: Handle }[] = [];
+        for (const h of found) {
+          const [attr] = this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_LABEL }]);
+          const label = attr?.value?.toString('utf8') ?? '';
+          if (label.startsWith(prefix)) out.push({ label, handle: h });
+        }
+        return out;
+      }),
+    );
+  }
+
+  attributes(h: Handle): KeyAttributes {
+    return this.guard('C_GetAttributeValue', () =>
+      this.run('C_GetAttributeValue', (s) => {
+        const read = (type: number): Buffer | undefined => {
+          try {
+            const [a] = this.p11.C_GetAttributeValue(s, h, [{ type }]);
+            return a?.value;
+          } catch (e) {
+            const ckr = ckrOf(e);
+            if (ckr === CKR.ATTRIBUTE_TYPE_INVALID || ckr === CKR.ATTRIBUTE_SENSITIVE) return undefined;
+            throw e;
+          }
+        };
+        const bool = (type: number): boolean => {
+          const v = read(type);
+          return v !== undefined && v.length > 0 && v[0] !== 0;
+        };
+        const ulong = (type: number): number => {
+          const v = read(type);
+          if (!v || v.length === 0) return 0;
+          return v.length >= 8 ? Number(v.readBigUInt64LE(0)) : v.readUInt32LE(0);
+        };
+        const kt = ulong(P.CKA_KEY_TYPE);
+        return {
+          label: read(P.CKA_LABEL)?.toString('utf8') ?? '',
+          keyType: kt === P.CKK_EC ? 'ec' : kt === P.CKK_AES ? 'aes' : kt === P.CKK_GENERIC_SECRET ? 'generic' : 'other',
+          token: bool(P.CKA_TOKEN),
+          private: bool(P.CKA_PRIVATE),
+          sensitive: bool(P.CKA_SENSITIVE),
+          extractable: bool(P.CKA_EXTRACTABLE),
+          alwaysSensitive: bool(P.CKA_ALWAYS_SENSITIVE),
+          neverExtractable: bool(P.CKA_NEVER_EXTRACTABLE),
+          modifiable: bool(P.CKA_MODIFIABLE),
+          derive: bool(P.CKA_DERIVE),
+          sign: bool(P.CKA_SIGN),
+          verify: bool(P.CKA_VERIFY),
+          encrypt: bool(P.CKA_ENCRYPT),
+          decrypt: bool(P.CKA_DECRYPT),
+          wrap: bool(P.CKA_WRAP),
+          unwrap: bool(P.CKA_UNWRAP),
+          valueLen: ulong(P.CKA_VALUE_LEN),
+          ecParams: read(P.CKA_EC_PARAMS) ?? Buffer.alloc(0),
+        };
+      }),
+    );
+  }
+
+  /** Uncompressed SEC1 point (65 bytes) of an EC public key object. */
+  ecPoint(pub: Handle): Buffer {
+    return this.guard('C_GetAttributeValue', () =>
+      this.run('C_GetAttributeValue', (s) => {
+        const [a] = this.p11.C_GetAttributeValue(s, pub, [{ type: P.CKA_EC_POINT }]);
+        return unwrapOctetString(a?.value ?? Buffer.alloc(0));
+      }),
+    );
+  }
+
+  /** A fresh P-256 key pair held on the token: private half non-extractable and sensitive. */
+  generateEcKeyPair(label: string, usages: Usage[]): { priv: Handle; pub: Handle } {
+    const flags = usageTemplate(usages, 'private');
+    return this.guard('C_GenerateKeyPair', () =>
+      this.run('C_GenerateKeyPair', (s) => {
+        const kp = this.p11.C_GenerateKeyPair(
+          s,
+          { mechanism: P.CKM_EC_KEY_PAIR_GEN },
+          [
+            { type: P.CKA_TOKEN, value: true },
+            { type: P.CKA_PRIVATE, value: false },
+            { type: P.CKA_LABEL, value: label },
+            { type: P.CKA_EC_PARAMS, value: P256_OID },
+            { type: P.CKA_VERIFY, value: usages.includes('sign') },
+            { type: P.CKA_MODIFIABLE, value: false },
+          ],
+          [
+            { type: P.CKA_TOKEN, value: true },
+            { type: P.CKA_PRIVATE, value: true },
+            { type: P.CKA_SENSITIVE, value: true },
+            { type: P.CKA_EXTRACTABLE, value: false },
+            { type: P.CKA_MODIFIABLE, value: false },
+            { type: P.CKA_LABEL, value: label },
+            ...flags,
+          ],
+        );
+        return { priv: kp.privateKey as Handle, pub: kp.publicKey as Handle };
+      }),
+    );
+  }
+
+  /** A fresh secret key held on the token, non-extractable and sensitive. */
+  generateSecretKey(label: string, kind: 'aes' | 'generic', bytes: number, usages: Usage[]): Handle {
+    return this.guard('C_GenerateKey', () =>
+      this.run('C_GenerateKey', (s) =>
+        this.p11.C_GenerateKey(s, { mechanism: kind === 'aes' ? P.CKM_AES_KEY_GEN : P.CKM_GENERIC_SECRET_KEY_GEN }, [
+          { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
+          { type: P.CKA_KEY_TYPE, value: kind === 'aes' ? P.CKK_AES : P.CKK_GENERIC_SECRET },
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_PRIVATE, value: true },
+          { type: P.CKA_SENSITIVE, value: true },
+          { type: P.CKA_EXTRACTABLE, value: false },
+          { type: P.CKA_MODIFIABLE, value: false },
+          { type: P.CKA_LABEL, value: label },
+          { type: P.CKA_VALUE_LEN, value: bytes },
+          ...usageTemplate(usages, 'secret'),
+        ]) as Handle,
+      ),
+    );
+  }
+
+  destroy(h: Handle): void {
+    this.guard('C_DestroyObject', () => this.run('C_DestroyObject', (s) => this.p11.C_DestroyObject(s, h)));
+  }
+
+  /** A small token data object (anchors). Its value is fixed once created; the label is not. */
+  createData(label: string, value: Buffer): Handle {
+    return this.guard('C_CreateObject', () =>
+      this.run('C_CreateObject', (s) =>
+        this.p11.C_CreateObject(s, [
+          { type: P.CKA_CLASS, value: P.CKO_DATA },
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_PRIVATE, value: true },
+          { type: P.CKA_MODIFIABLE, value: true },
+          { type: P.CKA_LABEL, value: label },
+          { type: P.CKA_VALUE, value },
+        ]) as Handle,
+      ),
+    );
+  }
+
+  setLabel(h: Handle, label: string): void {
+    this.guard('C_SetAttributeValue', () =>
+      this.run('C_SetAttributeValue', (s) => this.p11.C_SetAttributeValue(s, h, [{ type: P.CKA_LABEL, value: label }])),
+    );
+  }
+
+  readLabel(h: Handle): string {
+    return this.guard('C_GetAttributeValue', () =>
+      this.run('C_GetAttributeValue', (s) => {
+        const [a] = this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_LABEL }]);
+        return a?.value?.toString('utf8') ?? '';
+      }),
+    );
+  }
+
+  // ---- crypto ---------------------------------------------------------------
+
+  random(n: number): Buffer {
+    return this.guard('C_GenerateRandom', () =>
+      this.run('C_GenerateRandom', (s) => this.p11.C_GenerateRandom(s, Buffer.alloc(n))),
+    );
+  }
+
+  /**
+   * Raw ECDH: x-coordinate of priv·point. The shared secret lands in a short-lived,
+   * extractable session object that is read once and destroyed; the long-term key
+   * itself never leaves the token. Callers must validate `point` first.
+   */
+  ecdhX(priv: Handle, point: Uint8Array): Buffer {
+    return this.guard('C_DeriveKey', () =>
+      this.run('C_DeriveKey', (s) => {
+        const derived = this.p11.C_DeriveKey(
+          s,
+          {
+            mechanism: P.CKM_ECDH1_DERIVE,
+            parameter: {
+              type: P.CK_PARAMS_EC_DH,
+              kdf: P.CKD_NULL,
+              publicData: Buffer.from(point),
+            } as pkcs11js.ECDH1,
+          },
+          priv,
+          [
+            { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
+            { type: P.CKA_KEY_TYPE, value: P.CKK_GENERIC_SECRET },
+            { type: P.CKA_TOKEN, value: false },
+            { type: P.CKA_SENSITIVE, value: false },
+            { type: P.CKA_EXTRACTABLE, value: true },
+            { type: P.CKA_VALUE_LEN, value: 32 },
+          ],
+        );
+        try {
+          const [a] = this.p11.C_GetAttributeValue(s, derived, [{ type: P.CKA_VALUE }]);
+          return Buffer.from(a?.value ?? Buffer.alloc(0));
+        } finally {
+          this.p11.C_DestroyObject(s, derived);
+        }
+      }),
+    );
+  }
+
+  hmacSha256(key: Handle, data: Uint8Array): Buffer {
+    return this.guard('C_Sign', () =>
+      this.run('C_Sign', (s) => {
+        this.p11.C_SignInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
+        return this.p11.C_Sign(s, Buffer.from(data), Buffer.alloc(32));
+      }),
+    );
+  }
+
+  /** Constant-time comparison inside the token. A mismatch is `false`, never an error. */
+  hmacSha256Verify(key: Handle, data: Uint8Array, mac: Uint8Array): boolean {
+    return this.guard('C_Verify', () =>
+      this.run('C_Verify', (s) => {
+        this.p11.C_VerifyInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
+        try {
+          return this.p11.C_Verify(s, Buffer.from(data), Buffer.from(mac));
+        } catch (e) {
+          const ckr = ckrOf(e);
+          if (ckr === CKR.SIGNATURE_INVALID || ckr === CKR.SIGNATURE_LEN_RANGE) return false;
+          throw e;
+        }
+      }),
+    );
+  }
+
+  aesGcmEncrypt(key: Handle, iv: Uint8Array, aad: Uint8Array, plaintext: Uint8Array): Buffer {
+    return this.guard('C_Encrypt', () =>
+      this.run('C_Encrypt', (s) => {
+        this.p11.C_EncryptInit(s, gcm(iv, aad), key);
+        return this.p11.C_Encrypt(s, Buffer.from(plaintext), Buffer.alloc(plaintext.length + 16));
+      }),
+    );
+  }
+
+  /** ciphertext‖tag in, plaintext out; `null` when the tag does not verify. */
+  aesGcmDecrypt(key: Handle, iv: Uint8Array, aad: Uint8Array, sealed: Uint8Array): Buffer | null {
+    return this.guard('C_Decrypt', () =>
+      this.run('C_Decrypt', (s) => {
+        this.p11.C_DecryptInit(s, gcm(iv, aad), key);
+        try {
+          return this.p11.C_Decrypt(s, Buffer.from(sealed), Buffer.alloc(sealed.length));
+        } catch (e) {
+          // SoftHSM reports a bad tag as CKR_GENERAL_ERROR; others use ENCRYPTED_DATA_INVALID.
+          const ckr = ckrOf(e);
+          if (ckr === CKR.GENERAL_ERROR || ckr === CKR.ENCRYPTED_DATA_INVALID || ckr === CKR.ENCRYPTED_DATA_LEN_RANGE) {
+            return null;
+          }
+          throw e;
+        }
+      }),
+    );
+  }
+
+  /** ECDSA over a 32-byte digest; raw r‖s (64 bytes). */
+  ecdsaSign(priv: Handle, digest: Uint8Array): Buffer {
+    return this.guard('C_Sign', () =>
+      this.run('C_Sign', (s) => {
+        this.p11.C_SignInit(s, { mechanism: P.CKM_ECDSA }, priv);
+        return this.p11.C_Sign(s, Buffer.from(digest), Buffer.alloc(64));
+      }),
+    );
+  }
+
+  /**
+   * Try to export `key` wrapped under `wrapping` (AES key wrap). Used by the
+   * policy self-test to prove long-term keys cannot leave the token: it returns
+   * the CKR code of the refusal, or 0 if the token let the key out.
+   */
+  tryWrap(wrapping: Handle, key: Handle): number {
+    try {
+      this.run('C_WrapKey', (s) =>
+        this.p11.C_WrapKey(s, { mechanism: P.CKM_AES_KEY_WRAP_PAD }, wrapping, key, Buffer.alloc(4096)),
+      );
+      return 0;
+    } catch (e) {
+      return ckrOf(e) ?? -1;
+    }
+  }
+
+  /** A throwaway AES wrapping key as a session object (for tryWrap). */
+  sessionWrappingKey(): Handle {
+    return this.guard('C_GenerateKey', () =>
+      this.run('C_GenerateKey', (s) =>
+        this.p11.C_GenerateKey(s, { mechanism: P.CKM_AES_KEY_GEN }, [
+          { type: P.CKA_TOKEN, value: false },
+          { type: P.CKA_VALUE_LEN, value: 32 },
+          { type: P.CKA_WRAP, value: true },
+          { type: P.CKA_UNWRAP, value: true },
+        ]) as Handle,
+      ),
+    );
+  }
+
+  /** Supported mechanisms, for the start-up capability check. */
+  mechanisms(): Set<number> {
+    return this.guard('C_GetMechanismList', () => new Set(this.p11.C_GetMechanismList(this.slot)));
+  }
+
+  private guard<T>(op: string, fn: () => T): T {
+    try {
+      return fn();
+    } catch (e) {
+      throw toVaultError(e, op);
+    }
+  }
+}
+
+/**
+ * Initialise a token on the module's first free (uninitialised) slot and set
+ * its user PIN. For development tokens (SoftHSM) and tests; a production HSM's
+ * token is initialised in its own key ceremony. Going through the loaded
+ * library, rather than softhsm2-util, lets a running process see the new token.
+ */
+export function initToken(modulePath: string, label: string, soPin: string, pin: string): void {
+  const p11 = acquireLibrary(modulePath);
+  try {
+    const free = p11.C_GetSlotList(true).find((slot) => (p11.C_GetTokenInfo(slot).flags & P.CKF_TOKEN_INITIALIZED) === 0);
+    if (!free) throw new VaultError(ErrorCodes.HSM_TOKEN_NOT_FOUND, 'no free slot to initialise a token in');
+    p11.C_InitToken(free, soPin, label.padEnd(32, ' '));
+    const slot = findSlot(p11, label);
+    const s = p11.C_OpenSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION);
+    try {
+      p11.C_Login(s, P.CKU_SO, soPin);
+      p11.C_InitPIN(s, pin);
+      p11.C_Logout(s);
+    } finally {
+      p11.C_CloseSession(s);
+    }
+  } catch (e) {
+    throw toVaultError(e, 'C_InitToken');
+  } finally {
+    releaseLibrary(modulePath);
+  }
+}
+
+function findSlot(p11: pkcs11js.PKCS11, label: string): Handle {
+  let slots: Buffer[];
+  try {
+    slots = p11.C_GetSlotList(true);
+  } catch (e) {
+    throw toVaultError(e, 'C_GetSlotList');
+  }
+  for (const slot of slots) {
+    const info = p11.C_GetTokenInfo(slot);
+    if (info.label.trim() === label) return slot as Handle;
+  }
+  throw new VaultError(ErrorCodes.HSM_TOKEN_NOT_FOUND, `no initialised HSM token labelled "${label}"`);
+}
+
+// Every usage flag the object class knows is set explicitly, so no token default
+// can grant a usage the policy did not ask for.
+const PRIVATE_KEY_USAGES: Usage[] = ['derive', 'sign', 'decrypt'];
+const SECRET_KEY_USAGES: Usage[] = ['derive', 'sign', 'verify', 'encrypt', 'decrypt'];
+
+function usageTemplate(usages: Usage[], cls: 'private' | 'secret'): pkcs11js.Attribute[] {
+  const known = cls === 'private' ? PRIVATE_KEY_USAGES : SECRET_KEY_USAGES;
+  const attrs = known.map((u) => ({ type: USAGE_ATTR[u], value: usages.includes(u) }));
+  attrs.push({ type: P.CKA_UNWRAP, value: false });
+  if (cls === 'secret') attrs.push({ type: P.CKA_WRAP, value: false });
+  return attrs;
+}
+
+function gcm(iv: Uint8Array, aad: Uint8Array): pkcs11js.Mechanism {
+  return {
+    mechanism: P.CKM_AES_GCM,
+    parameter: {
+      type: P.CK_PARAMS_AES_GCM_v240,
+      iv: Buffer.from(iv),
+      ivBits: iv.length * 8,
+      aad: Buffer.from(aad),
+      tagBits: 128,
+    } as unknown as pkcs11js.IParams,
+  };
+}
+
+/** CKA_EC_POINT is a DER OCTET STRING around the SEC1 point on SoftHSM (raw on some HSMs). */
+function unwrapOctetString(v: Buffer): Buffer {
+  if (v.length === 67 && v[0] === 0x04 && v[1] === 0x41) return v.subarray(2);
+  return v;
+}

@@ -1,0 +1,114 @@
+// The vault's view of its HSM: exactly the operations the protocol needs, on
+// the key set resolved by hsm-policy. Async on purpose: callers must not care
+// whether a call runs on this thread or in an HSM worker.
+import { VaultError, ErrorCodes } from '../errors.js';
+import type { Handle, Token } from './token.js';
+
+export interface HsmKeyHandles {
+  kx: { priv: Handle; point: Uint8Array };
+  sig: { priv: Handle; point: Uint8Array };
+  oprf: { priv: Handle };
+  verifier: Handle;
+  seals: Map<number, Handle>;
+}
+
+export interface VaultKeys {
+  /** Public point of the channel key (65 bytes). */
+  readonly channelPublic: Uint8Array;
+  /** Public point of the descriptor signing key (65 bytes): what clients pin. */
+  readonly signingPublic: Uint8Array;
+  /** The seal epoch new records are sealed under. */
+  currentEpoch(): number;
+  epochs(): number[];
+  /** x(k·B) with the OPRF key. `point` must already be validated. */
+  oprfEvaluate(point: Uint8Array): Promise<Uint8Array>;
+  /** x(kx·E): the channel's shared secret for a client's ephemeral key. */
+  channelAgree(point: Uint8Array): Promise<Uint8Array>;
+  makeVerifier(input: Uint8Array): Promise<Uint8Array>;
+  /** Compared inside the HSM; true only on an exact match. */
+  checkVerifier(input: Uint8Array, verifier: Uint8Array): Promise<boolean>;
+  /** iv(12) ‖ ciphertext ‖ tag under the seal key of `epoch`. */
+  seal(epoch: number, aad: Uint8Array, plaintext: Uint8Array): Promise<Uint8Array>;
+  /** `null` when the blob does not authenticate (tampered, wrong AAD or wrong epoch). */
+  unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null>;
+  /** ECDSA P-256 over a 32-byte digest, raw r‖s. */
+  sign(digest: Uint8Array): Promise<Uint8Array>;
+  random(n: number): Promise<Uint8Array>;
+  /** True while the token answers (readiness). */
+  ping(): boolean;
+  close(): void;
+}
+
+const IV = 12;
+
+export class TokenVaultKeys implements VaultKeys {
+  readonly channelPublic: Uint8Array;
+  readonly signingPublic: Uint8Array;
+
+  constructor(
+    private readonly token: Token,
+    private readonly keys: HsmKeyHandles,
+  ) {
+    this.channelPublic = keys.kx.point;
+    this.signingPublic = keys.sig.point;
+  }
+
+  currentEpoch(): number {
+    return Math.max(...this.keys.seals.keys());
+  }
+
+  epochs(): number[] {
+    return [...this.keys.seals.keys()].sort((a, b) => a - b);
+  }
+
+  async oprfEvaluate(point: Uint8Array): Promise<Uint8Array> {
+    return this.token.ecdhX(this.keys.oprf.priv, point);
+  }
+
+  async channelAgree(point: Uint8Array): Promise<Uint8Array> {
+    return this.token.ecdhX(this.keys.kx.priv, point);
+  }
+
+  async makeVerifier(input: Uint8Array): Promise<Uint8Array> {
+    return this.token.hmacSha256(this.keys.verifier, input);
+  }
+
+  async checkVerifier(input: Uint8Array, verifier: Uint8Array): Promise<boolean> {
+    return this.token.hmacSha256Verify(this.keys.verifier, input, verifier);
+  }
+
+  async seal(epoch: number, aad: Uint8Array, plaintext: Uint8Array): Promise<Uint8Array> {
+    const key = this.sealKey(epoch);
+    const iv = this.token.random(IV);
+    const ct = this.token.aesGcmEncrypt(key, iv, aad, plaintext);
+    return Buffer.concat([iv, ct]);
+  }
+
+  async unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null> {
+    if (blob.length < IV + 16) return null;
+    return this.token.aesGcmDecrypt(this.sealKey(epoch), blob.subarray(0, IV), aad, blob.subarray(IV));
+  }
+
+  async sign(digest: Uint8Array): Promise<Uint8Array> {
+    return this.token.ecdsaSign(this.keys.sig.priv, digest);
+  }
+
+  async random(n: number): Promise<Uint8Array> {
+    return this.token.random(n);
+  }
+
+  ping(): boolean {
+    return this.token.ping();
+  }
+
+  close(): void {
+    this.token.close();
+  }
+
+  private sealKey(epoch: number): Handle {
+    const h = this.keys.seals.get(epoch);
+    // The epoch's key was destroyed by a rotation: whatever was sealed under it is gone for good.
+    if (!h) throw new VaultError(ErrorCodes.RECORD_CORRUPT, `seal epoch ${epoch} no longer exists on the HSM`);
+    return h;
+  }
+}

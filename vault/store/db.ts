@@ -1,0 +1,70 @@
+// Opens the SQLite file the vault keeps its sealed records in. WAL for
+// concurrent readers, synchronous=FULL because an acknowledged attempt must
+// survive a power cut, secure_delete so a destroyed record's bytes are
+// overwritten rather than left in free pages.
+import Database from 'better-sqlite3';
+import { VaultError, ErrorCodes } from '../errors.js';
+
+export type Db = Database.Database;
+
+// Each migration runs once, in order, inside a transaction; user_version
+// records how far a file has come. Never edit a shipped migration: add one.
+const MIGRATIONS: string[] = [
+  `CREATE TABLE meta (
+     key   TEXT PRIMARY KEY,
+     value TEXT NOT NULL
+   ) STRICT;
+   CREATE TABLE records (
+     user_id       TEXT PRIMARY KEY,
+     state         INTEGER NOT NULL CHECK (state IN (1, 2, 3)),
+     generation    INTEGER NOT NULL CHECK (generation >= 1),
+     attempts      INTEGER NOT NULL CHECK (attempts >= 0),
+     attempt_limit INTEGER NOT NULL CHECK (attempt_limit >= 1),
+     verifier      BLOB,
+     sealed        BLOB,
+     seal_epoch    INTEGER,
+     kdf           TEXT,
+     created_at    INTEGER NOT NULL,
+     updated_at    INTEGER NOT NULL
+   ) STRICT;`,
+];
+
+export function openDb(path: string, opts: { readonly?: boolean } = {}): Db {
+  let db: Db;
+  try {
+    db = new Database(path, { readonly: opts.readonly ?? false, fileMustExist: opts.readonly ?? false });
+  } catch (e) {
+    throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot open database ${path}: ${(e as Error).message}`);
+  }
+  try {
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
+    db.pragma('secure_delete = ON');
+    db.pragma('foreign_keys = ON');
+    db.pragma('busy_timeout = 5000');
+    if (!opts.readonly) migrate(db);
+    return db;
+  } catch (e) {
+    db.close();
+    if (e instanceof VaultError) throw e;
+    throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot prepare database ${path}: ${(e as Error).message}`);
+  }
+}
+
+function migrate(db: Db): void {
+  const version = db.pragma('user_version', { simple: true }) as number;
+  if (version > MIGRATIONS.length) {
+    throw new VaultError(
+      ErrorCodes.STORE_UNAVAILABLE,
+      `database schema version ${version} is newer than this vault (${MIGRATIONS.length}); refusing to downgrade`,
+    );
+  }
+  for (let v = version; v < MIGRATIONS.length; v++) {
+    db.transaction(() => {
+      db.exec(MIGRATIONS[v]!);
+      db.pragma(`user_version = ${v + 1}`);
+    })();
+  }
+}
+
+export const SCHEMA_VERSION = MIGRATIONS.length;
