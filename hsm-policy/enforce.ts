@@ -19,6 +19,7 @@ export interface ResolvedKeys {
   sig: EcKey;
   oprf: EcKey;
   verifier: Handle;
+  tenant: Handle;
   /** Seal keys by epoch; the highest is current. */
   seals: Map<number, Handle>;
   /** Labels of the objects this call created (empty on a second run: init is idempotent). */
@@ -105,6 +106,7 @@ export function enforcePolicy(token: Token, opts: { create: boolean }): Resolved
   const sig = ecKey(token, spec('sig'), opts.create, created);
   const oprf = ecKey(token, spec('oprf'), opts.create, created);
   const verifier = secretKey(token, spec('verifier'), spec('verifier').label, opts.create, created);
+  const tenant = secretKey(token, spec('tenant'), spec('tenant').label, opts.create, created);
   const seals = new Map<number, Handle>();
   for (const { label } of token.listLabels('secret', spec('seal').label)) {
     const epoch = epochOfLabel(label);
@@ -112,5 +114,5 @@ export function enforcePolicy(token: Token, opts: { create: boolean }): Resolved
     seals.set(epoch, secretKey(token, spec('seal'), label, false, created));
   }
   if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), opts.create, created));
-  return { kx, sig, oprf, verifier, seals, created };
+  return { kx, sig, oprf, verifier, tenant, seals, created };
 }

@@ -8,7 +8,7 @@ export type KeyUsage = 'derive' | 'sign' | 'verify' | 'encrypt' | 'decrypt';
 
 export interface KeySpec {
   /** Name the vault uses in code. */
-  name: 'kx' | 'sig' | 'oprf' | 'verifier' | 'seal';
+  name: 'kx' | 'sig' | 'oprf' | 'verifier' | 'tenant' | 'seal';
   /** CKA_LABEL on the token; per-epoch keys append a zero-padded epoch number. */
   label: string;
   kind: KeyKind;
@@ -65,6 +65,14 @@ export const KEY_SET: readonly KeySpec[] = [
     usages: ['sign', 'verify'],
     mechanism: 'CKM_SHA256_HMAC',
     purpose: 'makes verifiers at enrolment (C_Sign) and compares them inside the HSM (C_Verify)',
+  },
+  {
+    name: 'tenant',
+    label: 'bkv.tenant',
+    kind: 'hmac-256',
+    usages: ['sign'],
+    mechanism: 'CKM_SHA256_HMAC',
+    purpose: 'derives each backend tenant\'s credential secret, so none is stored on the host',
   },
   {
     name: 'seal',

@@ -6,8 +6,7 @@ import { VaultError, ErrorCodes } from '../errors.js';
 import { Token, type TokenConfig } from '../hsm/token.js';
 import { TokenVaultKeys, type VaultKeys } from '../hsm/vault-keys.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
-import { openDb } from '../store/db.js';
-import { RecordStore } from '../store/records.js';
+import { Store } from '../store/index.js';
 import { Vault, type VaultOptions } from './vault.js';
 
 export interface OpenOptions {
@@ -24,7 +23,7 @@ export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): To
   try {
     const keys = enforcePolicy(token, { create: createKeys });
     if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
-    return new TokenVaultKeys(token, keys);
+    return new TokenVaultKeys(token, keys, keys.created);
   } catch (e) {
     token.close();
     throw e;
@@ -50,10 +49,10 @@ export async function selfTest(keys: VaultKeys): Promise<void> {
 
 export async function openVault(opts: OpenOptions): Promise<Vault> {
   const keys = openKeys(opts.hsm, opts.createKeys ?? false, opts.log);
-  let store: RecordStore | undefined;
+  let store: Store | undefined;
   try {
     await selfTest(keys);
-    store = new RecordStore(openDb(opts.dbPath));
+    store = new Store(opts.dbPath);
     return new Vault(keys, store, opts.log, opts.vault);
   } catch (e) {
     store?.close();

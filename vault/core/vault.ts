@@ -6,7 +6,8 @@ import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
 import type { VaultKeys } from '../hsm/vault-keys.js';
-import type { RecordStore, StoredRecord } from '../store/records.js';
+import type { StoredRecord } from '../store/records.js';
+import type { Store } from '../store/index.js';
 import { validatePoint } from '../protocol/oprf.js';
 import { checkKdfParams, MIN_KDF, type KdfParams } from '../protocol/kdf.js';
 import { sealAad, verifierInput } from '../protocol/record.js';
@@ -66,7 +67,7 @@ export class Vault {
 
   constructor(
     readonly keys: VaultKeys,
-    readonly store: RecordStore,
+    readonly store: Store,
     private readonly log: Logger,
     options: Partial<VaultOptions> = {},
   ) {
@@ -91,8 +92,8 @@ export class Vault {
   // would never verify, and silently mixing them hides an operator mistake.
   private bindStore(): void {
     const id = toHex(this.vaultId);
-    const bound = this.store.getMeta('vault_id');
-    if (bound === undefined) this.store.setMeta('vault_id', id);
+    const bound = this.store.records.getMeta('vault_id');
+    if (bound === undefined) this.store.records.setMeta('vault_id', id);
     else if (bound !== id) {
       throw new VaultError(ErrorCodes.STATE_ROLLBACK_DETECTED, `database belongs to vault ${bound}, not to this HSM's vault ${id}`);
     }
@@ -124,7 +125,7 @@ export class Vault {
     const userId = checkUserId(userIdIn);
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
     const grantGeneration = this.grantGeneration(opts.grant, userId);
-    const decision = decideEnroll(this.store.get(userId), grantGeneration);
+    const decision = decideEnroll(this.store.records.get(userId), grantGeneration);
     if (!decision.ok) throw refusal(decision.code);
     const evaluated = await this.keys.oprfEvaluate(blinded);
     const session = this.sessions.create('enroll', userId, decision.generation, this.options.now());
@@ -156,13 +157,13 @@ export class Vault {
       this.sessions.restore(session);
       throw e;
     }
-    this.store.transaction(() => {
-      const rec = this.store.get(userId);
+    this.store.records.transaction(() => {
+      const rec = this.store.records.get(userId);
       const grantGeneration = this.grantGeneration(req.grant, userId);
       const decision = decideEnroll(rec, grantGeneration);
       // Someone else enrolled this user while our HSM calls ran: our verifier is for a stale generation.
       if (!decision.ok || decision.generation !== generation) throw refusal(ErrorCodes.RECORD_EXISTS);
-      this.store.put({
+      this.store.records.put({
         userId,
         state: 'active',
         generation,
@@ -191,15 +192,15 @@ export class Vault {
     const userId = checkUserId(userIdIn);
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
     // Cheap refusal first, so locked or unknown users cost no HSM work.
-    const pre = decideRecoverBegin(this.store.get(userId), this.sessions.pending(userId, this.options.now()), this.options.now());
+    const pre = decideRecoverBegin(this.store.records.get(userId), this.sessions.pending(userId, this.options.now()), this.options.now());
     if (!pre.ok && !pre.change) throw refusal(pre.code);
     // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
     // and nothing that depends on the guess leaves before its attempt is durable.
     const evaluated = pre.ok ? await this.keys.oprfEvaluate(blinded) : undefined;
     const now = this.options.now();
-    const committed = this.store.transaction(() => {
-      const d = decideRecoverBegin(this.store.get(userId), this.sessions.pending(userId, now), now);
-      if (d.change) this.store.put(d.change);
+    const committed = this.store.records.transaction(() => {
+      const d = decideRecoverBegin(this.store.records.get(userId), this.sessions.pending(userId, now), now);
+      if (d.change) this.store.records.put(d.change);
       return d;
     });
     if (!committed.ok) {
@@ -222,7 +223,7 @@ export class Vault {
     const sessionId = checkSessionId(sessionIdIn);
     const session = this.sessions.take(sessionId, 'recover', this.options.now());
     const { userId, generation } = session;
-    const rec = this.store.get(userId);
+    const rec = this.store.records.get(userId);
     let verified = false;
     let envelope: Uint8Array | null = null;
     if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
@@ -236,12 +237,12 @@ export class Vault {
       }
     }
     const now = this.options.now();
-    const d = this.store.transaction(() => {
-      const current = this.store.get(userId);
+    const d = this.store.records.transaction(() => {
+      const current = this.store.records.get(userId);
       // Verified against the row we read; if the row changed meanwhile, decide on the new one.
       const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
       const d = decideRecoverFinish(current, generation, verified && !!same, this.sessions.pending(userId, now), now);
-      if (d.ok && d.change) this.store.put(d.change);
+      if (d.ok && d.change) this.store.records.put(d.change);
       return d;
     });
     if (!d.ok) throw refusal(d.code);
@@ -274,7 +275,7 @@ export class Vault {
 
   status(userIdIn: unknown): RecordStatus {
     const userId = checkUserId(userIdIn);
-    const rec = this.store.get(userId);
+    const rec = this.store.records.get(userId);
     if (!rec) return { userId, state: 'absent', attemptsLeft: 0, attemptLimit: this.options.attemptLimit };
     return {
       userId,
@@ -287,10 +288,10 @@ export class Vault {
   delete(userIdIn: unknown): void {
     const userId = checkUserId(userIdIn);
     const now = this.options.now();
-    this.store.transaction(() => {
-      const d = decideDelete(this.store.get(userId), now);
+    this.store.records.transaction(() => {
+      const d = decideDelete(this.store.records.get(userId), now);
       if (!d.ok) throw refusal(d.code);
-      this.store.put(d.change);
+      this.store.records.put(d.change);
     });
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'record.delete', user: userRef(userId) }, 'record deleted');
@@ -301,9 +302,9 @@ export class Vault {
     const now = this.options.now();
     let destroyedCount = 0;
     for (const s of this.sessions.sweep(now)) {
-      const change = this.store.transaction(() => {
-        const c = decideExpiry(this.store.get(s.userId), s.generation, this.sessions.pending(s.userId, now), now);
-        if (c) this.store.put(c);
+      const change = this.store.records.transaction(() => {
+        const c = decideExpiry(this.store.records.get(s.userId), s.generation, this.sessions.pending(s.userId, now), now);
+        if (c) this.store.records.put(c);
         return c;
       });
       if (change) {

@@ -9,6 +9,7 @@ export interface HsmKeyHandles {
   sig: { priv: Handle; point: Uint8Array };
   oprf: { priv: Handle };
   verifier: Handle;
+  tenant: Handle;
   seals: Map<number, Handle>;
 }
 
@@ -33,6 +34,8 @@ export interface VaultKeys {
   unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null>;
   /** ECDSA P-256 over a 32-byte digest, raw r‖s. */
   sign(digest: Uint8Array): Promise<Uint8Array>;
+  /** A tenant's credential secret, derived in the HSM from the tenant key (never stored). */
+  tenantSecret(input: Uint8Array): Promise<Uint8Array>;
   random(n: number): Promise<Uint8Array>;
   /** True while the token answers (readiness). */
   ping(): boolean;
@@ -48,6 +51,8 @@ export class TokenVaultKeys implements VaultKeys {
   constructor(
     private readonly token: Token,
     private readonly keys: HsmKeyHandles,
+    /** Labels created while resolving the key set (bkv-admin init reports them). */
+    readonly created: string[] = [],
   ) {
     this.channelPublic = keys.kx.point;
     this.signingPublic = keys.sig.point;
@@ -91,6 +96,10 @@ export class TokenVaultKeys implements VaultKeys {
 
   async sign(digest: Uint8Array): Promise<Uint8Array> {
     return this.token.ecdsaSign(this.keys.sig.priv, digest);
+  }
+
+  async tenantSecret(input: Uint8Array): Promise<Uint8Array> {
+    return this.token.hmacSha256(this.keys.tenant, input);
   }
 
   async random(n: number): Promise<Uint8Array> {

@@ -17,6 +17,7 @@ export const DST = {
   seal: 'bkv-v1-seal',
   descriptor: 'bkv-v1-descriptor',
   vaultId: 'bkv-v1-vault-id',
+  tenantSecret: 'bkv-v1-tenant-secret',
 } as const;
 
 export const SIZES = {

@@ -27,6 +27,15 @@ const MIGRATIONS: string[] = [
      created_at    INTEGER NOT NULL,
      updated_at    INTEGER NOT NULL
    ) STRICT;`,
+  // Backend tenants. Only names and versions: each secret is derived in the HSM.
+  `CREATE TABLE tenants (
+     name       TEXT NOT NULL,
+     version    INTEGER NOT NULL CHECK (version >= 1),
+     state      INTEGER NOT NULL CHECK (state IN (1, 2)),
+     created_at INTEGER NOT NULL,
+     revoked_at INTEGER,
+     PRIMARY KEY (name, version)
+   ) STRICT;`,
 ];
 
 export function openDb(path: string, opts: { readonly?: boolean } = {}): Db {

@@ -1,0 +1,110 @@
+// The real daemon as a child process on an ephemeral loopback port, with its
+// own embedded SoftHSM2 token and SQLite file in a temp data folder.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+export const ROOT = resolve(import.meta.dirname, '../..');
+export const DAEMON = join(ROOT, 'dist/vault/main.js');
+export const CLI = join(ROOT, 'dist/client/cli.js');
+export const ADMIN = join(ROOT, 'dist/vault/admin.js');
+
+/** Small Argon2id floor so end-to-end tests spend their time on the vault. */
+export const TEST_CONFIG = { vault: { kdfFloor: { m: 64, t: 1, p: 1 } }, log: { level: 'info' } };
+
+export interface RunningDaemon {
+  url: string;
+  port: number;
+  dataDir: string;
+  /** Development tenant token (BKV_TOKEN). */
+  token: string;
+  /** PEM file with the pinned vault key (BKV_VAULT_KEY). */
+  vaultKeyFile: string;
+  proc: ChildProcess;
+  /** Every stdout/stderr line so far (JSON log lines and the dev banner). */
+  logs: string[];
+  /** Environment for `bkv` child processes talking to this daemon. */
+  cliEnv: NodeJS.ProcessEnv;
+  /** Signal the daemon and wait for its exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+  /** Stop (if running) and start again on the same data folder. */
+  restart(): Promise<RunningDaemon>;
+  /** Stop and delete the data folder. */
+  cleanup(): Promise<void>;
+}
+
+export async function startDaemon(
+  opts: { dataDir?: string; config?: object; env?: NodeJS.ProcessEnv; port?: number } = {},
+): Promise<RunningDaemon> {
+  const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'bkv-daemon-'));
+  const configFile = join(dataDir, 'test-config.json');
+  writeFileSync(configFile, JSON.stringify(opts.config ?? TEST_CONFIG));
+  const logs: string[] = [];
+  const proc = spawn(
+    process.execPath,
+    [DAEMON, 'serve', '--config', configFile, '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, '--init', '--dev'],
+    { env: { ...process.env, ...opts.env, SOFTHSM2_CONF: undefined }, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
+  const port = await new Promise<number>((resolvePort, reject) => {
+    const timer = setTimeout(() => reject(new Error(`daemon did not start:\n${logs.join('\n')}`)), 30_000);
+    const onLine = (line: string) => {
+      logs.push(line);
+      if (line.includes('"event":"listening"')) {
+        clearTimeout(timer);
+        resolvePort(JSON.parse(line).port as number);
+      }
+    };
+    for (const stream of [proc.stdout!, proc.stderr!]) {
+      let buf = '';
+      stream.on('data', (d: Buffer) => {
+        buf += d.toString();
+        let i;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          onLine(buf.slice(0, i));
+          buf = buf.slice(i + 1);
+        }
+      });
+    }
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`daemon exited with ${code}:\n${logs.join('\n')}`));
+    });
+  });
+  // The dev token is written right after "listening".
+  let token = '';
+  for (let i = 0; i < 100 && !token; i++) {
+    try {
+      token = readFileSync(join(dataDir, 'dev-token'), 'utf8').trim();
+    } catch {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  const url = `ws://127.0.0.1:${port}`;
+  const vaultKeyFile = join(dataDir, 'vault-key.pub');
+  const d: RunningDaemon = {
+    url,
+    port,
+    dataDir,
+    token,
+    vaultKeyFile,
+    proc,
+    logs,
+    cliEnv: { ...process.env, BKV_VAULT: url, BKV_TOKEN: token, BKV_VAULT_KEY: vaultKeyFile },
+    async stop(signal = 'SIGTERM') {
+      if (proc.exitCode !== null || proc.signalCode !== null) return proc.exitCode;
+      proc.kill(signal);
+      return exited;
+    },
+    async restart() {
+      await d.stop();
+      return startDaemon({ ...opts, dataDir });
+    },
+    async cleanup() {
+      await d.stop();
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+  return d;
+}

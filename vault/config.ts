@@ -1,0 +1,168 @@
+// Daemon configuration: defaults ← JSON file ← BKV_* environment ← flags,
+// validated in one place with messages that name the field. The HSM PIN comes
+// from a file or the environment, never from a flag (flags show up in `ps`).
+import { existsSync, readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
+import { VaultError, ErrorCodes } from './errors.js';
+
+export const SOFTHSM_CANDIDATES = [
+  '/usr/lib/softhsm/libsofthsm2.so',
+  '/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so',
+  '/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so',
+];
+
+const Schema = z
+  .object({
+    dataDir: z.string().min(1),
+    listen: z.object({ host: z.string().min(1), port: z.number().int().min(0).max(65535) }).strict(),
+    tls: z.object({ certFile: z.string().min(1), keyFile: z.string().min(1) }).strict().optional(),
+    hsm: z
+      .object({
+        /** Omit for the embedded SoftHSM2 token under dataDir. */
+        module: z.string().min(1).optional(),
+        tokenLabel: z.string().min(1).max(32),
+        pinFile: z.string().min(1).optional(),
+      })
+      .strict(),
+    dbPath: z.string().min(1).optional(),
+    vault: z
+      .object({
+        attemptLimit: z.number().int().min(1).max(1000),
+        sessionTtlSec: z.number().int().min(5).max(3600),
+        kdfFloor: z.object({ m: z.number().int().min(8), t: z.number().int().min(1), p: z.number().int().min(1) }).strict(),
+      })
+      .strict(),
+    limits: z
+      .object({
+        tenantPerSec: z.number().positive(),
+        tenantBurst: z.number().int().min(1),
+        userPerMin: z.number().positive(),
+        userBurst: z.number().int().min(1),
+        maxPayloadBytes: z.number().int().min(1024).max(16 * 1024 * 1024),
+        maxInFlight: z.number().int().min(1).max(10_000),
+        idleSec: z.number().int().min(1),
+        tokenMaxLifetimeSec: z.number().int().min(60),
+      })
+      .strict(),
+    log: z.object({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']) }).strict(),
+  })
+  .strict();
+
+export type Config = z.output<typeof Schema>;
+
+export const DEFAULTS: Config = {
+  dataDir: './data',
+  listen: { host: '127.0.0.1', port: 8787 },
+  hsm: { tokenLabel: 'bkv-embedded' },
+  vault: { attemptLimit: 10, sessionTtlSec: 120, kdfFloor: { m: 19456, t: 2, p: 1 } },
+  limits: {
+    tenantPerSec: 2000,
+    tenantBurst: 4000,
+    userPerMin: 60,
+    userBurst: 20,
+    maxPayloadBytes: 64 * 1024,
+    maxInFlight: 64,
+    idleSec: 300,
+    tokenMaxLifetimeSec: 86_400,
+  },
+  log: { level: 'info' },
+};
+
+type Json = { [k: string]: unknown };
+
+function merge(base: Json, over: Json): Json {
+  const out: Json = { ...base };
+  for (const [k, v] of Object.entries(over)) {
+    if (v === undefined) continue;
+    const b = out[k];
+    out[k] = v && typeof v === 'object' && !Array.isArray(v) && b && typeof b === 'object' ? merge(b as Json, v as Json) : v;
+  }
+  return out;
+}
+
+const num = (v: string | undefined, name: string): number | undefined => {
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be a number`);
+  return n;
+};
+
+export function parseListen(s: string): { host: string; port: number } {
+  const m = /^(\[[^\]]+\]|[^:]+):(\d+)$/.exec(s);
+  if (!m) throw new VaultError(ErrorCodes.BAD_REQUEST, `config: listen must be HOST:PORT (got a value of ${s.length} chars)`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+}
+
+function fromEnv(env: NodeJS.ProcessEnv): Json {
+  return {
+    dataDir: env.BKV_DATA,
+    listen: env.BKV_LISTEN ? parseListen(env.BKV_LISTEN) : undefined,
+    tls: env.BKV_TLS_CERT || env.BKV_TLS_KEY ? { certFile: env.BKV_TLS_CERT, keyFile: env.BKV_TLS_KEY } : undefined,
+    hsm: { module: env.BKV_HSM_MODULE, tokenLabel: env.BKV_HSM_TOKEN, pinFile: env.BKV_HSM_PIN_FILE },
+    dbPath: env.BKV_DB,
+    vault: { attemptLimit: num(env.BKV_ATTEMPT_LIMIT, 'BKV_ATTEMPT_LIMIT') },
+    log: { level: env.BKV_LOG_LEVEL },
+  };
+}
+
+/** Load and validate. Every problem is reported with its field path, all at once. */
+export function loadConfig(opts: { file?: string; env?: NodeJS.ProcessEnv; overrides?: Json } = {}): Config {
+  const env = opts.env ?? process.env;
+  let fileJson: Json = {};
+  const file = opts.file ?? env.BKV_CONFIG;
+  if (file) {
+    if (!existsSync(file)) throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} does not exist`);
+    try {
+      fileJson = JSON.parse(readFileSync(file, 'utf8')) as Json;
+    } catch (e) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} is not valid JSON: ${(e as Error).message}`);
+    }
+    if (!fileJson || typeof fileJson !== 'object' || Array.isArray(fileJson)) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} must hold a JSON object`);
+    }
+  }
+  const merged = merge(merge(merge(DEFAULTS as unknown as Json, fileJson), fromEnv(env)), opts.overrides ?? {});
+  const r = Schema.safeParse(merged);
+  if (!r.success) {
+    const lines = r.error.issues.map((i) => `  ${i.path.join('.') || '(root)'}: ${i.message}`);
+    throw new VaultError(ErrorCodes.BAD_REQUEST, `invalid configuration:\n${lines.join('\n')}`);
+  }
+  const c = r.data;
+  return { ...c, dataDir: resolve(c.dataDir) };
+}
+
+export interface HsmSettings {
+  modulePath: string;
+  tokenLabel: string;
+  pinFile: string;
+  /** Set when the vault runs its own SoftHSM2 token under dataDir. */
+  embedded?: { conf: string; tokenDir: string; soPinFile: string };
+}
+
+export function hsmSettings(c: Config): HsmSettings {
+  if (c.hsm.module) {
+    if (!c.hsm.pinFile && !process.env.BKV_HSM_PIN) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: hsm.pinFile (or BKV_HSM_PIN) is required with an external hsm.module');
+    }
+    return { modulePath: c.hsm.module, tokenLabel: c.hsm.tokenLabel, pinFile: c.hsm.pinFile ?? '' };
+  }
+  const modulePath = SOFTHSM_CANDIDATES.find((p) => existsSync(p));
+  if (!modulePath) {
+    throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'embedded mode needs SoftHSM2 (apt-get install softhsm2) or set hsm.module');
+  }
+  return {
+    modulePath,
+    tokenLabel: c.hsm.tokenLabel,
+    pinFile: c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'),
+    embedded: { conf: join(c.dataDir, 'softhsm2.conf'), tokenDir: join(c.dataDir, 'tokens'), soPinFile: join(c.dataDir, 'hsm-so-pin') },
+  };
+}
+
+/** The PIN from BKV_HSM_PIN or the PIN file; never from argv. */
+export function readPin(s: HsmSettings): string {
+  const fromEnv = process.env.BKV_HSM_PIN;
+  if (fromEnv) return fromEnv;
+  if (!existsSync(s.pinFile)) throw new VaultError(ErrorCodes.BAD_REQUEST, `HSM PIN file ${s.pinFile} does not exist; run init first`);
+  return readFileSync(s.pinFile, 'utf8').trim();
+}

@@ -1,0 +1,198 @@
+// The vault end of the client channels: handshake through the HSM, strict
+// counters, and the per-channel step machine that decides which method may
+// come next. Everything the relay can see or tamper with is checked here;
+// the decrypted bodies go to the core.
+import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
+import type { Vault } from '../core/vault.js';
+import { channelIdOf, channelKeys, openMessage, sealMessage, type ChannelKeys } from '../protocol/channel.js';
+import { validatePoint } from '../protocol/oprf.js';
+import { equalBytes, toB64 } from '../protocol/bytes.js';
+import { Bodies, parse } from './wire.js';
+import type { z } from 'zod';
+import type { ChannelParams } from './wire.js';
+
+export type ChannelMethod = keyof typeof Bodies;
+type Step = 'new' | 'enroll-begun' | 'recover-begun' | 'recovered' | 'done';
+
+/** Which method each step accepts, and where a success leads. */
+const NEXT: Record<Step, Partial<Record<ChannelMethod, true>>> = {
+  new: { 'enroll.begin': true, 'recover.begin': true },
+  'enroll-begun': { 'enroll.finish': true },
+  'recover-begun': { 'recover.finish': true },
+  recovered: { 'enroll.begin': true },
+  done: {},
+};
+
+interface Channel {
+  keys: ChannelKeys;
+  userId: string;
+  next: number;
+  step: Step;
+  busy: boolean;
+  expiresAt: number;
+  coreSession?: string;
+  grant?: string;
+}
+
+export interface ChannelOptions {
+  ttlMs: number;
+  /** Allowed distance between a handshake's ts and the vault clock. */
+  freshnessMs: number;
+  maxChannels: number;
+  now: () => number;
+  /** Called with unexpected (non-VaultError) failures, which the client sees only as INTERNAL. */
+  onInternalError?: (e: unknown) => void;
+}
+
+type Body = { ok: true; result: unknown } | { ok: false; error: { code: string; message: string; detail?: unknown } };
+
+export class ChannelTable {
+  private readonly live = new Map<string, Channel>();
+  /** Ids of closed channels, until their handshake could no longer pass the freshness check. */
+  private readonly spent = new Map<string, number>();
+  private readonly startedAt: number;
+
+  constructor(
+    private readonly vault: Vault,
+    private readonly o: ChannelOptions,
+  ) {
+    this.startedAt = o.now();
+  }
+
+  get size(): number {
+    return this.live.size;
+  }
+
+  /**
+   * Handle one relayed message. Outer failures (tampering, replay, unknown
+   * channel) throw and change nothing; once a message authenticates, its
+   * counter is spent and every outcome goes back encrypted.
+   */
+  async handle(
+    method: ChannelMethod,
+    p: z.output<typeof ChannelParams>,
+  ): Promise<{ n: number; ct: string; outcome: string }> {
+    const { channel: m, userId } = p;
+    const id = toB64(m.id);
+    const now = this.o.now();
+    let ch = this.live.get(id);
+    let fresh = false;
+    if (m.n === 0) {
+      if (!m.epk) throw new VaultError(ErrorCodes.BAD_REQUEST, 'the first channel message must carry epk');
+      // Before the restart floor or outside the window: a captured handshake cannot be replayed later.
+      if (Math.abs(now - m.ts) > this.o.freshnessMs || m.ts < this.startedAt - 1000) {
+        throw new VaultError(ErrorCodes.STALE_MESSAGE, 'handshake timestamp outside the accepted window', { now });
+      }
+      if (!equalBytes(channelIdOf(m.epk), m.id)) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel id does not match epk');
+      if (ch || this.spent.has(id)) throw new VaultError(ErrorCodes.REPLAY, 'this channel was already opened');
+      if (this.live.size >= this.o.maxChannels) throw new VaultError(ErrorCodes.OVERLOADED, 'too many open channels; retry shortly');
+      validatePoint(m.epk);
+      const z = await this.vault.keys.channelAgree(m.epk);
+      const keys = channelKeys(z, m.epk, this.vault.vaultId, this.vault.keys.channelPublic);
+      ch = { keys, userId, next: 0, step: 'new', busy: false, expiresAt: now + this.o.ttlMs };
+      fresh = true;
+    } else {
+      if (m.epk) throw new VaultError(ErrorCodes.BAD_REQUEST, 'epk is only sent with the first message');
+      if (!ch) {
+        if (this.spent.has(id)) throw new VaultError(ErrorCodes.SESSION_EXPIRED, 'this channel is closed or expired');
+        throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no open channel with this id');
+      }
+      if (now > ch.expiresAt) {
+        this.close(id, ch);
+        throw new VaultError(ErrorCodes.SESSION_EXPIRED, 'this channel expired');
+      }
+      if (m.n < ch.next) throw new VaultError(ErrorCodes.REPLAY, 'message counter already used');
+      if (m.n > ch.next || ch.busy) throw new VaultError(ErrorCodes.OUT_OF_ORDER, 'message counter ahead of the channel');
+      if (userId !== ch.userId) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel belongs to another user');
+    }
+    const header = { channelId: m.id, counter: m.n, method, userId };
+    const body = await openMessage(ch.keys.c2s, { ...header, dir: 'c2s', ts: m.ts }, m.ct);
+    if (fresh) {
+      // Two copies of one handshake raced through the HSM call: only one opens the channel.
+      if (this.live.has(id) || this.spent.has(id)) throw new VaultError(ErrorCodes.REPLAY, 'this channel was already opened');
+      this.live.set(id, ch);
+    } else if (ch.busy || ch.next !== m.n) {
+      throw new VaultError(ErrorCodes.OUT_OF_ORDER, 'message counter ahead of the channel');
+    }
+    ch.next = m.n + 1;
+    ch.busy = true;
+    let reply: Body;
+    try {
+      reply = { ok: true, result: await this.step(ch, method, body) };
+    } catch (e) {
+      if (!(e instanceof VaultError)) this.o.onInternalError?.(e);
+      reply = { ok: false, error: publicError(e) };
+    } finally {
+      ch.busy = false;
+    }
+    if (ch.step === 'done') this.close(id, ch);
+    const ct = await sealMessage(ch.keys.s2c, { ...header, dir: 's2c', ts: 0 }, reply);
+    const outcome = reply.ok ? String((reply.result as { outcome?: string }).outcome ?? 'ok') : reply.error.code;
+    return { n: m.n, ct: toB64(ct), outcome };
+  }
+
+  private async step(ch: Channel, method: ChannelMethod, raw: unknown): Promise<unknown> {
+    if (!NEXT[ch.step][method]) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `${method} is not allowed at this point of the channel`);
+    }
+    const v = this.vault;
+    switch (method) {
+      case 'enroll.begin': {
+        const b = parse(Bodies[method], raw);
+        const r = await v.enrollBegin(ch.userId, b.blinded, ch.grant ? { grant: ch.grant } : {});
+        ch.coreSession = r.sessionId;
+        ch.step = 'enroll-begun';
+        return { evaluated: toB64(r.evaluated), attemptLimit: r.attemptLimit, kdfFloor: r.kdfFloor };
+      }
+      case 'enroll.finish': {
+        const b = parse(Bodies[method], raw);
+        const r = await v.enrollFinish(ch.coreSession, ch.userId, { ...b, ...(ch.grant ? { grant: ch.grant } : {}) });
+        ch.step = 'done';
+        return r;
+      }
+      case 'recover.begin': {
+        const b = parse(Bodies[method], raw);
+        const r = await v.recoverBegin(ch.userId, b.blinded);
+        ch.coreSession = r.sessionId;
+        ch.step = 'recover-begun';
+        return { evaluated: toB64(r.evaluated), kdf: r.kdf, attemptsLeft: r.attemptsLeft, attemptLimit: r.attemptLimit };
+      }
+      case 'recover.finish': {
+        const b = parse(Bodies[method], raw);
+        let r;
+        try {
+          r = await v.recoverFinish(ch.coreSession, b.authKey);
+        } catch (e) {
+          // Only an HSM outage leaves the core session open for a retry; anything else ends it.
+          if (!isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) ch.step = 'done';
+          throw e;
+        }
+        if (r.outcome === 'ok') {
+          ch.step = 'recovered';
+          ch.grant = r.grant;
+          return { outcome: 'ok', envelope: toB64(r.envelope) };
+        }
+        ch.step = 'done';
+        return r.outcome === 'wrong-password' ? { outcome: r.outcome, attemptsLeft: r.attemptsLeft } : { outcome: r.outcome };
+      }
+    }
+  }
+
+  private close(id: string, ch: Channel): void {
+    this.live.delete(id);
+    this.spent.set(id, ch.expiresAt + this.o.freshnessMs);
+  }
+
+  /** Drop expired channels and forget spent ids whose handshake can no longer be fresh. */
+  sweep(): void {
+    const now = this.o.now();
+    for (const [id, ch] of this.live) if (now > ch.expiresAt && !ch.busy) this.close(id, ch);
+    for (const [id, until] of this.spent) if (now > until) this.spent.delete(id);
+  }
+}
+
+/** What a client may learn about a failure: the stable code, static text and non-secret detail. */
+export function publicError(e: unknown): { code: string; message: string; detail?: unknown } {
+  if (e instanceof VaultError) return { code: e.code, message: e.message, ...(e.detail ? { detail: e.detail } : {}) };
+  return { code: ErrorCodes.INTERNAL, message: 'internal error' };
+}

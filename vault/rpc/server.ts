@@ -1,0 +1,247 @@
+// The WebSocket front door. It authenticates the tenant at the upgrade,
+// frames JSON-RPC, enforces size, in-flight, rate and idle limits, logs one
+// line per request, and drains cleanly on shutdown. It holds no secrets and
+// makes no decisions about records.
+import { createServer as createHttp, type IncomingMessage, type Server } from 'node:http';
+import { createServer as createHttps } from 'node:https';
+import type { Duplex } from 'node:stream';
+import { WebSocketServer, type WebSocket } from 'ws';
+import type { Logger } from 'pino';
+import { VaultError, ErrorCodes, RETRYABLE, type ErrorCode } from '../errors.js';
+import { userRef } from '../core/vault.js';
+import type { Authenticator, TenantIdentity } from './auth.js';
+import type { RateLimiter } from './ratelimit.js';
+import type { Handler } from './methods.js';
+
+export interface ServerOptions {
+  host: string;
+  port: number;
+  tls?: { cert: string | Buffer; key: string | Buffer };
+  maxPayload: number;
+  maxInFlight: number;
+  idleMs: number;
+  /** How long shutdown waits for in-flight requests. */
+  drainMs: number;
+}
+
+export const DEFAULT_SERVER: ServerOptions = {
+  host: '127.0.0.1',
+  port: 8787,
+  maxPayload: 64 * 1024,
+  maxInFlight: 64,
+  idleMs: 300_000,
+  drainMs: 10_000,
+};
+
+export interface RequestEvent {
+  method: string;
+  tenant: string;
+  outcome: string;
+  ms: number;
+}
+
+export interface ServerDeps {
+  auth: Authenticator;
+  limiter: RateLimiter;
+  methods: Record<string, Handler>;
+  log: Logger;
+  now: () => number;
+  /** Observers of every finished request (metrics). */
+  onRequest?: (e: RequestEvent) => void;
+}
+
+const JSONRPC: Partial<Record<ErrorCode, number>> = {
+  BAD_REQUEST: -32602,
+  INVALID_POINT: -32602,
+  INVALID_LENGTH: -32602,
+  INVALID_USER_ID: -32602,
+  INVALID_KDF_PARAMS: -32602,
+  PAYLOAD_TOO_LARGE: -32600,
+  UNAUTHENTICATED: -32001,
+  FORBIDDEN: -32001,
+  DECRYPT_FAILED: -32002,
+  REPLAY: -32002,
+  OUT_OF_ORDER: -32002,
+  SESSION_NOT_FOUND: -32002,
+  SESSION_EXPIRED: -32002,
+  STALE_MESSAGE: -32002,
+  RATE_LIMITED: -32003,
+  OVERLOADED: -32003,
+  HSM_UNAVAILABLE: -32003,
+  STORE_UNAVAILABLE: -32003,
+  RECORD_NOT_FOUND: -32004,
+  RECORD_EXISTS: -32004,
+  LOCKED: -32004,
+  RECORD_CORRUPT: -32004,
+  STATE_ROLLBACK_DETECTED: -32004,
+};
+
+function errorBody(id: unknown, e: unknown) {
+  const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');
+  return {
+    jsonrpc: '2.0',
+    id: id ?? null,
+    error: {
+      code: JSONRPC[err.code] ?? -32603,
+      message: err.message,
+      data: { code: err.code, retryable: RETRYABLE.has(err.code), ...(err.detail ?? {}) },
+    },
+  };
+}
+
+export interface RunningServer {
+  port: number;
+  server: Server;
+  connections(): number;
+  /** Stop accepting, let in-flight requests finish (up to drainMs), close every socket. */
+  close(): Promise<void>;
+}
+
+export async function startServer(deps: ServerDeps, opts: ServerOptions): Promise<RunningServer> {
+  const isLoopback = ['127.0.0.1', '::1', 'localhost'].includes(opts.host);
+  if (!opts.tls && !isLoopback) {
+    throw new VaultError(ErrorCodes.BAD_REQUEST, `refusing plain ws:// on ${opts.host}: configure TLS or listen on loopback`);
+  }
+  const server = opts.tls ? createHttps({ cert: opts.tls.cert, key: opts.tls.key }) : createHttp();
+  const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxPayload });
+  const sockets = new Set<WebSocket>();
+  let inFlightTotal = 0;
+  let closing = false;
+
+  server.on('request', (_req, res) => {
+    res.writeHead(426, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: { code: 'BAD_REQUEST', message: 'this endpoint speaks WebSocket only' } }));
+  });
+
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const refuse = (status: number, code: string, message: string) => {
+      const body = JSON.stringify({ error: { code, message } });
+      socket.end(
+        `HTTP/1.1 ${status} ${status === 401 ? 'Unauthorized' : 'Service Unavailable'}\r\n` +
+          `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+      );
+    };
+    if (closing) return refuse(503, ErrorCodes.OVERLOADED, 'vault is shutting down');
+    const header = req.headers.authorization;
+    const token = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
+    deps.auth.verify(token).then(
+      (id) => wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id)),
+      (e: unknown) => {
+        deps.log.warn({ event: 'auth.refused', reason: (e as Error).message, remote: req.socket.remoteAddress }, 'connection refused');
+        refuse(401, ErrorCodes.UNAUTHENTICATED, e instanceof VaultError ? e.message : 'unauthenticated');
+      },
+    );
+  });
+
+  function onConnection(ws: WebSocket, id: TenantIdentity): void {
+    sockets.add(ws);
+    let inFlight = 0;
+    let idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
+    let alive = true;
+    const heartbeat = setInterval(() => {
+      if (!alive) return ws.terminate();
+      alive = false;
+      ws.ping();
+    }, Math.min(30_000, opts.idleMs));
+    ws.on('pong', () => (alive = true));
+    ws.on('close', () => {
+      sockets.delete(ws);
+      clearTimeout(idle);
+      clearInterval(heartbeat);
+    });
+    ws.on('error', (e) => deps.log.debug({ event: 'ws.error', message: e.message }, 'socket error'));
+    ws.on('message', (data, isBinary) => {
+      clearTimeout(idle);
+      idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
+      const started = performance.now();
+      let req: { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: unknown };
+      const send = (body: object) => {
+        if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(body));
+      };
+      const done = (method: string, outcome: string, userId?: string) => {
+        const ms = Math.round((performance.now() - started) * 100) / 100;
+        deps.log.info(
+          { event: 'rpc', method, tenant: id.tenant, outcome, ms, ...(userId !== undefined ? { user: userRef(userId) } : {}) },
+          'request',
+        );
+        deps.onRequest?.({ method, tenant: id.tenant, outcome, ms });
+      };
+      try {
+        if (isBinary) throw new VaultError(ErrorCodes.BAD_REQUEST, 'binary frames are not accepted');
+        req = JSON.parse(data.toString());
+      } catch (e) {
+        const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.BAD_REQUEST, 'frame is not JSON');
+        const body = errorBody(null, err);
+        if (!(e instanceof VaultError)) body.error.code = -32700;
+        send(body);
+        return done('(unparsed)', err.code);
+      }
+      if (typeof req !== 'object' || req === null || Array.isArray(req) || req.jsonrpc !== '2.0' || typeof req.method !== 'string' ||
+        !(typeof req.id === 'number' || typeof req.id === 'string')) {
+        send({ ...errorBody(Array.isArray(req) ? null : (req as { id?: unknown })?.id, new VaultError(ErrorCodes.BAD_REQUEST, 'not a JSON-RPC 2.0 request with an id')), });
+        return done('(invalid)', ErrorCodes.BAD_REQUEST);
+      }
+      const { id: reqId, method, params } = req as { id: number | string; method: string; params?: unknown };
+      const handler = Object.hasOwn(deps.methods, method) ? deps.methods[method] : undefined;
+      const fail = (e: unknown, userId?: string) => {
+        if (!(e instanceof VaultError)) deps.log.error({ event: 'rpc.internal', method, err: (e as Error)?.message }, 'internal error');
+        const body = errorBody(reqId, e);
+        send(body);
+        done(method, body.error.data.code, userId);
+      };
+      if (!handler) {
+        const body = errorBody(reqId, new VaultError(ErrorCodes.BAD_REQUEST, `unknown method ${method.slice(0, 64)}`));
+        body.error.code = -32601;
+        send(body);
+        return done('(unknown)', ErrorCodes.BAD_REQUEST);
+      }
+      if (closing) return fail(new VaultError(ErrorCodes.OVERLOADED, 'vault is shutting down; retry on another connection'));
+      if (id.exp * 1000 + 30_000 < deps.now()) {
+        fail(new VaultError(ErrorCodes.UNAUTHENTICATED, 'tenant token expired'));
+        return void ws.close(4401, 'token expired');
+      }
+      if (inFlight >= opts.maxInFlight) return fail(new VaultError(ErrorCodes.OVERLOADED, 'too many requests in flight on this connection'));
+      inFlight++;
+      inFlightTotal++;
+      let userId: string | undefined;
+      handler(params, (u) => {
+        userId = u;
+        deps.limiter.take(id.tenant, u);
+      })
+        .then(
+          (r) => {
+            send({ jsonrpc: '2.0', id: reqId, result: r.result });
+            done(method, r.outcome, r.userId);
+          },
+          (e) => fail(e, userId),
+        )
+        .finally(() => {
+          inFlight--;
+          inFlightTotal--;
+        });
+    });
+  }
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.port, opts.host, () => resolve());
+  });
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : opts.port;
+
+  return {
+    port,
+    server,
+    connections: () => sockets.size,
+    async close() {
+      closing = true;
+      server.close();
+      const deadline = Date.now() + opts.drainMs;
+      while (inFlightTotal > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      for (const ws of sockets) ws.close(1001, 'vault shutting down');
+      await new Promise((r) => setTimeout(r, 50));
+      for (const ws of sockets) ws.terminate();
+      wss.close();
+    },
+  };
+}

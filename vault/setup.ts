@@ -1,0 +1,99 @@
+// First-run setup shared by `bkv-admin init` and `bkv-vault serve --init`:
+// the embedded SoftHSM2 token (development and tests), the key set, the
+// pinned public key file and the database. Idempotent: a second run changes
+// nothing and says so.
+import { createPublicKey, randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { VaultError, ErrorCodes, isVaultError } from './errors.js';
+import { initToken, Token } from './hsm/token.js';
+import { openKeys, selfTest } from './core/open.js';
+import { Store } from './store/index.js';
+import { Vault } from './core/vault.js';
+import { hsmSettings, readPin, type Config, type HsmSettings } from './config.js';
+import { toHex } from './protocol/bytes.js';
+import type { TokenConfig } from './hsm/token.js';
+
+/** Point SoftHSM at the data folder before the library is first loaded in this process. */
+export function prepareEmbedded(s: HsmSettings): void {
+  if (!s.embedded) return;
+  mkdirSync(s.embedded.tokenDir, { recursive: true, mode: 0o700 });
+  if (!existsSync(s.embedded.conf)) {
+    writeFileSync(s.embedded.conf, `directories.tokendir = ${s.embedded.tokenDir}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n`, {
+      mode: 0o600,
+    });
+  }
+  process.env.SOFTHSM2_CONF = s.embedded.conf;
+}
+
+export function tokenConfig(c: Config): TokenConfig {
+  const s = hsmSettings(c);
+  prepareEmbedded(s);
+  return { modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) };
+}
+
+function writeSecret(path: string, value: string): void {
+  writeFileSync(path, value + '\n', { mode: 0o600 });
+  chmodSync(path, 0o600);
+}
+
+/** PEM SubjectPublicKeyInfo of a raw P-256 point: the file clients pin. */
+export function publicKeyPem(point: Uint8Array): string {
+  const x = Buffer.from(point.subarray(1, 33)).toString('base64url');
+  const y = Buffer.from(point.subarray(33, 65)).toString('base64url');
+  return createPublicKey({ key: { kty: 'EC', crv: 'P-256', x, y }, format: 'jwk' }).export({ type: 'spki', format: 'pem' }) as string;
+}
+
+export interface InitResult {
+  vaultId: string;
+  createdToken: boolean;
+  createdKeys: string[];
+  publicKeyFile: string;
+}
+
+export async function initVault(c: Config, log: Logger): Promise<InitResult> {
+  mkdirSync(c.dataDir, { recursive: true, mode: 0o700 });
+  const s = hsmSettings(c);
+  prepareEmbedded(s);
+  let createdToken = false;
+  if (s.embedded && !existsSync(s.pinFile)) {
+    const pin = randomBytes(16).toString('hex');
+    const soPin = randomBytes(16).toString('hex');
+    try {
+      initToken(s.modulePath, s.tokenLabel, soPin, pin);
+    } catch (e) {
+      throw new VaultError(ErrorCodes.HSM_ERROR, `could not create the embedded token: ${(e as Error).message}`);
+    }
+    writeSecret(s.embedded.soPinFile, soPin);
+    writeSecret(s.pinFile, pin);
+    createdToken = true;
+    log.info({ event: 'hsm.token.created', label: s.tokenLabel }, 'created embedded SoftHSM2 token');
+  }
+  const keys = openKeys({ modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) }, true, log);
+  try {
+    await selfTest(keys);
+    const publicKeyFile = join(c.dataDir, 'vault-key.pub');
+    writeFileSync(publicKeyFile, publicKeyPem(keys.signingPublic));
+    const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
+    try {
+      const vault = new Vault(keys, store, log);
+      return { vaultId: toHex(vault.vaultId), createdToken, createdKeys: keys.created, publicKeyFile };
+    } finally {
+      store.close();
+    }
+  } finally {
+    keys.close();
+  }
+}
+
+/** True when the configured token exists and the PIN opens it. */
+export function tokenReady(c: Config): boolean {
+  try {
+    Token.open(tokenConfig(c)).close();
+    return true;
+  } catch (e) {
+    if (isVaultError(e, ErrorCodes.HSM_TOKEN_NOT_FOUND) || isVaultError(e, ErrorCodes.BAD_REQUEST)) return false;
+    throw e;
+  }
+}
