@@ -2,6 +2,8 @@
 // missing (only when asked to), and refuses with HSM_POLICY_VIOLATION when an
 // existing object is weaker than the policy, e.g. someone made it extractable
 // or gave it an extra usage. A vault never runs on keys it cannot vouch for.
+import { p256 } from '@noble/curves/nist.js';
+import { sha256 } from '@noble/hashes/sha2.js';
 import { VaultError, ErrorCodes } from '../vault/errors.js';
 import { P256_OID, type Handle, type KeyAttributes, type Token } from '../vault/hsm/token.js';
 import { KEY_SET, REQUIRED_ATTRIBUTES, epochOfLabel, sealLabel, type KeySpec, type KeyUsage } from './policy.js';
@@ -67,7 +69,27 @@ function ecKey(token: Token, spec: KeySpec, create: boolean, created: string[]):
   }
   if (!priv || !pub) throw missing(spec.label);
   check(spec, token.attributes(priv));
-  return { priv, pub, point: token.ecPoint(pub) };
+  const point = token.ecPoint(pub);
+  if (!pairMatches(token, spec, priv, point)) {
+    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `${spec.label}: public key object does not belong to the private key`);
+  }
+  return { priv, pub, point };
+}
+
+// The published point is what clients pin and encrypt to, so it must be the
+// private key's own: a swapped public object would silently break every client.
+function pairMatches(token: Token, spec: KeySpec, priv: Handle, point: Uint8Array): boolean {
+  try {
+    if (spec.usages.includes('derive')) {
+      // x(k·G) is the x-coordinate of the key's own public point.
+      const x = token.ecdhX(priv, p256.Point.BASE.toBytes(false));
+      return Buffer.from(x).equals(Buffer.from(point.subarray(1, 33)));
+    }
+    const digest = sha256(new TextEncoder().encode('bkv key pair check'));
+    return p256.verify(token.ecdsaSign(priv, digest), digest, point, { prehash: false, format: 'compact', lowS: false });
+  } catch {
+    return false;
+  }
 }
 
 function secretKey(token: Token, spec: KeySpec, label: string, create: boolean, created: string[]): Handle {
@@ -110,7 +132,9 @@ export function enforcePolicy(token: Token, opts: { create: boolean }): Resolved
   const seals = new Map<number, Handle>();
   for (const { label } of token.listLabels('secret', spec('seal').label)) {
     const epoch = epochOfLabel(label);
-    if (epoch === undefined) continue;
+    if (epoch === undefined) {
+      throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected seal key label "${label}" (want bkv.seal.NNNNNN)`);
+    }
     seals.set(epoch, secretKey(token, spec('seal'), label, false, created));
   }
   if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), opts.create, created));

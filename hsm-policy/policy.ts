@@ -31,6 +31,8 @@ export const REQUIRED_ATTRIBUTES = {
   neverExtractable: true,
   wrap: false,
   unwrap: false,
+  // Frozen at creation, so nobody can widen usages or relabel a key later.
+  modifiable: false,
 } as const;
 
 export const KEY_SET: readonly KeySpec[] = [

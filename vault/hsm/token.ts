@@ -2,6 +2,7 @@
 // found by label, with a small session pool and typed wrappers for exactly the
 // calls the vault and its policy need. Everything above sees opaque handles.
 import pkcs11js from 'pkcs11js';
+import { createHash } from 'node:crypto';
 import { VaultError, ErrorCodes } from '../errors.js';
 import { CKR, ckrOf, isSessionLost, toVaultError } from './ckr.js';
 
@@ -28,6 +29,12 @@ interface Library {
   refs: number;
 }
 const libraries = new Map<string, Library>();
+
+// Login is per token and process: once one Token is logged in, C_Login for
+// another answers CKR_USER_ALREADY_LOGGED_IN without looking at the PIN. We
+// remember a hash of the PIN that did log in, so a wrong PIN still fails.
+const loggedIn = new Map<string, string>();
+const pinDigest = (pin: string): string => createHash('sha256').update(pin).digest('hex');
 
 function acquireLibrary(modulePath: string): pkcs11js.PKCS11 {
   const known = libraries.get(modulePath);
@@ -56,6 +63,7 @@ function releaseLibrary(modulePath: string): void {
   if (!lib) return;
   if (--lib.refs > 0) return;
   libraries.delete(modulePath);
+  for (const k of loggedIn.keys()) if (k.startsWith(`${modulePath}\0`)) loggedIn.delete(k);
   try {
     lib.p11.C_Finalize();
   } catch {
@@ -175,13 +183,17 @@ export class Token {
   private newSession(): Handle {
     const s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
     this.open++;
+    const key = `${this.modulePath}\0${this.label}`;
     try {
       this.p11.C_Login(s, P.CKU_USER, this.pin);
+      loggedIn.set(key, pinDigest(this.pin));
     } catch (e) {
-      // Login is per token: another session of ours may already hold it.
-      if (ckrOf(e) !== CKR.USER_ALREADY_LOGGED_IN) {
+      // Login is per token: another session of ours may already hold it. That
+      // answer says nothing about our PIN, so compare with the PIN that did log in.
+      const known = loggedIn.get(key);
+      if (ckrOf(e) !== CKR.USER_ALREADY_LOGGED_IN || (known !== undefined && known !== pinDigest(this.pin))) {
         this.discard(s);
-        throw toVaultError(e, 'C_Login');
+        throw toVaultError(ckrOf(e) === CKR.USER_ALREADY_LOGGED_IN ? Object.assign(new Error('CKR_PIN_INCORRECT:160'), { code: CKR.PIN_INCORRECT }) : e, 'C_Login');
       }
     }
     return s;

@@ -46,7 +46,7 @@ export const descriptorDigest = (d: Descriptor): Uint8Array => sha256(descriptor
 export function verifyDescriptor(d: SignedDescriptor, pinnedKey: Uint8Array): Descriptor {
   const ok =
     d.version === PROTOCOL_VERSION &&
-    p256.verify(d.signature, descriptorDigest(d), pinnedKey, { prehash: false, format: 'compact' }) &&
+    p256.verify(d.signature, descriptorDigest(d), pinnedKey, { prehash: false, format: 'compact', lowS: false }) &&
     vaultIdOf(pinnedKey).every((b, i) => b === d.vaultId[i]);
   if (!ok) throw new VaultError(ErrorCodes.FORBIDDEN, 'vault descriptor is not signed by the pinned vault key');
   return d;
