@@ -6,7 +6,8 @@ import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import { VaultError, ErrorCodes } from '../vault/errors.js';
 import { P256_OID, type Handle, type KeyAttributes, type Token } from '../vault/hsm/token.js';
-import { KEY_SET, REQUIRED_ATTRIBUTES, epochOfLabel, sealLabel, type KeySpec, type KeyUsage } from './policy.js';
+import { ANCHOR, KEY_SET, REQUIRED_ATTRIBUTES, epochOfLabel, sealLabel, type KeySpec, type KeyUsage } from './policy.js';
+import { BucketTree, anchorLabel } from '../vault/protocol/state-hash.js';
 
 export interface EcKey {
   priv: Handle;
@@ -22,6 +23,8 @@ export interface ResolvedKeys {
   oprf: EcKey;
   verifier: Handle;
   tenant: Handle;
+  /** The state anchor data object. */
+  anchor: Handle;
   /** Seal keys by epoch; the highest is current. */
   seals: Map<number, Handle>;
   /** Labels of the objects this call created (empty on a second run: init is idempotent). */
@@ -138,5 +141,22 @@ export function enforcePolicy(token: Token, opts: { create: boolean }): Resolved
     seals.set(epoch, secretKey(token, spec('seal'), label, false, created));
   }
   if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), opts.create, created));
-  return { kx, sig, oprf, verifier, tenant, seals, created };
+  const anchor = anchorObject(token, opts.create, created);
+  return { kx, sig, oprf, verifier, tenant, anchor, seals, created };
+}
+
+/** Root of the empty state: what a fresh token's anchor starts at. */
+export function emptyRoot(): Uint8Array {
+  return new BucketTree().root();
+}
+
+function anchorObject(token: Token, create: boolean, created: string[]): Handle {
+  const found = token.findData(ANCHOR.application);
+  if (found.length > 1) {
+    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `${found.length} state anchors on the token: ambiguous`);
+  }
+  if (found[0]) return found[0];
+  if (!create) throw missing(ANCHOR.application);
+  created.push(ANCHOR.application);
+  return token.createData(ANCHOR.application, anchorLabel(0, emptyRoot()), Buffer.from('bkv state anchor v1'));
 }

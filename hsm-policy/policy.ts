@@ -93,3 +93,13 @@ export function epochOfLabel(label: string): number | undefined {
   const m = /^bkv\.seal\.(\d{6})$/.exec(label);
   return m ? Number(m[1]) : undefined;
 }
+
+/**
+ * The state anchor: one private token data object (found by CKA_APPLICATION)
+ * whose CKA_LABEL holds "bkv.anchor <batch> <Merkle root hex>". The vault
+ * rewrites the label before any answer that depends on a state change leaves.
+ */
+export const ANCHOR = {
+  application: 'bkv.state-anchor',
+  purpose: 'root of the authenticated record state; a restored database older than it is refused',
+} as const;

@@ -116,7 +116,7 @@ describe('attempt counting', () => {
     expect(await codeOf(beginOnly(t.vault, 'erin', 'pw-erin'))).toBe(ErrorCodes.LOCKED);
     expect(t.vault.status('erin').state).toBe('active');
     t.clock.now += t.vault.options.sessionTtlMs + 1;
-    expect(t.vault.sweep()).toBe(1);
+    expect(await t.vault.sweep()).toBe(1);
     expect(t.vault.status('erin').state).toBe('locked');
   });
 
@@ -149,39 +149,50 @@ describe('sessions', () => {
 });
 
 describe('tampered storage never yields a key', () => {
-  it('a row copied from another user does not verify', async () => {
+  it('a row copied from another user is refused as not matching the anchored state', async () => {
     await enroll(t.vault, 'ivan', 'pw-ivan', key());
     await enroll(t.vault, 'judy', 'pw-judy', key());
     const ivan = row('ivan')!;
     corrupt('judy', 'verifier = ?, sealed = ?, generation = ?', ivan.verifier, ivan.sealed, ivan.generation);
-    // Ivan's password against Judy's name: the verifier binds the user id.
-    expect((await recover(t.vault, 'judy', 'pw-ivan')).outcome).toBe('wrong-password');
-    expect((await recover(t.vault, 'judy', 'pw-judy')).outcome).toBe('wrong-password');
+    expect(await codeOf(recover(t.vault, 'judy', 'pw-ivan'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+    expect(await codeOf(recover(t.vault, 'judy', 'pw-judy'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+    expect(t.logs.some((l) => l.includes('"level":50') && l.includes('state.rollback'))).toBe(true);
   });
 
-  it('a tampered verifier does not verify; a tampered envelope is RECORD_CORRUPT', async () => {
-    await enroll(t.vault, 'kate', 'pw-kate', key());
-    const orig = row('kate')!;
-    const v = Buffer.from(orig.verifier as Buffer);
-    v[0]! ^= 1;
-    corrupt('kate', 'verifier = ?', v);
-    expect((await recover(t.vault, 'kate', 'pw-kate')).outcome).toBe('wrong-password');
-    const s = Buffer.from(orig.sealed as Buffer);
-    s[s.length - 1]! ^= 1;
-    corrupt('kate', 'verifier = ?, sealed = ?', orig.verifier, s);
-    expect(await codeOf(recover(t.vault, 'kate', 'pw-kate'))).toBe(ErrorCodes.RECORD_CORRUPT);
-    expect(t.logs.some((l) => l.includes('record.corrupt'))).toBe(true);
+  it('a tampered verifier, envelope or counter is refused', async () => {
+    for (const [user, set, value] of [
+      ['kate', 'verifier = ?', Buffer.alloc(32, 7)],
+      ['kyle', 'sealed = ?', Buffer.alloc(88, 7)],
+      ['kira', 'attempts = ?', 0],
+    ] as const) {
+      await enroll(t.vault, user, 'pw-' + user, key());
+      await recover(t.vault, user, 'wrong');
+      corrupt(user, set, value);
+      expect(await codeOf(recover(t.vault, user, 'pw-' + user))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+      expect(await codeOf(async () => t.vault.status(user))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+    }
   });
 
-  it('a reset counter gives more guesses but never a key without the password', async () => {
-    await enroll(t.vault, 'liam', 'pw-liam', key());
-    await recover(t.vault, 'liam', 'x');
-    corrupt('liam', 'attempts = 0');
-    expect((await recover(t.vault, 'liam', 'y')).outcome).toBe('wrong-password');
-    const gen = row('liam')!.generation as number;
-    corrupt('liam', 'generation = ?', gen + 1);
-    // A generation bumped by hand breaks the binding: even the right password gets nothing.
-    expect(await recover(t.vault, 'liam', 'pw-liam')).toMatchObject({ outcome: 'wrong-password' });
+  it('below the state check, the verifier and the seal bind user id and generation', async () => {
+    const { verifierInput, sealAad } = await import('../vault/protocol/record.js');
+    await enroll(t.vault, 'lena', 'pw-lena', key());
+    const b = await beginOnly(t.vault, 'lena', 'pw-lena');
+    const r = row('lena')!;
+    const verifier = new Uint8Array(r.verifier as Buffer);
+    const sealed = new Uint8Array(r.sealed as Buffer);
+    const gen = r.generation as number;
+    const epoch = r.seal_epoch as number;
+    const k = t.vault.keys;
+    const id = t.vault.vaultId;
+    expect(await k.checkVerifier(verifierInput(id, 'lena', gen, b.authKey), verifier)).toBe(true);
+    expect(await k.checkVerifier(verifierInput(id, 'lenb', gen, b.authKey), verifier)).toBe(false);
+    expect(await k.checkVerifier(verifierInput(id, 'lena', gen + 1, b.authKey), verifier)).toBe(false);
+    expect(await k.unseal(epoch, sealAad(id, 'lena', gen, epoch, verifier), sealed)).not.toBeNull();
+    expect(await k.unseal(epoch, sealAad(id, 'lenb', gen, epoch, verifier), sealed)).toBeNull();
+    expect(await k.unseal(epoch, sealAad(id, 'lena', gen + 1, epoch, verifier), sealed)).toBeNull();
+    const flipped = new Uint8Array(sealed);
+    flipped[20]! ^= 1;
+    expect(await k.unseal(epoch, sealAad(id, 'lena', gen, epoch, verifier), flipped)).toBeNull();
   });
 });
 
@@ -265,7 +276,7 @@ describe('password change and delete', () => {
 
   it('delete destroys the record; re-enrolment starts a new generation', async () => {
     await enroll(t.vault, 'rita', 'pw-rita', key());
-    t.vault.delete('rita');
+    await t.vault.delete('rita');
     expect(t.vault.status('rita').state).toBe('deleted');
     expect(await codeOf(recover(t.vault, 'rita', 'pw-rita'))).toBe(ErrorCodes.RECORD_NOT_FOUND);
     expect(row('rita')!.sealed).toBeNull();

@@ -11,8 +11,9 @@ import { execFileSync } from 'node:child_process';
 import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { Token, type Handle, type KeyAttributes } from '../vault/hsm/token.js';
 import { CKR } from '../vault/hsm/ckr.js';
-import { enforcePolicy, type EcKey, type ResolvedKeys } from '../hsm-policy/enforce.js';
-import { KEY_SET, sealLabel, type KeySpec, type KeyUsage } from '../hsm-policy/policy.js';
+import { emptyRoot, enforcePolicy, type EcKey, type ResolvedKeys } from '../hsm-policy/enforce.js';
+import { anchorLabel } from '../vault/protocol/state-hash.js';
+import { ANCHOR, KEY_SET, sealLabel, type KeySpec, type KeyUsage } from '../hsm-policy/policy.js';
 import { VaultError, ErrorCodes, type ErrorCode } from '../vault/errors.js';
 
 const PKCS11_TOOL = '/usr/bin/pkcs11-tool';
@@ -71,7 +72,7 @@ function ourObjects(tok: Token): { private: string[]; public: string[]; secret: 
 }
 
 /** The label each KEY_SET entry has on a freshly initialised token (seal: epoch 1), in policy order. */
-const INIT_LABELS = KEY_SET.map((s) => (s.perEpoch ? sealLabel(1) : s.label));
+const INIT_LABELS = [...KEY_SET.map((s) => (s.perEpoch ? sealLabel(1) : s.label)), ANCHOR.application];
 
 /** The long-term private/secret keys of a resolved set, each with the spec it must meet, in policy order. */
 function longTermKeys(keys: ResolvedKeys): { label: string; spec: KeySpec; handle: Handle }[] {
@@ -132,7 +133,8 @@ describe('enforcePolicy creates and resolves the key set', () => {
     const ec = KEY_SET.filter((k) => k.kind === 'ec-p256').map((k) => k.label).sort();
     const secret = KEY_SET.filter((k) => k.kind !== 'ec-p256').map((k) => (k.perEpoch ? sealLabel(1) : k.label)).sort();
     expect(ec).toEqual(['bkv.kx', 'bkv.oprf', 'bkv.sig']);
-    expect(ourObjects(tok)).toEqual({ private: ec, public: ec, secret, data: [] });
+    // The state anchor starts at batch 0 over the empty state.
+    expect(ourObjects(tok)).toEqual({ private: ec, public: ec, secret, data: [anchorLabel(0, emptyRoot())] });
   });
 
   it('is idempotent: a second run creates nothing and resolves the same keys', () => {
@@ -171,12 +173,12 @@ describe('enforcePolicy creates and resolves the key set', () => {
     expect([again.kx, again.sig, again.oprf].map((k) => Buffer.from(k.point).toString('hex'))).toEqual(points);
   });
 
-  it('with create:true on a token missing only the verifier, creates just the verifier', () => {
+  it('with create:true on a token missing only the verifier (and the anchor), creates just those', () => {
     const t = fresh();
     const tok = open(t);
     createKeys(tok, ['verifier']);
     const keys = enforcePolicy(tok, { create: true });
-    expect(keys.created).toEqual(['bkv.verifier']);
+    expect(keys.created).toEqual(['bkv.verifier', ANCHOR.application]);
     expect(tok.find('secret', 'bkv.verifier')).toHaveLength(1);
   });
 
@@ -209,7 +211,8 @@ describe('long-term keys never leave the token', () => {
     const keys = enforcePolicy(tok, { create: true });
     const wrapping = tok.sessionWrappingKey();
     const checked = longTermKeys(keys);
-    expect(checked.map((k) => k.label)).toEqual(INIT_LABELS);
+    // Every key of the policy (the anchor is a data object, not a key).
+    expect(checked.map((k) => k.label)).toEqual(INIT_LABELS.filter((l) => l !== ANCHOR.application));
     expect(checked.map((k) => k.label)).toEqual(expect.arrayContaining(['bkv.kx', 'bkv.sig', 'bkv.oprf', 'bkv.verifier', 'bkv.seal.000001']));
 
     for (const { label, spec: s, handle } of checked) {

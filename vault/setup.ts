@@ -77,7 +77,7 @@ export async function initVault(c: Config, log: Logger): Promise<InitResult> {
     writeFileSync(publicKeyFile, publicKeyPem(keys.signingPublic));
     const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
     try {
-      const vault = new Vault(keys, store, log);
+      const vault = await Vault.open(keys, store, log);
       return { vaultId: toHex(vault.vaultId), createdToken, createdKeys: keys.created, publicKeyFile };
     } finally {
       store.close();

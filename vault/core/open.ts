@@ -53,7 +53,7 @@ export async function openVault(opts: OpenOptions): Promise<Vault> {
   try {
     await selfTest(keys);
     store = new Store(opts.dbPath);
-    return new Vault(keys, store, opts.log, opts.vault);
+    return await Vault.open(keys, store, opts.log, opts.vault);
   } catch (e) {
     store?.close();
     keys.close();

@@ -2,7 +2,6 @@
 // method is check input → ask the HSM → decide and commit in one SQLite
 // transaction → only then reveal anything. Nothing here parses wire formats
 // (rpc/ does) or touches pkcs11js or SQL directly (hsm/ and store/ do).
-import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
 import type { VaultKeys } from '../hsm/vault-keys.js';
@@ -16,6 +15,8 @@ import { PROTOCOL_VERSION, SIZES } from '../protocol/suite.js';
 import { toHex } from '../protocol/bytes.js';
 import { checkBytes, checkUserId } from './input.js';
 import { SessionTable } from './sessions.js';
+import { Ledger } from './ledger.js';
+import { userRef } from './user-ref.js';
 import {
   decideDelete,
   decideEnroll,
@@ -55,8 +56,7 @@ export type RecoverOutcome =
   | { outcome: 'wrong-password'; attemptsLeft: number }
   | { outcome: 'locked' };
 
-/** Pseudonymous user reference for logs: operators can correlate lines without the log holding user ids. */
-export const userRef = (userId: string): string => createHash('sha256').update(userId).digest('hex').slice(0, 16);
+export { userRef };
 
 export class Vault {
   readonly vaultId: Uint8Array;
@@ -64,22 +64,32 @@ export class Vault {
   private readonly sessions: SessionTable;
   private descriptorCache: { epoch: number; value: SignedDescriptor } | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
+  private rotating = false;
 
-  constructor(
+  private constructor(
     readonly keys: VaultKeys,
     readonly store: Store,
+    readonly ledger: Ledger,
     private readonly log: Logger,
-    options: Partial<VaultOptions> = {},
+    options: Partial<VaultOptions>,
   ) {
     this.options = { ...DEFAULT_OPTIONS, ...options };
     this.vaultId = vaultIdOf(keys.signingPublic);
     this.sessions = new SessionTable(this.options.sessionTtlMs, this.options.maxSessions);
-    this.bindStore();
+  }
+
+  /** Bind the database to this HSM's vault, check it against the HSM anchor, and start. */
+  static async open(keys: VaultKeys, store: Store, log: Logger, options: Partial<VaultOptions> = {}): Promise<Vault> {
+    bindStore(store, vaultIdOf(keys.signingPublic));
+    const ledger = await Ledger.open(store.records, keys, log);
+    return new Vault(keys, store, ledger, log, options);
   }
 
   /** Sweep expired sessions periodically (destroys records whose last guess was abandoned). */
   startSweeper(intervalMs = 1000): void {
-    this.sweepTimer ??= setInterval(() => this.sweep(), intervalMs);
+    this.sweepTimer ??= setInterval(() => {
+      this.sweep().catch((e: unknown) => this.log.error({ event: 'sweep.failed', err: (e as Error).message }, 'session sweep failed'));
+    }, intervalMs);
     this.sweepTimer.unref();
   }
 
@@ -125,7 +135,7 @@ export class Vault {
     const userId = checkUserId(userIdIn);
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
     const grantGeneration = this.grantGeneration(opts.grant, userId);
-    const decision = decideEnroll(this.store.records.get(userId), grantGeneration);
+    const decision = decideEnroll(this.ledger.get(userId), grantGeneration);
     if (!decision.ok) throw refusal(decision.code);
     const evaluated = await this.keys.oprfEvaluate(blinded);
     const session = this.sessions.create('enroll', userId, decision.generation, this.options.now());
@@ -157,13 +167,13 @@ export class Vault {
       this.sessions.restore(session);
       throw e;
     }
-    this.store.records.transaction(() => {
-      const rec = this.store.records.get(userId);
+    this.ledger.transaction(() => {
+      const rec = this.ledger.get(userId);
       const grantGeneration = this.grantGeneration(req.grant, userId);
       const decision = decideEnroll(rec, grantGeneration);
       // Someone else enrolled this user while our HSM calls ran: our verifier is for a stale generation.
       if (!decision.ok || decision.generation !== generation) throw refusal(ErrorCodes.RECORD_EXISTS);
-      this.store.records.put({
+      this.ledger.put({
         userId,
         state: 'active',
         generation,
@@ -177,6 +187,7 @@ export class Vault {
         updatedAt: now,
       });
     });
+    await this.ledger.sync();
     // Old sessions and grants were for the previous generation.
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'enroll.finish', user: userRef(userId), generation }, 'record enrolled');
@@ -192,17 +203,19 @@ export class Vault {
     const userId = checkUserId(userIdIn);
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
     // Cheap refusal first, so locked or unknown users cost no HSM work.
-    const pre = decideRecoverBegin(this.store.records.get(userId), this.sessions.pending(userId, this.options.now()), this.options.now());
+    const pre = decideRecoverBegin(this.ledger.get(userId), this.sessions.pending(userId, this.options.now()), this.options.now());
     if (!pre.ok && !pre.change) throw refusal(pre.code);
     // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
     // and nothing that depends on the guess leaves before its attempt is durable.
     const evaluated = pre.ok ? await this.keys.oprfEvaluate(blinded) : undefined;
     const now = this.options.now();
-    const committed = this.store.records.transaction(() => {
-      const d = decideRecoverBegin(this.store.records.get(userId), this.sessions.pending(userId, now), now);
-      if (d.change) this.store.records.put(d.change);
+    const committed = this.ledger.transaction(() => {
+      const d = decideRecoverBegin(this.ledger.get(userId), this.sessions.pending(userId, now), now);
+      if (d.change) this.ledger.put(d.change);
       return d;
     });
+    // Commit before reveal: the attempt is durable and anchored before X leaves.
+    if (committed.change) await this.ledger.sync();
     if (!committed.ok) {
       if (committed.change) this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
       throw refusal(committed.code);
@@ -223,7 +236,7 @@ export class Vault {
     const sessionId = checkSessionId(sessionIdIn);
     const session = this.sessions.take(sessionId, 'recover', this.options.now());
     const { userId, generation } = session;
-    const rec = this.store.records.get(userId);
+    const rec = this.ledger.get(userId);
     let verified = false;
     let envelope: Uint8Array | null = null;
     if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
@@ -237,14 +250,15 @@ export class Vault {
       }
     }
     const now = this.options.now();
-    const d = this.store.records.transaction(() => {
-      const current = this.store.records.get(userId);
+    const d = this.ledger.transaction(() => {
+      const current = this.ledger.get(userId);
       // Verified against the row we read; if the row changed meanwhile, decide on the new one.
       const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
       const d = decideRecoverFinish(current, generation, verified && !!same, this.sessions.pending(userId, now), now);
-      if (d.ok && d.change) this.store.records.put(d.change);
+      if (d.ok && d.change) this.ledger.put(d.change);
       return d;
     });
+    if (d.ok && d.change) await this.ledger.sync();
     if (!d.ok) throw refusal(d.code);
     if (d.outcome === 'ok') {
       this.sessions.cancelUser(userId, ['recover', 'grant']);
@@ -275,7 +289,7 @@ export class Vault {
 
   status(userIdIn: unknown): RecordStatus {
     const userId = checkUserId(userIdIn);
-    const rec = this.store.records.get(userId);
+    const rec = this.ledger.get(userId);
     if (!rec) return { userId, state: 'absent', attemptsLeft: 0, attemptLimit: this.options.attemptLimit };
     return {
       userId,
@@ -285,34 +299,107 @@ export class Vault {
     };
   }
 
-  delete(userIdIn: unknown): void {
+  async delete(userIdIn: unknown): Promise<void> {
     const userId = checkUserId(userIdIn);
     const now = this.options.now();
-    this.store.records.transaction(() => {
-      const d = decideDelete(this.store.records.get(userId), now);
+    this.ledger.transaction(() => {
+      const d = decideDelete(this.ledger.get(userId), now);
       if (!d.ok) throw refusal(d.code);
-      this.store.records.put(d.change);
+      this.ledger.put(d.change);
     });
+    await this.ledger.sync();
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'record.delete', user: userRef(userId) }, 'record deleted');
   }
 
   /** Destroy records whose final counted guess was abandoned. Returns how many. */
-  sweep(): number {
+  async sweep(): Promise<number> {
     const now = this.options.now();
     let destroyedCount = 0;
     for (const s of this.sessions.sweep(now)) {
-      const change = this.store.records.transaction(() => {
-        const c = decideExpiry(this.store.records.get(s.userId), s.generation, this.sessions.pending(s.userId, now), now);
-        if (c) this.store.records.put(c);
+      const change = this.ledger.transaction(() => {
+        const c = decideExpiry(this.ledger.get(s.userId), s.generation, this.sessions.pending(s.userId, now), now);
+        if (c) this.ledger.put(c);
         return c;
       });
       if (change) {
         destroyedCount++;
+        await this.ledger.sync();
         this.log.warn({ event: 'record.locked', user: userRef(s.userId) }, 'record destroyed: last guess abandoned at the limit');
       }
     }
     return destroyedCount;
+  }
+
+  // ---- seal-epoch rotation ----------------------------------------------------
+
+  /**
+   * Re-seal every live record under a new seal epoch, then destroy the older
+   * epochs' keys (C_DestroyObject): every database copy taken before the
+   * rotation becomes cryptographically dead. Safe while serving (each record is
+   * re-checked inside its transaction) and resumable: with `resume`, an
+   * interrupted rotation is finished instead of a new one started.
+   */
+  async rotate(
+    opts: { resume?: boolean; batchSize?: number; onProgress?: (done: number, remaining: number) => void } = {},
+  ): Promise<{ epoch: number; resealed: number; unreadable: number; destroyedEpochs: number[] }> {
+    if (this.rotating) throw new VaultError(ErrorCodes.BAD_REQUEST, 'a rotation is already running');
+    this.rotating = true;
+    try {
+      const before = this.keys.epochs();
+      if (!opts.resume || before.length === 1) {
+        if (opts.resume) return { epoch: this.keys.currentEpoch(), resealed: 0, unreadable: 0, destroyedEpochs: [] };
+        await this.keys.addEpoch(this.keys.currentEpoch() + 1);
+      }
+      const target = this.keys.currentEpoch();
+      this.log.info({ event: 'rotate.start', epoch: target }, 'seal-epoch rotation started');
+      let resealed = 0;
+      const unreadable = new Set<string>();
+      for (;;) {
+        const batch = this.store.records
+          .liveSealedBefore(target, (opts.batchSize ?? 256) + unreadable.size)
+          .filter((r) => !unreadable.has(r.userId));
+        if (batch.length === 0) break;
+        for (const stale of batch) {
+          const rec = this.ledger.get(stale.userId);
+          if (!rec || rec.state !== 'active' || rec.sealEpoch === null || rec.sealEpoch >= target) continue;
+          const envelope = await this.keys
+            .unseal(rec.sealEpoch, sealAad(this.vaultId, rec.userId, rec.generation, rec.sealEpoch, rec.verifier!), rec.sealed!)
+            .catch(() => null);
+          if (!envelope) {
+            unreadable.add(rec.userId);
+            this.log.error({ event: 'rotate.unreadable', user: userRef(rec.userId) }, 'record does not unseal; left to be shredded');
+            continue;
+          }
+          const sealed = await this.keys.seal(target, sealAad(this.vaultId, rec.userId, rec.generation, target, rec.verifier!), envelope);
+          this.ledger.transaction(() => {
+            const cur = this.ledger.get(rec.userId);
+            // Changed meanwhile (re-enrolled, deleted, locked): the new state needs no re-seal from us.
+            if (!cur || cur.state !== 'active' || cur.generation !== rec.generation || cur.sealEpoch !== rec.sealEpoch) return;
+            this.ledger.put({ ...cur, sealed, sealEpoch: target, updatedAt: this.options.now() });
+            resealed++;
+          });
+        }
+        // Anchored before the old key can go: a crash here resumes, it never strands a record.
+        await this.ledger.sync();
+        opts.onProgress?.(resealed, this.store.records.countSealedBefore(target) - unreadable.size);
+      }
+      const destroyedEpochs: number[] = [];
+      for (const e of this.keys.epochs()) {
+        if (e < target) {
+          await this.keys.destroyEpoch(e);
+          destroyedEpochs.push(e);
+        }
+      }
+      this.descriptorCache = undefined;
+      this.log.info(
+        { event: 'rotate.done', epoch: target, resealed, unreadable: unreadable.size, destroyedEpochs },
+        'seal-epoch rotation finished; older epoch keys destroyed',
+      );
+      return { epoch: target, resealed, unreadable: unreadable.size, destroyedEpochs };
+    } finally {
+      this.rotating = false;
+    }
   }
 
   private grantGeneration(grant: string | undefined, userId: string): number | undefined {
@@ -320,6 +407,17 @@ export class Vault {
     const s = this.sessions.take(checkSessionId(grant), 'grant', this.options.now());
     this.sessions.restore(s);
     return s.userId === userId ? s.generation : undefined;
+  }
+}
+
+// A database belongs to exactly one vault identity: records of another vault
+// would never verify, and silently mixing them hides an operator mistake.
+function bindStore(store: Store, vaultId: Uint8Array): void {
+  const id = toHex(vaultId);
+  const bound = store.records.getMeta('vault_id');
+  if (bound === undefined) store.records.setMeta('vault_id', id);
+  else if (bound !== id) {
+    throw new VaultError(ErrorCodes.STATE_ROLLBACK_DETECTED, `database belongs to vault ${bound}, not to this HSM's vault ${id}`);
   }
 }
 

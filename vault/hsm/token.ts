@@ -425,8 +425,12 @@ export class Token {
     this.guard('C_DestroyObject', () => this.run('C_DestroyObject', (s) => this.p11.C_DestroyObject(s, h)));
   }
 
-  /** A small token data object (anchors). Its value is fixed once created; the label is not. */
-  createData(label: string, value: Buffer): Handle {
+  /**
+   * A small private token data object, found by CKA_APPLICATION. Its value is
+   * fixed once created; its label stays writable, which is what the state
+   * anchor uses (PKCS#11 has no monotonic counter object).
+   */
+  createData(application: string, label: string, value: Buffer): Handle {
     return this.guard('C_CreateObject', () =>
       this.run('C_CreateObject', (s) =>
         this.p11.C_CreateObject(s, [
@@ -434,10 +438,28 @@ export class Token {
           { type: P.CKA_TOKEN, value: true },
           { type: P.CKA_PRIVATE, value: true },
           { type: P.CKA_MODIFIABLE, value: true },
+          { type: P.CKA_APPLICATION, value: application },
           { type: P.CKA_LABEL, value: label },
           { type: P.CKA_VALUE, value },
         ]) as Handle,
       ),
+    );
+  }
+
+  findData(application: string): Handle[] {
+    return this.guard('C_FindObjects', () =>
+      this.run('C_FindObjects', (s) => {
+        this.p11.C_FindObjectsInit(s, [
+          { type: P.CKA_CLASS, value: P.CKO_DATA },
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_APPLICATION, value: application },
+        ]);
+        try {
+          return this.p11.C_FindObjects(s, 16) as Handle[];
+        } finally {
+          this.p11.C_FindObjectsFinal(s);
+        }
+      }),
     );
   }
 

@@ -2,7 +2,9 @@
 // the key set resolved by hsm-policy. Async on purpose: callers must not care
 // whether a call runs on this thread or in an HSM worker.
 import { VaultError, ErrorCodes } from '../errors.js';
+import { sealLabel } from '../../hsm-policy/policy.js';
 import type { Handle, Token } from './token.js';
+import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
 
 export interface HsmKeyHandles {
   kx: { priv: Handle; point: Uint8Array };
@@ -10,7 +12,13 @@ export interface HsmKeyHandles {
   oprf: { priv: Handle };
   verifier: Handle;
   tenant: Handle;
+  anchor: Handle;
   seals: Map<number, Handle>;
+}
+
+export interface AnchorState {
+  seq: number;
+  root: Uint8Array;
 }
 
 export interface VaultKeys {
@@ -37,6 +45,14 @@ export interface VaultKeys {
   /** A tenant's credential secret, derived in the HSM from the tenant key (never stored). */
   tenantSecret(input: Uint8Array): Promise<Uint8Array>;
   random(n: number): Promise<Uint8Array>;
+  /** The state anchor as the HSM holds it. */
+  readAnchor(): Promise<AnchorState>;
+  /** Move the anchor forward. Must complete before any answer depending on the change leaves. */
+  writeAnchor(a: AnchorState): Promise<void>;
+  /** Create the seal key of a new epoch (rotation). */
+  addEpoch(epoch: number): Promise<void>;
+  /** Destroy a seal epoch's key object: everything sealed under it is gone for good. */
+  destroyEpoch(epoch: number): Promise<void>;
   /** True while the token answers (readiness). */
   ping(): boolean;
   close(): void;
@@ -104,6 +120,29 @@ export class TokenVaultKeys implements VaultKeys {
 
   async random(n: number): Promise<Uint8Array> {
     return this.token.random(n);
+  }
+
+  async readAnchor(): Promise<AnchorState> {
+    const parsed = parseAnchorLabel(this.token.readLabel(this.keys.anchor));
+    if (!parsed) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'the HSM state anchor holds an unreadable label');
+    return parsed;
+  }
+
+  async writeAnchor(a: AnchorState): Promise<void> {
+    this.token.setLabel(this.keys.anchor, anchorLabel(a.seq, a.root));
+  }
+
+  async addEpoch(epoch: number): Promise<void> {
+    if (this.keys.seals.has(epoch)) return;
+    this.keys.seals.set(epoch, this.token.generateSecretKey(sealLabel(epoch), 'aes', 32, ['encrypt', 'decrypt']));
+  }
+
+  async destroyEpoch(epoch: number): Promise<void> {
+    const h = this.keys.seals.get(epoch);
+    if (!h) return;
+    if (epoch === this.currentEpoch()) throw new VaultError(ErrorCodes.BAD_REQUEST, 'refusing to destroy the current seal epoch');
+    this.token.destroy(h);
+    this.keys.seals.delete(epoch);
   }
 
   ping(): boolean {

@@ -60,7 +60,7 @@ export function methodTable(vault: Vault, channels: ChannelTable): Record<string
     'record.delete': async (params, beforeWork) => {
       const { userId } = parse(UserParams, params);
       beforeWork(userId);
-      vault.delete(userId);
+      await vault.delete(userId);
       return { result: { deleted: true }, outcome: 'ok', userId };
     },
     health: async (params, beforeWork) => {

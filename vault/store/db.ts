@@ -36,6 +36,22 @@ const MIGRATIONS: string[] = [
      revoked_at INTEGER,
      PRIMARY KEY (name, version)
    ) STRICT;`,
+  // Authenticated state (see core/state.ts): each record's bucket, the bucket
+  // hashes of the Merkle tree whose root is anchored in the HSM, and the undo
+  // log of the batch not yet anchored (replayed backwards after a crash).
+  `ALTER TABLE records ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
+   CREATE INDEX records_bucket ON records (bucket, user_id);
+   CREATE INDEX records_epoch ON records (state, seal_epoch);
+   CREATE TABLE buckets (
+     id   INTEGER PRIMARY KEY,
+     hash BLOB NOT NULL
+   ) STRICT;
+   CREATE TABLE undo (
+     batch   INTEGER NOT NULL,
+     user_id TEXT NOT NULL,
+     prev    TEXT,
+     PRIMARY KEY (batch, user_id)
+   ) STRICT;`,
 ];
 
 export function openDb(path: string, opts: { readonly?: boolean } = {}): Db {

@@ -4,6 +4,7 @@
 import type { Db } from './db.js';
 import { VaultError, ErrorCodes } from '../errors.js';
 import type { KdfParams } from '../protocol/kdf.js';
+import { bucketOf } from '../protocol/state-hash.js';
 
 export type RecordState = 'active' | 'locked' | 'deleted';
 const STATE_CODE: Record<RecordState, number> = { active: 1, locked: 2, deleted: 3 };
@@ -37,6 +38,14 @@ interface Row {
   kdf: string | null;
   created_at: number;
   updated_at: number;
+  bucket: number;
+}
+
+export interface UndoEntry {
+  batch: number;
+  userId: string;
+  /** The row before the batch touched it; null when the batch created it. */
+  prev: StoredRecord | null;
 }
 
 export interface RecordCounts {
@@ -52,12 +61,20 @@ export class RecordStore {
   private readonly metaGet;
   private readonly metaPut;
   private readonly liveByEpochStmt;
+  private readonly bucketStmt;
+  private readonly countEpochStmt;
+  private readonly deleteStmt;
+  private readonly bucketsAll;
+  private readonly bucketPut;
+  private readonly undoAdd;
+  private readonly undoAbove;
+  private readonly undoClear;
 
   constructor(private readonly db: Db) {
     this.getStmt = db.prepare<[string], Row>('SELECT * FROM records WHERE user_id = ?');
     this.putStmt = db.prepare(
-      `INSERT INTO records (user_id, state, generation, attempts, attempt_limit, verifier, sealed, seal_epoch, kdf, created_at, updated_at)
-       VALUES (@user_id, @state, @generation, @attempts, @attempt_limit, @verifier, @sealed, @seal_epoch, @kdf, @created_at, @updated_at)
+      `INSERT INTO records (user_id, state, generation, attempts, attempt_limit, verifier, sealed, seal_epoch, kdf, created_at, updated_at, bucket)
+       VALUES (@user_id, @state, @generation, @attempts, @attempt_limit, @verifier, @sealed, @seal_epoch, @kdf, @created_at, @updated_at, @bucket)
        ON CONFLICT (user_id) DO UPDATE SET
          state = excluded.state, generation = excluded.generation, attempts = excluded.attempts,
          attempt_limit = excluded.attempt_limit, verifier = excluded.verifier, sealed = excluded.sealed,
@@ -67,8 +84,18 @@ export class RecordStore {
     this.metaGet = db.prepare<[string], { value: string }>('SELECT value FROM meta WHERE key = ?');
     this.metaPut = db.prepare('INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value');
     this.liveByEpochStmt = db.prepare<[number, number], Row>(
-      'SELECT * FROM records WHERE state = 1 AND seal_epoch = ? ORDER BY user_id LIMIT ?',
+      'SELECT * FROM records WHERE state = 1 AND seal_epoch < ? ORDER BY seal_epoch, user_id LIMIT ?',
     );
+    this.countEpochStmt = db.prepare<[number], { n: number }>('SELECT count(*) AS n FROM records WHERE state = 1 AND seal_epoch < ?');
+    this.bucketStmt = db.prepare<[number], Row>('SELECT * FROM records WHERE bucket = ? ORDER BY user_id');
+    this.deleteStmt = db.prepare<[string]>('DELETE FROM records WHERE user_id = ?');
+    this.bucketsAll = db.prepare<[], { id: number; hash: Buffer }>('SELECT id, hash FROM buckets');
+    this.bucketPut = db.prepare('INSERT INTO buckets (id, hash) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET hash = excluded.hash');
+    this.undoAdd = db.prepare('INSERT OR IGNORE INTO undo (batch, user_id, prev) VALUES (?, ?, ?)');
+    this.undoAbove = db.prepare<[number], { batch: number; user_id: string; prev: string | null }>(
+      'SELECT batch, user_id, prev FROM undo WHERE batch > ? ORDER BY batch DESC, user_id',
+    );
+    this.undoClear = db.prepare<[number]>('DELETE FROM undo WHERE batch <= ?');
   }
 
   get(userId: string): StoredRecord | undefined {
@@ -94,9 +121,50 @@ export class RecordStore {
     return out;
   }
 
-  /** Live records still sealed under `epoch`, for rotation in batches. */
-  liveSealedUnder(epoch: number, limit: number): StoredRecord[] {
+  /** Live records sealed under an epoch older than `epoch`, for rotation in batches. */
+  liveSealedBefore(epoch: number, limit: number): StoredRecord[] {
     return this.guard(() => this.liveByEpochStmt.all(epoch, limit)).map(fromRow);
+  }
+
+  countSealedBefore(epoch: number): number {
+    return this.guard(() => this.countEpochStmt.get(epoch)!.n);
+  }
+
+  /** Every record of one state bucket, ordered by user id (the order the bucket hash uses). */
+  inBucket(bucket: number): StoredRecord[] {
+    return this.guard(() => this.bucketStmt.all(bucket)).map(fromRow);
+  }
+
+  remove(userId: string): void {
+    this.guard(() => this.deleteStmt.run(userId));
+  }
+
+  bucketHashes(): Map<number, Uint8Array> {
+    const out = new Map<number, Uint8Array>();
+    for (const r of this.guard(() => this.bucketsAll.all())) out.set(r.id, new Uint8Array(r.hash));
+    return out;
+  }
+
+  putBucket(id: number, hash: Uint8Array): void {
+    this.guard(() => this.bucketPut.run(id, Buffer.from(hash)));
+  }
+
+  /** Remember a row as it was before `batch` first touched it. Later calls in the same batch keep the first. */
+  addUndo(batch: number, userId: string, prev: StoredRecord | undefined): void {
+    this.guard(() => this.undoAdd.run(batch, userId, prev ? JSON.stringify(serialise(prev)) : null));
+  }
+
+  /** Undo entries of batches after `batch`, newest batch first. */
+  undoAfter(batch: number): UndoEntry[] {
+    return this.guard(() => this.undoAbove.all(batch)).map((r) => ({
+      batch: r.batch,
+      userId: r.user_id,
+      prev: r.prev ? deserialise(JSON.parse(r.prev) as Record<string, unknown>) : null,
+    }));
+  }
+
+  clearUndo(upToBatch: number): void {
+    this.guard(() => this.undoClear.run(upToBatch));
   }
 
   getMeta(key: string): string | undefined {
@@ -164,5 +232,17 @@ function toRow(rec: StoredRecord): Row {
     kdf: rec.kdf ? JSON.stringify({ alg: rec.kdf.alg, m: rec.kdf.m, t: rec.kdf.t, p: rec.kdf.p }) : null,
     created_at: rec.createdAt,
     updated_at: rec.updatedAt,
+    bucket: bucketOf(rec.userId),
   };
+}
+
+// Undo entries hold whole rows as JSON text (blobs as base64) so replay needs no schema knowledge.
+function serialise(rec: StoredRecord): Record<string, unknown> {
+  const b = (x: Uint8Array | null) => (x ? Buffer.from(x).toString('base64') : null);
+  return { ...rec, verifier: b(rec.verifier), sealed: b(rec.sealed) };
+}
+
+function deserialise(o: Record<string, unknown>): StoredRecord {
+  const b = (x: unknown) => (typeof x === 'string' ? new Uint8Array(Buffer.from(x, 'base64')) : null);
+  return { ...(o as unknown as StoredRecord), verifier: b(o.verifier), sealed: b(o.sealed) };
 }

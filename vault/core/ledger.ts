@@ -1,0 +1,196 @@
+// The authenticated record state. Every record is a leaf of a bucketed Merkle
+// tree whose root, with a batch number, is anchored in the HSM. The HSM — not
+// the disk — decides which state is current:
+//
+// - writes: a record change, its bucket hash and an undo entry commit in one
+//   SQLite transaction; `sync()` then anchors the new root (one HSM write per
+//   batch: group commit). Callers answer only after `sync()` resolved.
+// - reads: a record is served only if its bucket still hashes to the trusted
+//   in-memory bucket hash, so a row restored from an older copy is refused.
+// - start-up: a database older than the anchor is refused as a whole; one
+//   batch ahead of it (a crash between commit and anchor) is rolled back with
+//   the undo log, since nothing in that batch was ever acknowledged.
+import type { Logger } from 'pino';
+import { VaultError, ErrorCodes } from '../errors.js';
+import type { AnchorState, VaultKeys } from '../hsm/vault-keys.js';
+import type { RecordStore, StoredRecord } from '../store/records.js';
+import { BucketTree, bucketHash, bucketOf, leafHash } from '../protocol/state-hash.js';
+import { equalBytes, toHex } from '../protocol/bytes.js';
+import { userRef } from './user-ref.js';
+
+export interface LedgerStatus {
+  /** Batch number of the newest committed change. */
+  seq: number;
+  /** Batch number the HSM anchor holds. */
+  anchored: number;
+  root: string;
+}
+
+export class Ledger {
+  private batch: number;
+  private anchored: number;
+  private dirty = false;
+  private scheduled = false;
+  private flushing = false;
+  private chain: Promise<void> = Promise.resolve();
+  private waiters: { res: () => void; rej: (e: unknown) => void }[] = [];
+  /** Bucket hashes changed by the transaction in progress, to restore if it aborts. */
+  private touched: Map<number, Uint8Array> | undefined;
+
+  private constructor(
+    private readonly records: RecordStore,
+    private readonly keys: VaultKeys,
+    private readonly log: Logger,
+    private readonly tree: BucketTree,
+    anchored: number,
+  ) {
+    this.anchored = anchored;
+    this.batch = anchored + 1;
+  }
+
+  /** Check the database against the HSM anchor, repair an interrupted batch, or refuse. */
+  static async open(records: RecordStore, keys: VaultKeys, log: Logger): Promise<Ledger> {
+    const anchor = await keys.readAnchor();
+    const seq = Number(records.getMeta('state_seq') ?? '0');
+    if (seq < anchor.seq) {
+      log.error({ event: 'state.rollback', dbSeq: seq, anchorSeq: anchor.seq }, 'database is older than the HSM anchor');
+      throw new VaultError(
+        ErrorCodes.STATE_ROLLBACK_DETECTED,
+        `database state is at batch ${seq} but the HSM anchor is at batch ${anchor.seq}: this is an older copy ` +
+          `(a restored backup or a rollback). Serving it would revive spent attempts and destroyed records, so the vault refuses. ` +
+          `Start with the database this vault last wrote; see docs/OPERATIONS.md.`,
+      );
+    }
+    if (seq > anchor.seq) Ledger.rollBackUnanchored(records, anchor, seq, log);
+    else records.clearUndo(anchor.seq);
+    const tree = new BucketTree(records.bucketHashes());
+    if (!equalBytes(tree.root(), anchor.root)) {
+      log.error({ event: 'state.mismatch', anchorSeq: anchor.seq }, 'database does not match the HSM anchor');
+      throw new VaultError(
+        ErrorCodes.STATE_ROLLBACK_DETECTED,
+        `database state does not match the HSM anchor at batch ${anchor.seq}: its bucket hashes were altered or restored ` +
+          `from another copy. The vault cannot vouch for any record in it and refuses to serve.`,
+      );
+    }
+    return new Ledger(records, keys, log, tree, anchor.seq);
+  }
+
+  // A crash between a batch's commit and its anchor write leaves the database
+  // ahead of the HSM. No answer from that batch ever left the vault, so undoing
+  // it loses nothing acknowledged and never lowers an acknowledged counter.
+  private static rollBackUnanchored(records: RecordStore, anchor: AnchorState, seq: number, log: Logger): void {
+    const entries = records.undoAfter(anchor.seq);
+    records.transaction(() => {
+      const buckets = new Set<number>();
+      for (const e of entries) {
+        if (e.prev) records.put(e.prev);
+        else records.remove(e.userId);
+        buckets.add(bucketOf(e.userId));
+      }
+      for (const b of buckets) records.putBucket(b, hashBucket(records.inBucket(b)));
+      records.clearUndo(seq);
+      records.setMeta('state_seq', String(anchor.seq));
+      records.setMeta('state_root', toHex(anchor.root));
+    });
+    log.warn(
+      { event: 'state.recovered', undone: entries.length, fromSeq: seq, toSeq: anchor.seq },
+      'rolled back changes of a batch that was never anchored (interrupted before any answer left)',
+    );
+  }
+
+  status(): LedgerStatus {
+    return { seq: this.dirty ? this.batch : this.batch - 1, anchored: this.anchored, root: toHex(this.tree.root()) };
+  }
+
+  /** A record, only if its bucket matches the trusted state. */
+  get(userId: string): StoredRecord | undefined {
+    const b = bucketOf(userId);
+    const rows = this.records.inBucket(b);
+    if (!equalBytes(hashBucket(rows), this.tree.bucket(b)) || rows.some((r) => bucketOf(r.userId) !== b)) {
+      this.log.error({ event: 'state.rollback', user: userRef(userId), bucket: b }, 'stored record does not match the anchored state');
+      throw new VaultError(
+        ErrorCodes.STATE_ROLLBACK_DETECTED,
+        'the stored record does not match the anchored state (restored or altered); refusing to serve it',
+      );
+    }
+    return rows.find((r) => r.userId === userId);
+  }
+
+  /** Run `fn` as one SQLite transaction; bucket hashes it changed are restored if it throws. */
+  transaction<T>(fn: () => T): T {
+    if (this.touched) return fn();
+    this.touched = new Map();
+    try {
+      return this.records.transaction(fn);
+    } catch (e) {
+      for (const [b, h] of this.touched) this.tree.set(b, h);
+      throw e;
+    } finally {
+      this.touched = undefined;
+    }
+  }
+
+  /** Write a record inside `transaction()`. The change is durable at commit, anchored at the next sync. */
+  put(rec: StoredRecord): void {
+    if (!this.touched) throw new Error('Ledger.put outside a transaction');
+    this.dirty = true;
+    this.records.setMeta('state_seq', String(this.batch));
+    this.records.addUndo(this.batch, rec.userId, this.records.get(rec.userId));
+    this.records.put(rec);
+    const b = bucketOf(rec.userId);
+    if (!this.touched.has(b)) this.touched.set(b, this.tree.bucket(b));
+    const h = hashBucket(this.records.inBucket(b));
+    this.records.putBucket(b, h);
+    this.tree.set(b, h);
+    this.records.setMeta('state_root', toHex(this.tree.root()));
+  }
+
+  /** Resolves once the HSM anchor covers every change committed before the call. */
+  sync(): Promise<void> {
+    // A flush in progress may cover our change, or may fail: either way wait for the next word.
+    if (!this.dirty && !this.flushing) return Promise.resolve();
+    return new Promise((res, rej) => {
+      this.waiters.push({ res, rej });
+      if (!this.scheduled) {
+        this.scheduled = true;
+        // Let every request of this event-loop turn join the batch.
+        setImmediate(() => {
+          this.scheduled = false;
+          this.chain = this.chain.then(() => this.flush());
+        });
+      }
+    });
+  }
+
+  private async flush(): Promise<void> {
+    const waiters = this.waiters;
+    this.waiters = [];
+    if (!this.dirty) return waiters.forEach((w) => w.res());
+    const seq = this.batch;
+    const root = this.tree.root();
+    this.dirty = false;
+    this.batch = seq + 1;
+    this.flushing = true;
+    try {
+      await this.keys.writeAnchor({ seq, root });
+    } catch (e) {
+      this.flushing = false;
+      // The batch stays unanchored: its callers fail, nothing was revealed, and the next sync retries.
+      this.dirty = true;
+      this.log.error({ event: 'state.anchor.failed', seq, err: (e as Error).message }, 'could not write the HSM anchor');
+      return waiters.forEach((w) => w.rej(e));
+    }
+    this.flushing = false;
+    this.anchored = seq;
+    try {
+      this.records.clearUndo(seq);
+    } catch {
+      /* harmless: cleared at the next start-up */
+    }
+    waiters.forEach((w) => w.res());
+  }
+}
+
+function hashBucket(rows: StoredRecord[]): Uint8Array {
+  return bucketHash(rows.map(leafHash));
+}
