@@ -31,6 +31,8 @@ export const ErrorCodes = {
   RATE_LIMITED: 'RATE_LIMITED',
   OVERLOADED: 'OVERLOADED',
   HSM_UNAVAILABLE: 'HSM_UNAVAILABLE',
+  /** Client side only: no answer from the vault (refused, closed or timed out); a request's fate may be unknown. */
+  VAULT_UNREACHABLE: 'VAULT_UNREACHABLE',
   HSM_PIN_INCORRECT: 'HSM_PIN_INCORRECT',
   HSM_TOKEN_NOT_FOUND: 'HSM_TOKEN_NOT_FOUND',
   HSM_POLICY_VIOLATION: 'HSM_POLICY_VIOLATION',

@@ -11,7 +11,12 @@ export const CLI = join(ROOT, 'dist/client/cli.js');
 export const ADMIN = join(ROOT, 'dist/vault/admin.js');
 
 /** Small Argon2id floor so end-to-end tests spend their time on the vault. */
-export const TEST_CONFIG = { vault: { kdfFloor: { m: 64, t: 1, p: 1 } }, log: { level: 'info' } };
+export const TEST_CONFIG = {
+  vault: { kdfFloor: { m: 64, t: 1, p: 1 } },
+  // Production's per-user limit (60/min) would throttle tests that replay a user's whole life in seconds.
+  limits: { userPerMin: 600_000, userBurst: 10_000 },
+  log: { level: 'info' },
+};
 
 export interface RunningDaemon {
   url: string;

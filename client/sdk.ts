@@ -1,0 +1,372 @@
+// The client SDK: enrol a backup key behind a password, recover it, change
+// the password, query or delete the record. Runs in browsers and Node alike
+// (WebCrypto, no `node:` imports); the network is the caller's Transport.
+//
+// Trust: the only thing the SDK trusts is `pinnedKey`. The descriptor (and
+// with it the channel key) is accepted only if that key signed it, and every
+// secret-bearing message travels in the end-to-end channel to that vault, so
+// the transport/relay learns user ids, method names and sizes only.
+import { p256 } from '@noble/curves/nist.js';
+import { z } from 'zod';
+import { VaultError, ErrorCodes, type ErrorCode } from '../vault/errors.js';
+import { verifyDescriptor, type Descriptor, type SignedDescriptor } from '../vault/protocol/descriptor.js';
+import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKeys } from '../vault/protocol/channel.js';
+import { fromB64, toB64 } from '../vault/protocol/bytes.js';
+import { checkKdfParams, DEFAULT_KDF, type KdfParams } from '../vault/protocol/kdf.js';
+import { SIZES } from '../vault/protocol/suite.js';
+import { enrollPayload, finishOprf, openRecovered, startOprf } from './protocol.js';
+import type { Transport } from './transport.js';
+
+export type { Transport } from './transport.js';
+export type { Descriptor } from '../vault/protocol/descriptor.js';
+
+export interface VaultClientOptions {
+  transport: Transport;
+  /** The vault's signing key, 65-byte uncompressed SEC1 P-256, obtained out of band. */
+  pinnedKey: Uint8Array;
+  /** Argon2id for new enrolments; default DEFAULT_KDF, raised to the vault's floor. */
+  kdf?: KdfParams;
+  /** Retries of requests the vault marked `retryable` (rate limits, HSM hiccups). Default 2. */
+  maxRetries?: number;
+  /** Local clock (ms); injectable for tests. */
+  now?: () => number;
+}
+
+export interface RecordStatus {
+  userId: string;
+  state: 'absent' | 'active' | 'locked' | 'deleted';
+  attemptsLeft: number;
+  attemptLimit: number;
+}
+
+export interface Enrolled {
+  generation: number;
+  attemptLimit: number;
+}
+
+// ---- wire shapes ---------------------------------------------------------------
+
+const bytes = (len: number) =>
+  z.string().transform((s, ctx) => {
+    const b = fromB64(s);
+    if (!b || b.length !== len) {
+      ctx.addIssue({ code: 'custom', message: `must be ${len} bytes of base64url` });
+      return z.NEVER;
+    }
+    return b;
+  });
+const int = z.number().int().min(0);
+const kdfShape = z.object({ alg: z.literal('argon2id'), m: int, t: int, p: int });
+
+const DescriptorWire = z.object({
+  descriptor: z.object({
+    version: int,
+    vaultId: bytes(16),
+    channelKey: bytes(SIZES.point),
+    epoch: int,
+    attemptLimit: int,
+    kdfFloor: kdfShape,
+    signature: bytes(64),
+  }),
+  now: z.number().int(),
+});
+
+const ChannelReply = z.object({ channel: z.object({ n: int, ct: z.string() }) });
+
+const Inner = z.union([
+  z.object({ ok: z.literal(true), result: z.unknown() }),
+  z.object({
+    ok: z.literal(false),
+    error: z.object({ code: z.string(), message: z.string(), detail: z.unknown().optional() }),
+  }),
+]);
+
+const Replies = {
+  'enroll.begin': z.object({ evaluated: bytes(SIZES.x), attemptLimit: int, kdfFloor: kdfShape }),
+  'enroll.finish': z.object({ generation: int, attemptLimit: int }),
+  'recover.begin': z.object({ evaluated: bytes(SIZES.x), kdf: kdfShape, attemptsLeft: int, attemptLimit: int }),
+  'recover.finish': z.discriminatedUnion('outcome', [
+    z.object({ outcome: z.literal('ok'), envelope: bytes(SIZES.envelope) }),
+    z.object({ outcome: z.literal('wrong-password'), attemptsLeft: int }),
+    z.object({ outcome: z.literal('locked') }),
+  ]),
+} as const;
+export type ChannelMethod = keyof typeof Replies;
+
+const StatusWire = z.object({
+  userId: z.string(),
+  state: z.enum(['absent', 'active', 'locked', 'deleted']),
+  attemptsLeft: int,
+  attemptLimit: int,
+});
+
+/** A reply that does not have the documented shape: the vault (or relay) is broken, not the caller. */
+function shape<T extends z.ZodType>(schema: T, v: unknown, what: string): z.output<T> {
+  const r = schema.safeParse(v);
+  if (!r.success) throw new VaultError(ErrorCodes.INTERNAL, `malformed ${what} from the vault`);
+  return r.data;
+}
+
+const KNOWN = new Set<string>(Object.values(ErrorCodes));
+const asCode = (c: string): ErrorCode => (KNOWN.has(c) ? (c as ErrorCode) : ErrorCodes.INTERNAL);
+
+function flatDetail(d: unknown): Record<string, string | number | boolean> | undefined {
+  if (!d || typeof d !== 'object') return undefined;
+  const out: Record<string, string | number | boolean> = {};
+  for (const [k, v] of Object.entries(d)) if (['string', 'number', 'boolean'].includes(typeof v)) out[k] = v as string | number | boolean;
+  return Object.keys(out).length ? out : undefined;
+}
+
+/** Decode `vault.descriptor`'s result (not yet verified: pass it to verifyDescriptor). */
+export function decodeDescriptor(result: unknown): { descriptor: SignedDescriptor; now: number } {
+  const r = shape(DescriptorWire, result, 'descriptor');
+  return { descriptor: { ...r.descriptor, kdfFloor: { ...r.descriptor.kdfFloor, alg: 'argon2id' } }, now: r.now };
+}
+
+/** The strongest of each Argon2id parameter: an enrolment never goes below any floor it was told. */
+export function raiseKdf(wanted: KdfParams, ...floors: KdfParams[]): KdfParams {
+  let k = { ...wanted };
+  for (const f of floors) k = { alg: 'argon2id', m: Math.max(k.m, f.m), t: Math.max(k.t, f.t), p: Math.max(k.p, f.p) };
+  return k;
+}
+
+/** Record KDF parameters are checked against hard ceilings only, so a record cannot make us allocate unbounded memory. */
+const ANY_FLOOR: KdfParams = { alg: 'argon2id', m: 8, t: 1, p: 1 };
+
+// ---- the end-to-end channel ----------------------------------------------------
+
+/**
+ * One client session with the vault (channel.ts has the key schedule). The
+ * counter `n` is spent only when the vault answers in the channel; an outer
+ * JSON-RPC error means the vault changed nothing, so the same message may be
+ * sent again. Exported for tests; apps use VaultClient.
+ */
+export class Channel {
+  readonly id: Uint8Array;
+  private readonly ephemeral: Uint8Array;
+  private readonly keys: ChannelKeys;
+  private n = 0;
+  private broken = false;
+
+  /** `e` (the ephemeral secret) is fixed only by tests. */
+  constructor(
+    d: Descriptor,
+    readonly userId: string,
+    private readonly clock: () => number,
+    e?: Uint8Array,
+  ) {
+    const hs = clientHandshake(d.channelKey, e);
+    this.ephemeral = hs.ephemeral;
+    this.keys = channelKeys(hs.z, hs.ephemeral, d.vaultId, d.channelKey);
+    hs.z.fill(0);
+    this.id = this.keys.id;
+  }
+
+  get counter(): number {
+    return this.n;
+  }
+
+  /** The JSON-RPC params for message `n`: `epk` only on the first, `ts` from the vault-adjusted clock. */
+  async seal(method: ChannelMethod, body: unknown): Promise<{ userId: string; channel: Record<string, unknown> }> {
+    if (this.broken) throw new VaultError(ErrorCodes.BAD_REQUEST, 'this channel failed earlier; start a new one');
+    const ts = Math.max(0, Math.round(this.clock()));
+    const ct = await sealMessage(this.keys.c2s, { dir: 'c2s', channelId: this.id, counter: this.n, method, userId: this.userId, ts }, body);
+    return {
+      userId: this.userId,
+      channel: { id: toB64(this.id), ...(this.n === 0 ? { epk: toB64(this.ephemeral) } : {}), n: this.n, ts, ct: toB64(ct) },
+    };
+  }
+
+  /**
+   * Open the vault's answer to message `n` and advance the counter. Inner
+   * refusals ({ok:false}) become VaultErrors with the vault's code.
+   */
+  async open(method: ChannelMethod, reply: unknown): Promise<unknown> {
+    const r = ChannelReply.safeParse(reply);
+    const ct = r.success ? fromB64(r.data.channel.ct) : undefined;
+    if (!r.success || !ct || r.data.channel.n !== this.n) {
+      this.broken = true; // the counter's state is unknown now
+      throw new VaultError(ErrorCodes.OUT_OF_ORDER, 'vault reply does not answer this channel message');
+    }
+    const h = { dir: 's2c' as const, channelId: this.id, counter: this.n, method, userId: this.userId, ts: 0 };
+    let body: unknown;
+    try {
+      body = await openMessage(this.keys.s2c, h, ct);
+    } catch (e) {
+      this.broken = true;
+      throw e;
+    }
+    this.n++;
+    const inner = shape(Inner, body, `${method} reply`);
+    if (!inner.ok) throw new VaultError(asCode(inner.error.code), inner.error.message, flatDetail(inner.error.detail));
+    return inner.result;
+  }
+}
+
+// ---- the client ------------------------------------------------------------------
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class VaultClient {
+  private readonly transport: Transport;
+  private readonly pinnedKey: Uint8Array;
+  private readonly kdf: KdfParams;
+  private readonly maxRetries: number;
+  private readonly localNow: () => number;
+  private cached: Descriptor | undefined;
+  /** vault clock − local clock, from the last descriptor fetch. */
+  private offsetMs = 0;
+
+  constructor(o: VaultClientOptions) {
+    if (!(o.pinnedKey instanceof Uint8Array) || o.pinnedKey.length !== SIZES.point || o.pinnedKey[0] !== 0x04) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, 'pinnedKey must be a 65-byte uncompressed P-256 public key');
+    }
+    try {
+      p256.Point.fromBytes(o.pinnedKey).assertValidity();
+    } catch {
+      throw new VaultError(ErrorCodes.INVALID_POINT, 'pinnedKey is not a valid P-256 point');
+    }
+    this.transport = o.transport;
+    this.pinnedKey = new Uint8Array(o.pinnedKey);
+    // Validate the app's own choice once, against the protocol minimum; the vault floor is applied per enrolment.
+    this.kdf = o.kdf ? checkKdfParams(o.kdf, ANY_FLOOR) : DEFAULT_KDF;
+    this.maxRetries = o.maxRetries ?? 2;
+    this.localNow = o.now ?? Date.now;
+  }
+
+  /** The vault's clock as best we know it: `ts` must be within ±60 s of it. */
+  private vaultNow = (): number => this.localNow() + this.offsetMs;
+
+  /** Fetch, verify against the pinned key and cache the descriptor; `refresh` forces a new fetch. */
+  async descriptor(opts: { refresh?: boolean } = {}): Promise<Descriptor> {
+    if (this.cached && !opts.refresh) return this.cached;
+    const t0 = this.localNow();
+    const raw = await this.call('vault.descriptor', {});
+    const t1 = this.localNow();
+    const { descriptor, now } = decodeDescriptor(raw);
+    const d = verifyDescriptor(descriptor, this.pinnedKey);
+    // The vault read its clock somewhere inside our round trip; the midpoint halves the error.
+    this.offsetMs = now - (t0 + t1) / 2;
+    this.cached = d;
+    return d;
+  }
+
+  async enrollPassword(userId: string, password: string, backupKey: Uint8Array): Promise<Enrolled> {
+    checkBackupKey(backupKey);
+    const d = await this.descriptor();
+    const ch = new Channel(d, userId, this.vaultNow);
+    return this.enrollOn(ch, d, password, backupKey);
+  }
+
+  /** The escrowed backup key, or WRONG_PASSWORD (detail.attemptsLeft) / LOCKED / RECORD_NOT_FOUND. */
+  async recoverWithPassword(userId: string, password: string): Promise<Uint8Array> {
+    const d = await this.descriptor();
+    return this.recoverOn(new Channel(d, userId, this.vaultNow), d, password);
+  }
+
+  /**
+   * Prove the old password and re-enrol under the new one on one channel (the
+   * vault requires the successful recovery as proof). Re-escrows the same key
+   * unless `backupKey` is given.
+   */
+  async changePassword(userId: string, oldPassword: string, newPassword: string, backupKey?: Uint8Array): Promise<Enrolled> {
+    if (backupKey) checkBackupKey(backupKey);
+    const d = await this.descriptor();
+    const ch = new Channel(d, userId, this.vaultNow);
+    const current = await this.recoverOn(ch, d, oldPassword);
+    try {
+      return await this.enrollOn(ch, d, newPassword, backupKey ?? current);
+    } finally {
+      current.fill(0);
+    }
+  }
+
+  async status(userId: string): Promise<RecordStatus> {
+    return shape(StatusWire, await this.call('record.status', { userId }), 'record.status reply');
+  }
+
+  async delete(userId: string): Promise<void> {
+    await this.call('record.delete', { userId });
+  }
+
+  // ---- flows on one channel ----
+
+  private async enrollOn(ch: Channel, d: Descriptor, password: string, backupKey: Uint8Array): Promise<Enrolled> {
+    const p = startOprf(d.vaultId, ch.userId, password);
+    const begun = shape(Replies['enroll.begin'], await this.send(ch, 'enroll.begin', { blinded: toB64(p.blinded) }), 'enroll.begin reply');
+    // The signed floor and the channel's floor can only raise what we use, never lower it.
+    const kdf = raiseKdf(this.kdf, d.kdfFloor, checkKdfParams(begun.kdfFloor, ANY_FLOOR));
+    const payload = await enrollPayload(p, begun.evaluated, kdf, backupKey);
+    const done = await this.send(ch, 'enroll.finish', {
+      authKey: toB64(payload.authKey),
+      envelope: toB64(payload.envelope),
+      kdf: payload.kdf,
+    });
+    payload.authKey.fill(0);
+    return shape(Replies['enroll.finish'], done, 'enroll.finish reply');
+  }
+
+  private async recoverOn(ch: Channel, d: Descriptor, password: string): Promise<Uint8Array> {
+    const p = startOprf(d.vaultId, ch.userId, password);
+    const begun = shape(Replies['recover.begin'], await this.send(ch, 'recover.begin', { blinded: toB64(p.blinded) }), 'recover.begin reply');
+    const keys = await finishOprf(p, begun.evaluated, checkKdfParams(begun.kdf, ANY_FLOOR));
+    try {
+      const r = shape(Replies['recover.finish'], await this.send(ch, 'recover.finish', { authKey: toB64(keys.authKey) }), 'recover.finish reply');
+      if (r.outcome === 'wrong-password') {
+        const n = r.attemptsLeft;
+        throw new VaultError(ErrorCodes.WRONG_PASSWORD, `wrong password: ${n} attempt${n === 1 ? '' : 's'} left`, { attemptsLeft: n });
+      }
+      if (r.outcome === 'locked') {
+        throw new VaultError(ErrorCodes.LOCKED, 'record is locked: the attempt limit was reached and the key destroyed');
+      }
+      return await openRecovered(p, keys, r.envelope);
+    } finally {
+      keys.authKey.fill(0);
+      keys.envKey.fill(0);
+    }
+  }
+
+  /**
+   * One channel message. Outer errors left the channel untouched, so a
+   * retryable one is resent as is, and a stale handshake is resealed once
+   * with the clock the vault reported.
+   */
+  private async send(ch: Channel, method: ChannelMethod, body: unknown): Promise<unknown> {
+    let params = await ch.seal(method, body);
+    let resynced = false;
+    for (;;) {
+      try {
+        return await ch.open(method, await this.call(method, params));
+      } catch (e) {
+        if (e instanceof VaultError && e.code === ErrorCodes.STALE_MESSAGE && ch.counter === 0 && !resynced) {
+          resynced = true;
+          const now = e.detail?.now;
+          if (typeof now === 'number') this.offsetMs = now - this.localNow();
+          else await this.descriptor({ refresh: true });
+          params = await ch.seal(method, body);
+          continue;
+        }
+        throw e;
+      }
+    }
+  }
+
+  /** transport.call with bounded retries of what the vault guarantees changed nothing. */
+  private async call(method: string, params: object): Promise<unknown> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.transport.call(method, params);
+      } catch (e) {
+        if (!(e instanceof VaultError) || e.detail?.retryable !== true || attempt >= this.maxRetries) throw e;
+        const after = e.detail.retryAfterMs;
+        await sleep(Math.min(typeof after === 'number' && after > 0 ? after : 200 * 2 ** attempt, 5_000));
+      }
+    }
+  }
+}
+
+function checkBackupKey(k: Uint8Array): void {
+  if (!(k instanceof Uint8Array) || k.length !== SIZES.key) {
+    throw new VaultError(ErrorCodes.BAD_REQUEST, `backup key must be ${SIZES.key} bytes`);
+  }
+}

@@ -1,0 +1,275 @@
+// The daemon over real sockets, seen from the relay's seat: what a backend
+// can send, tamper with, replay and observe. Real daemon process, real
+// SoftHSM2 token, real SQLite file.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { randomBytes, createPublicKey } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import WebSocket from 'ws';
+import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
+import { VaultClient } from '../client/sdk.js';
+import { WebSocketTransport, type Transport } from '../client/transport.js';
+import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { TEST_KDF } from './helpers/vault.js';
+
+let d: RunningDaemon;
+let pinned: Uint8Array;
+
+beforeAll(async () => {
+  d = await startDaemon();
+  const jwk = createPublicKey(readFileSync(d.vaultKeyFile)).export({ format: 'jwk' });
+  pinned = new Uint8Array(Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x!, 'base64url'), Buffer.from(jwk.y!, 'base64url')]));
+});
+afterAll(async () => {
+  await d?.cleanup();
+});
+
+/** A relay that records every frame it carries and may tamper with requests. */
+class Relay implements Transport {
+  readonly frames: string[] = [];
+  tamper: ((method: string, params: Record<string, unknown>) => Record<string, unknown>) | undefined;
+  readonly inner: WebSocketTransport;
+  readonly sent: { method: string; params: Record<string, unknown> }[] = [];
+
+  constructor(token = d.token) {
+    this.inner = new WebSocketTransport({ url: d.url, token });
+  }
+
+  async call(method: string, params: object): Promise<unknown> {
+    let p = params as Record<string, unknown>;
+    if (this.tamper) p = this.tamper(method, structuredClone(p));
+    this.sent.push({ method, params: p });
+    this.frames.push(JSON.stringify({ method, params: p }));
+    try {
+      const r = await this.inner.call(method, p);
+      this.frames.push(JSON.stringify(r));
+      return r;
+    } catch (e) {
+      this.frames.push(JSON.stringify({ error: (e as VaultError).code, message: (e as Error).message }));
+      throw e;
+    }
+  }
+
+  close(): void {
+    this.inner.close();
+  }
+}
+
+function client(relay: Transport): VaultClient {
+  return new VaultClient({ transport: relay, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0 });
+}
+
+async function codeOf(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+    return 'NO_ERROR';
+  } catch (e) {
+    if (e instanceof VaultError) return e.code;
+    throw e;
+  }
+}
+
+describe('authentication', () => {
+  function upgrade(headers: Record<string, string>): Promise<{ status: number; body: string }> {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(d.url, { headers });
+      ws.on('open', () => {
+        ws.close();
+        reject(new Error('connected without valid credentials'));
+      });
+      ws.on('unexpected-response', (_req, res) => {
+        let body = '';
+        res.on('data', (c: Buffer) => (body += c.toString()));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      });
+      ws.on('error', () => {});
+    });
+  }
+
+  it('an unauthenticated socket gets nothing but a 401 with UNAUTHENTICATED', async () => {
+    const r = await upgrade({});
+    expect(r.status).toBe(401);
+    expect(JSON.parse(r.body).error.code).toBe('UNAUTHENTICATED');
+  });
+
+  it('a token with a forged signature, another algorithm or another audience is refused', async () => {
+    const [h, b] = d.token.split('.');
+    const forged = `${h}.${b}.${Buffer.alloc(32, 1).toString('base64url')}`;
+    const none = `${Buffer.from(JSON.stringify({ alg: 'none', kid: 'dev:1' })).toString('base64url')}.${b}.`;
+    for (const token of [forged, none, 'garbage']) {
+      const r = await upgrade({ authorization: `Bearer ${token}` });
+      expect(r.status).toBe(401);
+      expect(JSON.parse(r.body).error.code).toBe('UNAUTHENTICATED');
+    }
+  });
+
+  it('an authenticated socket reaches the vault', async () => {
+    const relay = new Relay();
+    try {
+      expect(await relay.call('health', {})).toMatchObject({ status: 'ok' });
+    } finally {
+      relay.close();
+    }
+  });
+});
+
+describe('what the relay can do', () => {
+  it('sees no secret in any frame it carries', async () => {
+    const relay = new Relay();
+    const c = client(relay);
+    const password = `relay-canary-${randomBytes(6).toString('hex')}`;
+    const k = new Uint8Array(randomBytes(32));
+    await c.enrollPassword('rhea', password, k);
+    await expect(c.recoverWithPassword('rhea', 'wrong one')).rejects.toMatchObject({ code: ErrorCodes.WRONG_PASSWORD });
+    const got = await c.recoverWithPassword('rhea', password);
+    expect(Buffer.from(got).equals(Buffer.from(k))).toBe(true);
+    relay.close();
+    const wire = relay.frames.join('\n');
+    const kb = Buffer.from(k);
+    for (const needle of [password, kb.toString('hex'), kb.toString('base64'), kb.toString('base64url'), 'wrong one']) {
+      expect(wire.includes(needle), needle.slice(0, 6)).toBe(false);
+    }
+    // Outcomes travel encrypted: the relay cannot tell the wrong guess from the right one.
+    expect(wire).not.toMatch(/WRONG_PASSWORD|wrong-password|attemptsLeft/);
+    // The channel requests carry only these fields in the clear.
+    for (const { method, params } of relay.sent.filter((s) => s.method.includes('.begin') || s.method.includes('.finish'))) {
+      expect(Object.keys(params).sort(), method).toEqual(['channel', 'userId']);
+      expect(Object.keys(params.channel as object).sort().filter((k) => k !== 'epk')).toEqual(['ct', 'id', 'n', 'ts']);
+    }
+  });
+
+  it('a tampered ciphertext is refused with DECRYPT_FAILED and changes nothing', async () => {
+    const setup = client(new Relay());
+    await setup.enrollPassword('tess', 'pw-tess', new Uint8Array(randomBytes(32)));
+    const relay = new Relay();
+    relay.tamper = (method, p) => {
+      if (method === 'recover.begin') {
+        const ch = p.channel as { ct: string };
+        const ct = Buffer.from(ch.ct, 'base64url');
+        ct[5]! ^= 0x01;
+        ch.ct = ct.toString('base64url');
+      }
+      return p;
+    };
+    expect(await codeOf(client(relay).recoverWithPassword('tess', 'pw-tess'))).toBe(ErrorCodes.DECRYPT_FAILED);
+    // A message re-routed to another user does not authenticate either (user id is in the AAD).
+    relay.tamper = (method, p) => (method === 'recover.begin' ? { ...p, userId: 'someone-else' } : p);
+    expect(await codeOf(client(relay).recoverWithPassword('tess', 'pw-tess'))).toBe(ErrorCodes.DECRYPT_FAILED);
+    relay.close();
+    expect(await setup.status('tess')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+  });
+
+  it('a replayed recover.finish is refused and costs nothing more', async () => {
+    const relay = new Relay();
+    const c = client(relay);
+    await c.enrollPassword('ruth', 'pw-ruth', new Uint8Array(randomBytes(32)));
+    await expect(c.recoverWithPassword('ruth', 'nope')).rejects.toMatchObject({ code: ErrorCodes.WRONG_PASSWORD });
+    const wrongFinish = relay.sent.filter((s) => s.method === 'recover.finish').at(-1)!;
+    await c.recoverWithPassword('ruth', 'pw-ruth');
+    const rightFinish = relay.sent.filter((s) => s.method === 'recover.finish').at(-1)!;
+    const before = await c.status('ruth');
+    expect(await codeOf(relay.call('recover.finish', wrongFinish.params))).toBe(ErrorCodes.SESSION_EXPIRED);
+    expect(await codeOf(relay.call('recover.finish', rightFinish.params))).toBe(ErrorCodes.REPLAY);
+    // A replayed handshake (recover.begin, n = 0) is refused too.
+    const begin = relay.sent.filter((s) => s.method === 'recover.begin').at(-1)!;
+    expect(await codeOf(relay.call('recover.begin', begin.params))).toBe(ErrorCodes.REPLAY);
+    expect(await c.status('ruth')).toEqual(before);
+    relay.close();
+  });
+
+  it('an oversized frame closes the connection (1009) and changes nothing', async () => {
+    const c = client(new Relay());
+    await c.enrollPassword('olaf', 'pw-olaf', new Uint8Array(randomBytes(32)));
+    const closed = await new Promise<number>((resolve) => {
+      const ws = new WebSocket(d.url, { headers: { authorization: `Bearer ${d.token}` } });
+      ws.on('open', () =>
+        ws.send(JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'record.delete', params: { userId: 'olaf', pad: 'x'.repeat(70_000) } })),
+      );
+      ws.on('close', (code) => resolve(code));
+      ws.on('error', () => {});
+    });
+    expect(closed).toBe(1009);
+    expect(await c.status('olaf')).toMatchObject({ state: 'active' });
+  });
+
+  it('malformed JSON-RPC gets a specific error and the connection stays usable', async () => {
+    const ws = new WebSocket(d.url, { headers: { authorization: `Bearer ${d.token}` } });
+    await new Promise((r) => ws.once('open', r));
+    const ask = (frame: string) =>
+      new Promise<{ error?: { code: number; data: { code: string } }; result?: unknown }>((resolve) => {
+        ws.once('message', (m) => resolve(JSON.parse(m.toString())));
+        ws.send(frame);
+      });
+    expect((await ask('{not json')).error!.code).toBe(-32700);
+    expect((await ask('[1,2]')).error!.data.code).toBe('BAD_REQUEST');
+    expect((await ask(JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'vault.rotate', params: {} }))).error!.code).toBe(-32601);
+    expect((await ask(JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'record.status', params: { userId: 5 } }))).error!.data.code).toBe('BAD_REQUEST');
+    expect((await ask(JSON.stringify({ jsonrpc: '2.0', id: 3, method: 'record.status', params: { userId: 'x', extra: 1 } }))).error!.data.code).toBe('BAD_REQUEST');
+    expect((await ask(JSON.stringify({ jsonrpc: '2.0', id: 4, method: 'health', params: {} }))).result).toMatchObject({ status: 'ok' });
+    ws.close();
+  });
+
+  it('a descriptor signed by another key is refused by the client', async () => {
+    const other = new Uint8Array(pinned);
+    const { p256 } = await import('@noble/curves/nist.js');
+    other.set(p256.getPublicKey(p256.utils.randomSecretKey(), false));
+    const c = new VaultClient({ transport: new Relay(), pinnedKey: other, kdf: TEST_KDF });
+    expect(await codeOf(c.recoverWithPassword('rhea', 'x'))).toBe(ErrorCodes.FORBIDDEN);
+  });
+});
+
+describe('token lifetime (daemon in this process, so the test can mint with the tenant secret)', () => {
+  it('an expired token is refused at the upgrade; a token expiring mid-connection closes it with 4401', async () => {
+    const { mkdtempSync, rmSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const { loadConfig } = await import('../vault/config.js');
+    const { initVault } = await import('../vault/setup.js');
+    const { startDaemon: startInProcess, devToken } = await import('../vault/daemon.js');
+    const { mintToken } = await import('../vault/rpc/auth.js');
+    const { captureLog } = await import('./helpers/vault.js');
+    const dir = mkdtempSync(join(tmpdir(), 'bkv-inproc-'));
+    const logs: string[] = [];
+    const log = captureLog(logs);
+    const c = loadConfig({ env: {}, overrides: { dataDir: dir, listen: { host: '127.0.0.1', port: 0 } } });
+    await initVault(c, log);
+    const dm = await startInProcess(c, log);
+    try {
+      await devToken(dm, c, log);
+      const secret = await dm.auth.secretFor('dev', 1);
+      const url = `ws://127.0.0.1:${dm.server.port}`;
+      const hourAgo = Date.now() - 3_600_000;
+      const expired = mintToken(secret, { tenant: 'dev', version: 1, vaultId: dm.vault.vaultId, ttlSec: 600, now: hourAgo });
+      const status = await new Promise<number>((resolve) => {
+        const ws = new WebSocket(url, { headers: { authorization: `Bearer ${expired}` } });
+        ws.on('unexpected-response', (_q, res) => resolve(res.statusCode ?? 0));
+        ws.on('open', () => resolve(200));
+        ws.on('error', () => {});
+      });
+      expect(status).toBe(401);
+      expect(logs.some((l) => l.includes('auth.refused') && l.includes('expired'))).toBe(true);
+      // Valid at the upgrade (inside the 30 s skew), expired for the request that follows.
+      const edge = mintToken(secret, { tenant: 'dev', version: 1, vaultId: dm.vault.vaultId, ttlSec: 60, now: Date.now() - 89_000 });
+      const ws = new WebSocket(url, { headers: { authorization: `Bearer ${edge}` } });
+      await new Promise((r) => ws.once('open', r));
+      await new Promise((r) => setTimeout(r, 1500));
+      const closed = new Promise<number>((r) => ws.once('close', (code) => r(code)));
+      const reply = new Promise<{ error: { data: { code: string } } }>((r) => ws.once('message', (m) => r(JSON.parse(m.toString()))));
+      ws.send(JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'health', params: {} }));
+      expect((await reply).error.data.code).toBe('UNAUTHENTICATED');
+      expect(await closed).toBe(4401);
+      // A revoked tenant's still-unexpired token is refused.
+      dm.vault.store.tenants.revoke('dev', Date.now());
+      const fresh = mintToken(secret, { tenant: 'dev', version: 1, vaultId: dm.vault.vaultId, ttlSec: 600 });
+      const revoked = await new Promise<number>((resolve) => {
+        const w = new WebSocket(url, { headers: { authorization: `Bearer ${fresh}` } });
+        w.on('unexpected-response', (_q, res) => resolve(res.statusCode ?? 0));
+        w.on('open', () => resolve(200));
+        w.on('error', () => {});
+      });
+      expect(revoked).toBe(401);
+    } finally {
+      await dm.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
