@@ -86,7 +86,7 @@ const Replies = {
   'enroll.finish': z.object({ generation: int, attemptLimit: int }),
   'recover.begin': z.object({ evaluated: bytes(SIZES.x), kdf: kdfShape, attemptsLeft: int, attemptLimit: int }),
   'recover.finish': z.discriminatedUnion('outcome', [
-    z.object({ outcome: z.literal('ok'), envelope: bytes(SIZES.envelope) }),
+    z.object({ outcome: z.literal('ok'), envelope: bytes(SIZES.envelope), grant: z.string().max(64) }),
     z.object({ outcome: z.literal('wrong-password'), attemptsLeft: int }),
     z.object({ outcome: z.literal('locked') }),
   ]),
@@ -261,21 +261,22 @@ export class VaultClient {
   /** The escrowed backup key, or WRONG_PASSWORD (detail.attemptsLeft) / LOCKED / RECORD_NOT_FOUND. */
   async recoverWithPassword(userId: string, password: string): Promise<Uint8Array> {
     const d = await this.descriptor();
-    return this.recoverOn(new Channel(d, userId, this.vaultNow), d, password);
+    return (await this.recoverOn(new Channel(d, userId, this.vaultNow), d, password)).key;
   }
 
   /**
-   * Prove the old password and re-enrol under the new one on one channel (the
-   * vault requires the successful recovery as proof). Re-escrows the same key
-   * unless `backupKey` is given.
+   * Prove the old password, then re-enrol under the new one. The successful
+   * recovery yields a short-lived grant (inside the channel, never visible to
+   * the relay) that the vault requires to replace an active record; it is
+   * presented on a second channel. Re-escrows the same key unless `backupKey`
+   * is given.
    */
   async changePassword(userId: string, oldPassword: string, newPassword: string, backupKey?: Uint8Array): Promise<Enrolled> {
     if (backupKey) checkBackupKey(backupKey);
     const d = await this.descriptor();
-    const ch = new Channel(d, userId, this.vaultNow);
-    const current = await this.recoverOn(ch, d, oldPassword);
+    const { key: current, grant } = await this.recoverOn(new Channel(d, userId, this.vaultNow), d, oldPassword);
     try {
-      return await this.enrollOn(ch, d, newPassword, backupKey ?? current);
+      return await this.enrollOn(new Channel(d, userId, this.vaultNow), d, newPassword, backupKey ?? current, grant);
     } finally {
       current.fill(0);
     }
@@ -291,9 +292,10 @@ export class VaultClient {
 
   // ---- flows on one channel ----
 
-  private async enrollOn(ch: Channel, d: Descriptor, password: string, backupKey: Uint8Array): Promise<Enrolled> {
+  private async enrollOn(ch: Channel, d: Descriptor, password: string, backupKey: Uint8Array, grant?: string): Promise<Enrolled> {
     const p = startOprf(d.vaultId, ch.userId, password);
-    const begun = shape(Replies['enroll.begin'], await this.send(ch, 'enroll.begin', { blinded: toB64(p.blinded) }), 'enroll.begin reply');
+    const body = { blinded: toB64(p.blinded), ...(grant ? { grant } : {}) };
+    const begun = shape(Replies['enroll.begin'], await this.send(ch, 'enroll.begin', body), 'enroll.begin reply');
     // The signed floor and the channel's floor can only raise what we use, never lower it.
     const kdf = raiseKdf(this.kdf, d.kdfFloor, checkKdfParams(begun.kdfFloor, ANY_FLOOR));
     const payload = await enrollPayload(p, begun.evaluated, kdf, backupKey);
@@ -306,7 +308,7 @@ export class VaultClient {
     return shape(Replies['enroll.finish'], done, 'enroll.finish reply');
   }
 
-  private async recoverOn(ch: Channel, d: Descriptor, password: string): Promise<Uint8Array> {
+  private async recoverOn(ch: Channel, d: Descriptor, password: string): Promise<{ key: Uint8Array; grant: string }> {
     const p = startOprf(d.vaultId, ch.userId, password);
     const begun = shape(Replies['recover.begin'], await this.send(ch, 'recover.begin', { blinded: toB64(p.blinded) }), 'recover.begin reply');
     const keys = await finishOprf(p, begun.evaluated, checkKdfParams(begun.kdf, ANY_FLOOR));
@@ -319,7 +321,7 @@ export class VaultClient {
       if (r.outcome === 'locked') {
         throw new VaultError(ErrorCodes.LOCKED, 'record is locked: the attempt limit was reached and the key destroyed');
       }
-      return await openRecovered(p, keys, r.envelope);
+      return { key: await openRecovered(p, keys, r.envelope), grant: r.grant };
     } finally {
       keys.authKey.fill(0);
       keys.envKey.fill(0);

@@ -167,11 +167,16 @@ describe('what the relay can do', () => {
     await c.recoverWithPassword('ruth', 'pw-ruth');
     const rightFinish = relay.sent.filter((s) => s.method === 'recover.finish').at(-1)!;
     const before = await c.status('ruth');
+    // Both outcomes close the channel the same way, so a probe cannot tell them apart.
     expect(await codeOf(relay.call('recover.finish', wrongFinish.params))).toBe(ErrorCodes.SESSION_EXPIRED);
-    expect(await codeOf(relay.call('recover.finish', rightFinish.params))).toBe(ErrorCodes.REPLAY);
+    expect(await codeOf(relay.call('recover.finish', rightFinish.params))).toBe(ErrorCodes.SESSION_EXPIRED);
     // A replayed handshake (recover.begin, n = 0) is refused too.
     const begin = relay.sent.filter((s) => s.method === 'recover.begin').at(-1)!;
     expect(await codeOf(relay.call('recover.begin', begin.params))).toBe(ErrorCodes.REPLAY);
+    // A handshake stamped ahead of the vault clock (a relay skewing the client's clock) is stale.
+    const ahead = relay.sent.find((s) => s.method === 'recover.begin')!;
+    const skewed = { ...ahead.params, channel: { ...(ahead.params.channel as object), ts: Date.now() + 30_000 } };
+    expect(await codeOf(relay.call('recover.begin', skewed))).toBe(ErrorCodes.STALE_MESSAGE);
     expect(await c.status('ruth')).toEqual(before);
     relay.close();
   });

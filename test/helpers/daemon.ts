@@ -49,7 +49,8 @@ export async function startDaemon(
   const proc = spawn(
     process.execPath,
     [DAEMON, 'serve', '--config', configFile, '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, '--init', '--dev'],
-    { env: { ...process.env, ...opts.env, SOFTHSM2_CONF: undefined }, stdio: ['ignore', 'pipe', 'pipe'] },
+    // Admin listener on an ephemeral port: daemons of parallel test files must not fight over 8788.
+    { env: { ...process.env, BKV_ADMIN_LISTEN: '127.0.0.1:0', ...opts.env, SOFTHSM2_CONF: undefined }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
   const port = await new Promise<number>((resolvePort, reject) => {
@@ -77,15 +78,14 @@ export async function startDaemon(
       reject(new Error(`daemon exited with ${code}:\n${logs.join('\n')}`));
     });
   });
-  // The dev token is written right after "listening".
+  // The dev token is written right after "listening" (announced on stderr); a
+  // restart finds the previous one, which stays valid, until the new one lands.
   let token = '';
-  for (let i = 0; i < 100 && !token; i++) {
-    try {
-      token = readFileSync(join(dataDir, 'dev-token'), 'utf8').trim();
-    } catch {
-      await new Promise((r) => setTimeout(r, 50));
-    }
+  for (let i = 0; i < 600 && !token; i++) {
+    if (logs.some((l) => l.includes('BKV_TOKEN='))) token = readFileSync(join(dataDir, 'dev-token'), 'utf8').trim();
+    else await new Promise((r) => setTimeout(r, 50));
   }
+  if (!token) throw new Error(`daemon wrote no dev token:\n${logs.join('\n')}`);
   const url = `ws://127.0.0.1:${port}`;
   const vaultKeyFile = join(dataDir, 'vault-key.pub');
   const d: RunningDaemon = {

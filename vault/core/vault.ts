@@ -98,17 +98,6 @@ export class Vault {
     this.sweepTimer = undefined;
   }
 
-  // A database belongs to exactly one vault identity: records of another vault
-  // would never verify, and silently mixing them hides an operator mistake.
-  private bindStore(): void {
-    const id = toHex(this.vaultId);
-    const bound = this.store.records.getMeta('vault_id');
-    if (bound === undefined) this.store.records.setMeta('vault_id', id);
-    else if (bound !== id) {
-      throw new VaultError(ErrorCodes.STATE_ROLLBACK_DETECTED, `database belongs to vault ${bound}, not to this HSM's vault ${id}`);
-    }
-  }
-
   async descriptor(): Promise<SignedDescriptor> {
     const epoch = this.keys.currentEpoch();
     if (this.descriptorCache?.epoch === epoch) return this.descriptorCache.value;
@@ -242,7 +231,9 @@ export class Vault {
     if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
       try {
         verified = await this.keys.checkVerifier(verifierInput(this.vaultId, userId, generation, authKey), rec.verifier);
-        if (verified) envelope = await this.unseal(rec);
+        // Unseal on either outcome, so a right and a wrong password cost the same HSM work and time.
+        const opened = await this.unseal(rec);
+        if (verified) envelope = opened;
       } catch (e) {
         // Nothing was decided: the caller may finish this session again.
         if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) this.sessions.restore(session);
@@ -255,10 +246,13 @@ export class Vault {
       // Verified against the row we read; if the row changed meanwhile, decide on the new one.
       const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
       const d = decideRecoverFinish(current, generation, verified && !!same, this.sessions.pending(userId, now), now);
-      if (d.ok && d.change) this.ledger.put(d.change);
+      // Write either way: a wrong password touches the record and the anchor like the
+      // other outcomes, so neither the disk nor the answer's timing tells them apart.
+      const write = d.ok ? (d.change ?? (current ? { ...current, updatedAt: now } : undefined)) : undefined;
+      if (write) this.ledger.put(write);
       return d;
     });
-    if (d.ok && d.change) await this.ledger.sync();
+    if (d.ok) await this.ledger.sync();
     if (!d.ok) throw refusal(d.code);
     if (d.outcome === 'ok') {
       this.sessions.cancelUser(userId, ['recover', 'grant']);

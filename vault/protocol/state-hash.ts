@@ -72,12 +72,12 @@ const EMPTY_BUCKET = sha256(frame(DST_BUCKET));
 export const nodeHash = (left: Uint8Array, right: Uint8Array): Uint8Array => sha256(NODE, left, right);
 
 /**
- * The Merkle tree over bucket hashes, as a heap-ordered array: node i has
- * children 2i and 2i+1, leaves at BUCKETS..2·BUCKETS-1, the root at 1.
- * 4 MiB; an update rehashes the 16 nodes on one path.
+ * The Merkle tree over bucket hashes, heap-ordered in one flat 4 MiB buffer:
+ * node i has children 2i and 2i+1, leaves at BUCKETS..2·BUCKETS-1, the root at
+ * 1. An update rehashes the 16 nodes on one path.
  */
 export class BucketTree {
-  private readonly nodes: Uint8Array[] = new Array(2 * BUCKETS);
+  private readonly nodes = new Uint8Array(2 * BUCKETS * 32);
 
   /** `buckets` lists the non-empty buckets; every other bucket is empty. */
   constructor(buckets: Map<number, Uint8Array> = new Map()) {
@@ -85,28 +85,45 @@ export class BucketTree {
     // level plus one per non-empty path, not 2^17 hashes.
     const empty: Uint8Array[] = [EMPTY_BUCKET];
     for (let l = 1; l <= BUCKET_BITS; l++) empty.push(nodeHash(empty[l - 1]!, empty[l - 1]!));
-    for (let i = 0; i < BUCKETS; i++) this.nodes[BUCKETS + i] = buckets.get(i) ?? EMPTY_BUCKET;
+    const filled = new Uint8Array(2 * BUCKETS);
+    for (let i = 0; i < BUCKETS; i++) {
+      const h = buckets.get(i);
+      this.put(BUCKETS + i, h ?? EMPTY_BUCKET);
+      filled[BUCKETS + i] = h && !equal(h, EMPTY_BUCKET) ? 1 : 0;
+    }
     for (let i = BUCKETS - 1, level = 1; i >= 1; i--) {
       if (i < 1 << (BUCKET_BITS - level)) level++;
-      const l = this.nodes[2 * i]!;
-      const r = this.nodes[2 * i + 1]!;
-      this.nodes[i] = l === empty[level - 1] && r === l ? empty[level]! : nodeHash(l, r);
+      filled[i] = filled[2 * i]! | filled[2 * i + 1]!;
+      this.put(i, filled[i] ? nodeHash(this.node(2 * i), this.node(2 * i + 1)) : empty[level]!);
     }
   }
 
   root(): Uint8Array {
-    return this.nodes[1]!;
+    return this.node(1).slice();
   }
 
   bucket(i: number): Uint8Array {
-    return this.nodes[BUCKETS + i]!;
+    return this.node(BUCKETS + i).slice();
   }
 
   set(i: number, hash: Uint8Array): void {
     let n = BUCKETS + i;
-    this.nodes[n] = hash;
-    for (n >>= 1; n >= 1; n >>= 1) this.nodes[n] = nodeHash(this.nodes[2 * n]!, this.nodes[2 * n + 1]!);
+    this.put(n, hash);
+    for (n >>= 1; n >= 1; n >>= 1) this.put(n, nodeHash(this.node(2 * n), this.node(2 * n + 1)));
   }
+
+  private node(i: number): Uint8Array {
+    return this.nodes.subarray(i * 32, i * 32 + 32);
+  }
+
+  private put(i: number, h: Uint8Array): void {
+    this.nodes.set(h, i * 32);
+  }
+}
+
+function equal(a: Uint8Array, b: Uint8Array): boolean {
+  for (let i = 0; i < 32; i++) if (a[i] !== b[i]) return false;
+  return true;
 }
 
 /** Label text the anchor object carries: "bkv.anchor <seq> <root hex>". */

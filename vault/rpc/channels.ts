@@ -12,14 +12,17 @@ import type { z } from 'zod';
 import type { ChannelParams } from './wire.js';
 
 export type ChannelMethod = keyof typeof Bodies;
-type Step = 'new' | 'enroll-begun' | 'recover-begun' | 'recovered' | 'done';
+type Step = 'new' | 'enroll-begun' | 'recover-begun' | 'done';
 
-/** Which method each step accepts, and where a success leads. */
+/**
+ * Which method each step accepts. A channel carries one enrolment or one
+ * recovery and closes after its finish whatever the outcome, so the relay
+ * cannot tell a right password from a wrong one by what the channel does next.
+ */
 const NEXT: Record<Step, Partial<Record<ChannelMethod, true>>> = {
   new: { 'enroll.begin': true, 'recover.begin': true },
   'enroll-begun': { 'enroll.finish': true },
   'recover-begun': { 'recover.finish': true },
-  recovered: { 'enroll.begin': true },
   done: {},
 };
 
@@ -30,14 +33,19 @@ interface Channel {
   step: Step;
   busy: boolean;
   expiresAt: number;
+  /** The handshake's timestamp: its id is remembered until that handshake could no longer be fresh. */
+  ts: number;
   coreSession?: string;
+  /** Proof of the current password, from enroll.begin, for a password change. */
   grant?: string;
 }
 
 export interface ChannelOptions {
   ttlMs: number;
-  /** Allowed distance between a handshake's ts and the vault clock. */
+  /** Allowed age of a handshake's ts. */
   freshnessMs: number;
+  /** Allowed lead of a handshake's ts over the vault clock (client clock skew). */
+  aheadMs?: number;
   maxChannels: number;
   now: () => number;
   /** Called with unexpected (non-VaultError) failures, which the client sees only as INTERNAL. */
@@ -79,8 +87,10 @@ export class ChannelTable {
     let fresh = false;
     if (m.n === 0) {
       if (!m.epk) throw new VaultError(ErrorCodes.BAD_REQUEST, 'the first channel message must carry epk');
-      // Before the restart floor or outside the window: a captured handshake cannot be replayed later.
-      if (Math.abs(now - m.ts) > this.o.freshnessMs || m.ts < this.startedAt - 1000) {
+      // Spent ids live in memory only, so a handshake must be younger than the window and
+      // newer than this process: a capture can then not be replayed after a restart. The
+      // lead is kept small because the relay can skew the clock it reports to clients.
+      if (now - m.ts > this.o.freshnessMs || m.ts - now > (this.o.aheadMs ?? 5_000) || m.ts < this.startedAt) {
         throw new VaultError(ErrorCodes.STALE_MESSAGE, 'handshake timestamp outside the accepted window', { now });
       }
       if (!equalBytes(channelIdOf(m.epk), m.id)) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel id does not match epk');
@@ -89,7 +99,7 @@ export class ChannelTable {
       validatePoint(m.epk);
       const z = await this.vault.keys.channelAgree(m.epk);
       const keys = channelKeys(z, m.epk, this.vault.vaultId, this.vault.keys.channelPublic);
-      ch = { keys, userId, next: 0, step: 'new', busy: false, expiresAt: now + this.o.ttlMs };
+      ch = { keys, userId, next: 0, step: 'new', busy: false, expiresAt: now + this.o.ttlMs, ts: m.ts };
       fresh = true;
     } else {
       if (m.epk) throw new VaultError(ErrorCodes.BAD_REQUEST, 'epk is only sent with the first message');
@@ -139,8 +149,9 @@ export class ChannelTable {
     switch (method) {
       case 'enroll.begin': {
         const b = parse(Bodies[method], raw);
-        const r = await v.enrollBegin(ch.userId, b.blinded, ch.grant ? { grant: ch.grant } : {});
+        const r = await v.enrollBegin(ch.userId, b.blinded, b.grant ? { grant: b.grant } : {});
         ch.coreSession = r.sessionId;
+        if (b.grant) ch.grant = b.grant;
         ch.step = 'enroll-begun';
         return { evaluated: toB64(r.evaluated), attemptLimit: r.attemptLimit, kdfFloor: r.kdfFloor };
       }
@@ -167,12 +178,9 @@ export class ChannelTable {
           if (!isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) ch.step = 'done';
           throw e;
         }
-        if (r.outcome === 'ok') {
-          ch.step = 'recovered';
-          ch.grant = r.grant;
-          return { outcome: 'ok', envelope: toB64(r.envelope) };
-        }
         ch.step = 'done';
+        // The grant travels inside the channel: only this client can use it, on a new channel.
+        if (r.outcome === 'ok') return { outcome: 'ok', envelope: toB64(r.envelope), grant: r.grant };
         return r.outcome === 'wrong-password' ? { outcome: r.outcome, attemptsLeft: r.attemptsLeft } : { outcome: r.outcome };
       }
     }
@@ -180,7 +188,7 @@ export class ChannelTable {
 
   private close(id: string, ch: Channel): void {
     this.live.delete(id);
-    this.spent.set(id, ch.expiresAt + this.o.freshnessMs);
+    this.spent.set(id, Math.max(ch.expiresAt, ch.ts + this.o.freshnessMs) + 1000);
   }
 
   /** Drop expired channels and forget spent ids whose handshake can no longer be fresh. */

@@ -41,7 +41,7 @@ export const EmptyParams = z.object({}).strict();
 const kdf = z.object({ alg: z.literal('argon2id'), m: z.number().int(), t: z.number().int(), p: z.number().int() }).strict();
 
 export const Bodies = {
-  'enroll.begin': z.object({ blinded: b64({ max: 256 }) }).strict(),
+  'enroll.begin': z.object({ blinded: b64({ max: 256 }), grant: z.string().max(64).optional() }).strict(),
   'enroll.finish': z.object({ authKey: b64({ max: 256 }), envelope: b64({ max: 256 }), kdf }).strict(),
   'recover.begin': z.object({ blinded: b64({ max: 256 }) }).strict(),
   'recover.finish': z.object({ authKey: b64({ max: 256 }) }).strict(),
