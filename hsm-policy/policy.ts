@@ -58,7 +58,10 @@ export const KEY_SET: readonly KeySpec[] = [
     kind: 'ec-p256',
     usages: ['derive'],
     mechanism: 'CKM_ECDH1_DERIVE',
-    purpose: 'OPRF key k: x(k·B) makes every password guess an online, counted HSM operation',
+    purpose:
+      'OPRF key k: x(k·B) ties every password-derived value to the HSM, so no guess can be tested offline without it; ' +
+      'guesses are counted where they can be tested (recover.begin, before the verifier check); ' +
+      'enroll.begin on an unused user id evaluates uncounted but leaves nothing to test against',
   },
   {
     name: 'verifier',

@@ -58,6 +58,24 @@ function acquireLibrary(modulePath: string): pkcs11js.PKCS11 {
   return p11;
 }
 
+/**
+ * Hold the module loaded and initialised in this JS realm until the returned
+ * function is called. Worker threads are separate realms with their own
+ * `libraries` map, but C_Initialize/C_Finalize are process-wide: a realm whose
+ * refcount drops to 0 finalises the library for every thread. The HSM worker
+ * pool pins the library in the main realm (and in each worker) so that only its
+ * coordinated recycle ever finalises it while workers run.
+ */
+export function pinLibrary(modulePath: string): () => void {
+  acquireLibrary(modulePath);
+  let released = false;
+  return () => {
+    if (released) return;
+    released = true;
+    releaseLibrary(modulePath);
+  };
+}
+
 function releaseLibrary(modulePath: string): void {
   const lib = libraries.get(modulePath);
   if (!lib) return;
@@ -123,7 +141,7 @@ export const P256_OID = Buffer.from('06082a8648ce3d030107', 'hex');
 export class Token {
   readonly label: string;
   private readonly p11: pkcs11js.PKCS11;
-  private readonly slot: Handle;
+  private slot: Handle;
   private readonly pin: string;
   private readonly maxSessions: number;
   private readonly modulePath: string;
@@ -166,6 +184,44 @@ export class Token {
     }
     this.idle = [];
     releaseLibrary(this.modulePath);
+  }
+
+  /**
+   * Close this token's idle sessions without touching the library. The HSM
+   * worker pool calls it on every worker before one of them recycles the
+   * library, so that no thread holds a session handle that the re-initialised
+   * library could hand out again to another thread.
+   */
+  dropSessions(): void {
+    this.dropIdle();
+  }
+
+  /**
+   * C_Finalize + C_Initialize the (process-wide) library, then log in again on a
+   * fresh session. SoftHSM frees destroyed session objects (each ECDH derive
+   * leaves one, ~250 B) only at C_Finalize, so a long-running vault recycles it.
+   * Every session and object handle of every thread is invalid afterwards: the
+   * caller must have quiesced all other users and must re-resolve the key
+   * handles (enforcePolicy with create: false).
+   */
+  reinitialize(): void {
+    if (this.closed) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM token is closed');
+    this.dropIdle();
+    for (const k of loggedIn.keys()) if (k.startsWith(`${this.modulePath}\0`)) loggedIn.delete(k);
+    try {
+      this.p11.C_Finalize();
+    } catch (e) {
+      if (ckrOf(e) !== CKR.CRYPTOKI_NOT_INITIALIZED) throw toVaultError(e, 'C_Finalize');
+    }
+    try {
+      this.p11.C_Initialize({ flags: P.CKF_OS_LOCKING_OK });
+    } catch (e) {
+      if (ckrOf(e) !== CKR.CRYPTOKI_ALREADY_INITIALIZED) throw toVaultError(e, 'C_Initialize');
+    }
+    // Slot handles stay stable in SoftHSM, but find the token by label again anyway.
+    this.slot = findSlot(this.p11, this.label);
+    this.open = 0;
+    this.release(this.newSession());
   }
 
   /** True when a session can be opened and used right now (readiness probe). */
@@ -533,7 +589,7 @@ export class Token {
     );
   }
 
-  /** Constant-time comparison inside the token. A mismatch is `false`, never an error. */
+  /** HMAC compared inside the token (not constant time on SoftHSM, which uses memcmp). A mismatch is `false`, never an error. */
   hmacSha256Verify(key: Handle, data: Uint8Array, mac: Uint8Array): boolean {
     return this.guard('C_Verify', () =>
       this.run('C_Verify', (s) => {

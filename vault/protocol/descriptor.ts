@@ -44,10 +44,12 @@ export const descriptorDigest = (d: Descriptor): Uint8Array => sha256(descriptor
 
 /** Client side: accept a descriptor only if the pinned key signed it and it names that key's vault. */
 export function verifyDescriptor(d: SignedDescriptor, pinnedKey: Uint8Array): Descriptor {
+  const id = vaultIdOf(pinnedKey);
   const ok =
     d.version === PROTOCOL_VERSION &&
     p256.verify(d.signature, descriptorDigest(d), pinnedKey, { prehash: false, format: 'compact', lowS: false }) &&
-    vaultIdOf(pinnedKey).every((b, i) => b === d.vaultId[i]);
+    d.vaultId.length === id.length &&
+    id.every((b, i) => b === d.vaultId[i]);
   if (!ok) throw new VaultError(ErrorCodes.FORBIDDEN, 'vault descriptor is not signed by the pinned vault key');
   return d;
 }

@@ -1,5 +1,6 @@
-// Every domain-separation string of protocol version 1 in one place. Changing
-// any of them is a protocol version change: the test vectors pin them.
+// The domain-separation strings of protocol version 1, except the channel's
+// (CHANNEL_DST in channel.ts) and the vault-internal state hash's (state-hash.ts).
+// Changing any of them is a protocol version change: the test vectors pin them.
 
 export const PROTOCOL_VERSION = 1;
 
