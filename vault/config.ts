@@ -1,9 +1,10 @@
-// Daemon configuration: defaults ← JSON file ← BKV_* environment ← flags,
+// Daemon configuration: defaults ← JSON or YAML file ← BKV_* environment ← flags,
 // validated in one place with messages that name the field. The HSM PIN comes
 // from a file or the environment, never from a flag (flags show up in `ps`).
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
+import { parse as parseYaml } from 'yaml';
 import { VaultError, ErrorCodes } from './errors.js';
 
 export const SOFTHSM_CANDIDATES = [
@@ -46,6 +47,16 @@ const Schema = z
       })
       .strict(),
     log: z.object({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']) }).strict(),
+    /** Health, readiness, metrics and bkv-admin's endpoints (vault/admin/). Loopback by default. */
+    admin: z.object({ host: z.string().min(1), port: z.number().int().min(0).max(65535) }).strict(),
+    /** Hash-chained audit log (vault/audit/); `file` defaults to <dataDir>/audit.log. */
+    audit: z
+      .object({
+        file: z.string().min(1).optional(),
+        checkpointEvery: z.number().int().min(1).max(1_000_000),
+        checkpointSec: z.number().int().min(1).max(86_400),
+      })
+      .strict(),
   })
   .strict();
 
@@ -67,6 +78,8 @@ export const DEFAULTS: Config = {
     tokenMaxLifetimeSec: 86_400,
   },
   log: { level: 'info' },
+  admin: { host: '127.0.0.1', port: 8788 },
+  audit: { checkpointEvery: 1000, checkpointSec: 300 },
 };
 
 type Json = { [k: string]: unknown };
@@ -103,6 +116,8 @@ function fromEnv(env: NodeJS.ProcessEnv): Json {
     dbPath: env.BKV_DB,
     vault: { attemptLimit: num(env.BKV_ATTEMPT_LIMIT, 'BKV_ATTEMPT_LIMIT') },
     log: { level: env.BKV_LOG_LEVEL },
+    admin: env.BKV_ADMIN_LISTEN ? parseListen(env.BKV_ADMIN_LISTEN) : undefined,
+    audit: { file: env.BKV_AUDIT_FILE },
   };
 }
 
@@ -113,13 +128,15 @@ export function loadConfig(opts: { file?: string; env?: NodeJS.ProcessEnv; overr
   const file = opts.file ?? env.BKV_CONFIG;
   if (file) {
     if (!existsSync(file)) throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} does not exist`);
+    const yaml = /\.ya?ml$/i.test(file);
     try {
-      fileJson = JSON.parse(readFileSync(file, 'utf8')) as Json;
+      const text = readFileSync(file, 'utf8');
+      fileJson = (yaml ? parseYaml(text) : JSON.parse(text)) as Json;
     } catch (e) {
-      throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} is not valid JSON: ${(e as Error).message}`);
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} is not valid ${yaml ? 'YAML' : 'JSON'}: ${(e as Error).message}`);
     }
     if (!fileJson || typeof fileJson !== 'object' || Array.isArray(fileJson)) {
-      throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} must hold a JSON object`);
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `config file ${file} must hold a ${yaml ? 'YAML mapping' : 'JSON object'}`);
     }
   }
   const merged = merge(merge(merge(DEFAULTS as unknown as Json, fileJson), fromEnv(env)), opts.overrides ?? {});

@@ -1,47 +1,125 @@
 // Assembles a serving vault: HSM keys, store, core, channels, auth, limits and
-// the WebSocket server, and tears them down in the reverse order on a signal.
-import { readFileSync, writeFileSync } from 'node:fs';
+// the WebSocket server, plus metrics, the audit log and the admin listener,
+// and tears them down in the reverse order on a signal.
+import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import pino, { type Logger } from 'pino';
-import { openVault } from './core/open.js';
+import pino, { type Logger, type StreamEntry } from 'pino';
+import { openServingKeys, selfTest } from './core/open.js';
+import { Vault } from './core/vault.js';
+import { Store } from './store/index.js';
 import { ChannelTable } from './rpc/channels.js';
 import { Authenticator, mintToken } from './rpc/auth.js';
 import { RateLimiter } from './rpc/ratelimit.js';
-import { methodTable } from './rpc/methods.js';
+import { VERSION, methodTable } from './rpc/methods.js';
 import { startServer, type RunningServer, type RequestEvent } from './rpc/server.js';
 import { tokenConfig } from './setup.js';
 import type { Config } from './config.js';
-import type { Vault } from './core/vault.js';
+import type { VaultKeys } from './hsm/vault-keys.js';
+import { VaultError, ErrorCodes } from './errors.js';
 import { toHex } from './protocol/bytes.js';
+import { InstrumentedKeys, Metrics } from './metrics.js';
+import { AuditLog } from './audit/log.js';
+import { auditEventOf, eventOf } from './audit/events.js';
+import { readiness, type Readiness } from './admin/health.js';
+import { daemonStatus } from './admin/status.js';
+import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
 
-export function makeLogger(c: Config): Logger {
-  return pino({
-    level: c.log.level,
+const LEVELS = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60 } as const;
+
+/**
+ * The vault's logger. With a `tap`, every line at info or above is also handed
+ * to it (audit log and metrics), whatever the configured level, so turning
+ * logging down never turns auditing off.
+ */
+export function makeLogger(c: Config, tap?: (line: string) => void): Logger {
+  const opts = {
     base: { svc: 'bkv-vault' },
     // Defence in depth: nothing secret is ever logged on purpose, but should a
     // future change pass a request object, these paths are blanked.
-    redact: { paths: ['req.headers.authorization', '*.password', '*.authKey', '*.pin', '*.token', '*.envelope'], censor: '[redacted]' },
+    redact: { paths: ['req.headers.authorization', '*.password', '*.authKey', '*.pin', '*.token', '*.envelope', '*.secret'], censor: '[redacted]' },
+  };
+  if (!tap) return pino({ ...opts, level: c.log.level });
+  const streams: StreamEntry[] = [];
+  if (c.log.level !== 'silent') streams.push({ level: c.log.level, stream: pino.destination({ dest: 1, sync: true }) });
+  streams.push({ level: 'info', stream: { write: tap } });
+  const level = c.log.level !== 'silent' && LEVELS[c.log.level] < LEVELS.info ? c.log.level : 'info';
+  return pino({ ...opts, level }, pino.multistream(streams));
+}
+
+/** The log tap: security events into the audit log, event counts into metrics. */
+export function logTap(metrics: Metrics, audit?: AuditLog): (line: string) => void {
+  return (line) => {
+    const ev = eventOf(line);
+    if (!ev) return;
+    metrics.onLogEvent(ev);
+    if (!audit) return;
+    const a = auditEventOf(line);
+    if (a) {
+      audit.append(a.event, a.fields, a.time);
+      metrics.securityEvents.inc({ event: a.event });
+    }
+  };
+}
+
+/** Open the audit log with metrics wired in; errors are logged through `log()` once it exists. */
+export function openAudit(c: Config, metrics: Metrics, log: () => Logger | undefined): AuditLog {
+  return AuditLog.open(c.audit.file ?? join(c.dataDir, 'audit.log'), {
+    checkpointEvery: c.audit.checkpointEvery,
+    checkpointSec: c.audit.checkpointSec,
+    onAppend: () => metrics.auditEvents.inc(),
+    onCheckpoint: () => metrics.auditCheckpoints.inc(),
+    // "audit.error" is not an audited event, so this cannot loop back into the audit log.
+    onError: (what, e) => {
+      metrics.auditErrors.inc();
+      log()?.error({ event: 'audit.error', what, err: (e as Error)?.message }, 'audit log write failed');
+    },
   });
+}
+
+export interface DaemonHooks {
+  onRequest?: (e: RequestEvent) => void;
+  metrics?: Metrics;
+  /** Gets the HSM signer once the vault is open; closed (with a final checkpoint) by stop(). */
+  audit?: AuditLog;
+  /** Fault-injection seam for tests: wraps the HSM key interface before instrumentation. */
+  wrapKeys?: (k: VaultKeys) => VaultKeys;
 }
 
 export interface Daemon {
   vault: Vault;
   server: RunningServer;
   auth: Authenticator;
+  metrics: Metrics;
+  audit: AuditLog | undefined;
+  startedAt: number;
+  readiness(): Promise<Readiness>;
   stop(): Promise<void>;
 }
 
-export async function startDaemon(c: Config, log: Logger, hooks: { onRequest?: (e: RequestEvent) => void } = {}): Promise<Daemon> {
-  const vault = await openVault({
-    hsm: tokenConfig(c),
-    dbPath: c.dbPath ?? join(c.dataDir, 'vault.db'),
-    log,
-    vault: {
+async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<Vault> {
+  // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
+  const raw = await openServingKeys(tokenConfig(c), log);
+  let store: Store | undefined;
+  try {
+    const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);
+    await selfTest(keys);
+    store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
+    return await Vault.open(keys, store, log, {
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
       kdfFloor: { alg: 'argon2id', ...c.vault.kdfFloor },
-    },
-  });
+    });
+  } catch (e) {
+    store?.close();
+    raw.close();
+    throw e;
+  }
+}
+
+export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
+  const metrics = hooks.metrics ?? new Metrics({ processMetrics: false });
+  const vault = await openServingVault(c, log, metrics, hooks.wrapKeys);
   const now = vault.options.now;
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
@@ -64,21 +142,51 @@ export async function startDaemon(c: Config, log: Logger, hooks: { onRequest?: (
     },
     now,
   );
-  const server = await startServer(
-    { auth, limiter, methods: methodTable(vault, channels), log, now, ...(hooks.onRequest ? { onRequest: hooks.onRequest } : {}) },
-    {
-      host: c.listen.host,
-      port: c.listen.port,
-      ...(c.tls ? { tls: { cert: readFileSync(c.tls.certFile), key: readFileSync(c.tls.keyFile) } } : {}),
-      maxPayload: c.limits.maxPayloadBytes,
-      maxInFlight: c.limits.maxInFlight,
-      idleMs: c.limits.idleSec * 1000,
-      drainMs: 10_000,
-    },
-  );
+  let server: RunningServer;
+  try {
+    server = await startServer(
+      {
+        auth,
+        limiter,
+        methods: metrics.wrapMethods(methodTable(vault, channels)),
+        log,
+        now,
+        onRequest: (e) => {
+          metrics.observeRequest(e);
+          hooks.onRequest?.(e);
+        },
+      },
+      {
+        host: c.listen.host,
+        port: c.listen.port,
+        ...(c.tls ? { tls: { cert: readFileSync(c.tls.certFile), key: readFileSync(c.tls.keyFile) } } : {}),
+        maxPayload: c.limits.maxPayloadBytes,
+        maxInFlight: c.limits.maxInFlight,
+        idleMs: c.limits.idleSec * 1000,
+        drainMs: 10_000,
+      },
+    );
+  } catch (e) {
+    vault.store.close();
+    vault.keys.close();
+    throw e;
+  }
+  metrics.attach({
+    records: () => vault.store.records.counts(),
+    ledger: () => vault.ledger.status(),
+    epoch: () => vault.keys.currentEpoch(),
+    connections: () => server.connections(),
+  });
+  const audit = hooks.audit;
+  audit?.attachSigner({ vaultId: vault.vaultId, sign: (digest) => vault.keys.sign(digest) });
   vault.startSweeper();
   const sweep = setInterval(() => channels.sweep(), 1000);
   sweep.unref();
+  const startedAt = Date.now();
+  log.info(
+    { event: 'vault.start', vaultId: toHex(vault.vaultId), epoch: vault.keys.currentEpoch(), anchorSeq: vault.ledger.status().anchored, pid: process.pid, version: VERSION },
+    'vault open',
+  );
   log.info(
     { event: 'listening', host: c.listen.host, port: server.port, tls: !!c.tls, vaultId: toHex(vault.vaultId) },
     `vault listening on ${c.tls ? 'wss' : 'ws'}://${c.listen.host}:${server.port}`,
@@ -88,14 +196,20 @@ export async function startDaemon(c: Config, log: Logger, hooks: { onRequest?: (
     vault,
     server,
     auth,
+    metrics,
+    audit,
+    startedAt,
+    readiness: () => readiness(vault, audit),
     stop: () =>
       (stopped ??= (async () => {
         await server.close();
         clearInterval(sweep);
         vault.close();
+        log.info({ event: 'stopped' }, 'vault stopped');
+        // Last: the final audit checkpoint still needs the HSM.
+        await audit?.close();
         vault.store.close();
         vault.keys.close();
-        log.info({ event: 'stopped' }, 'vault stopped');
       })()),
   };
 }
@@ -113,4 +227,85 @@ export async function devToken(d: Daemon, c: Config, log: Logger): Promise<strin
   const token = mintToken(secret, { tenant: 'dev', version: dev.version, vaultId: d.vault.vaultId, ttlSec: 86_400 });
   writeFileSync(join(c.dataDir, 'dev-token'), token + '\n', { mode: 0o600 });
   return token;
+}
+
+/** Files through which bkv-admin finds and authenticates to a running daemon. */
+export const adminFiles = (dataDir: string) => ({ info: join(dataDir, 'admin.json'), token: join(dataDir, 'admin-token') });
+
+/** What the admin endpoints do, on the daemon's own vault (it owns the HSM token). */
+export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
+  const { vault, auth } = d;
+  const latestActive = (name: string) => {
+    const v = vault.store.tenants
+      .list()
+      .filter((t) => t.name === name && t.state === 'active')
+      .reduce((m, t) => Math.max(m, t.version), 0);
+    if (!v) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"`);
+    return v;
+  };
+  return {
+    status: () => daemonStatus(c, vault, { ...(d.audit ? { audit: d.audit } : {}), startedAt: d.startedAt, connections: () => d.server.connections() }),
+    rotate: (o, onProgress) => vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
+    tenants: () => ({ tenants: vault.store.tenants.list() }),
+    async addTenant(name) {
+      const version = vault.store.tenants.add(name, Date.now());
+      const secret = await auth.secretFor(name, version);
+      log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
+      return { name, version, secret: Buffer.from(secret).toString('hex') };
+    },
+    revokeTenant(name) {
+      const revoked = vault.store.tenants.revoke(name, Date.now());
+      if (revoked === 0) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"`);
+      log.info({ event: 'tenant.revoke', tenant: name, revoked }, 'tenant credentials revoked');
+      return { name, revoked };
+    },
+    async mintTenantToken(name, ttlSec, sub) {
+      if (ttlSec > c.limits.tokenMaxLifetimeSec) {
+        throw new VaultError(ErrorCodes.BAD_REQUEST, `ttl over limits.tokenMaxLifetimeSec (${c.limits.tokenMaxLifetimeSec} s): the vault would refuse the token`);
+      }
+      const version = latestActive(name);
+      const token = mintToken(await auth.secretFor(name, version), { tenant: name, version, vaultId: vault.vaultId, ttlSec, ...(sub ? { sub } : {}) });
+      log.info({ event: 'tenant.token', tenant: name, version, ttlSec }, 'tenant token minted');
+      return { name, version, token, expiresAt: new Date(Date.now() + ttlSec * 1000).toISOString() };
+    },
+    async checkpoint() {
+      const checkpointed = (await d.audit?.checkpoint()) ?? false;
+      const s = d.audit?.status();
+      return { checkpointed, seq: s?.seq ?? 0, signedThrough: s?.signedThrough ?? 0 };
+    },
+  };
+}
+
+/**
+ * Start the admin listener for a running daemon and publish how bkv-admin
+ * reaches it: <data>/admin.json (address, pid) and <data>/admin-token (a
+ * fresh random bearer, mode 0600). Both are removed again by close().
+ */
+export async function startAdmin(d: Daemon, c: Config, log: Logger): Promise<RunningAdmin> {
+  const adminToken = randomBytes(32).toString('hex');
+  const admin = await startAdminServer(
+    { metrics: d.metrics, readiness: () => d.readiness(), actions: adminActions(d, c, log), adminToken, log },
+    { host: c.admin.host, port: c.admin.port },
+  );
+  const files = adminFiles(c.dataDir);
+  const host = isLoopback(c.admin.host) ? c.admin.host : c.admin.host === '0.0.0.0' ? '127.0.0.1' : c.admin.host === '::' ? '::1' : c.admin.host;
+  const url = `http://${host.includes(':') ? `[${host}]` : host}:${admin.port}`;
+  writeFileSync(files.token, adminToken + '\n', { mode: 0o600 });
+  writeFileSync(files.info, JSON.stringify({ url, pid: process.pid, startedAt: new Date(d.startedAt).toISOString() }) + '\n', { mode: 0o644 });
+  log.info({ event: 'admin.listening', host: c.admin.host, port: admin.port }, `admin listener on ${url} (/healthz /readyz /metrics)`);
+  return {
+    ...admin,
+    async close() {
+      await admin.close();
+      try {
+        // Only our own: a newer daemon may already have replaced them.
+        if (readFileSync(files.token, 'utf8').trim() === adminToken) {
+          rmSync(files.info, { force: true });
+          rmSync(files.token, { force: true });
+        }
+      } catch {
+        /* already gone */
+      }
+    },
+  };
 }

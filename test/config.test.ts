@@ -1,0 +1,117 @@
+// Configuration: one JSON or YAML file plus BKV_* environment overrides,
+// validated with a message for every bad field at once — through loadConfig
+// and through `bkv-admin config check` as an operator runs it.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ADMIN } from './helpers/daemon.js';
+import { loadConfig } from '../vault/config.js';
+
+let dir: string;
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'bkv-config-'));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const file = (name: string, text: string) => {
+  const p = join(dir, name);
+  writeFileSync(p, text);
+  return p;
+};
+
+/** Only the variables under test: the runner's own BKV_* must not leak in. */
+const cleanEnv = (extra: Record<string, string> = {}): NodeJS.ProcessEnv => {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BKV_')) env[k] = v;
+  return { ...env, ...extra };
+};
+
+function check(args: string[], env = cleanEnv()) {
+  return spawnSync(process.execPath, [ADMIN, 'config', 'check', ...args], { encoding: 'utf8', env });
+}
+
+const message = (fn: () => unknown): string => {
+  try {
+    fn();
+  } catch (e) {
+    return (e as Error).message;
+  }
+  throw new Error('expected an error');
+};
+
+describe('configuration validation', () => {
+  it('names every bad field of a JSON file at once', () => {
+    const f = file(
+      'bad.json',
+      JSON.stringify({
+        listen: { host: '127.0.0.1', port: 70000 },
+        vault: { attemptLimit: 0, kdfFloor: { m: 'big' } },
+        admin: { port: -1 },
+        audit: { checkpointEvery: 0 },
+        log: { level: 'loud' },
+        surprise: true,
+      }),
+    );
+    const m = message(() => loadConfig({ file: f, env: cleanEnv() }));
+    for (const field of ['listen.port', 'vault.attemptLimit', 'vault.kdfFloor.m', 'admin.port', 'audit.checkpointEvery', 'log.level', 'surprise']) {
+      expect(m).toContain(field === 'surprise' ? '"surprise"' : `${field}:`);
+    }
+  });
+
+  it('reads YAML, and reports YAML syntax errors with their position', () => {
+    const ok = file('ok.yaml', 'dataDir: /tmp/x\nlisten:\n  host: 127.0.0.1\n  port: 9999\nadmin:\n  port: 0\nvault:\n  attemptLimit: 5\n');
+    const c = loadConfig({ file: ok, env: cleanEnv() });
+    expect(c.listen.port).toBe(9999);
+    expect(c.admin).toEqual({ host: '127.0.0.1', port: 0 });
+    expect(c.vault.attemptLimit).toBe(5);
+    const broken = file('broken.yml', 'listen:\n  host: [unclosed\n');
+    expect(message(() => loadConfig({ file: broken, env: cleanEnv() }))).toMatch(/not valid YAML.*line/s);
+    const bad = file('bad.yaml', 'vault:\n  attemptLimit: ten\n  sessionTtlSec: 1\n');
+    const m = message(() => loadConfig({ file: bad, env: cleanEnv() }));
+    expect(m).toContain('vault.attemptLimit:');
+    expect(m).toContain('vault.sessionTtlSec:');
+  });
+
+  it('environment overrides the file, and bad environment values are named too', () => {
+    const f = file('env.json', JSON.stringify({ admin: { host: '127.0.0.1', port: 1234 } }));
+    expect(loadConfig({ file: f, env: cleanEnv({ BKV_ADMIN_LISTEN: '127.0.0.1:4321' }) }).admin.port).toBe(4321);
+    expect(loadConfig({ env: cleanEnv({ BKV_AUDIT_FILE: '/var/log/bkv-audit.log' }) }).audit.file).toBe('/var/log/bkv-audit.log');
+    expect(message(() => loadConfig({ env: cleanEnv({ BKV_ATTEMPT_LIMIT: 'many' }) }))).toContain('BKV_ATTEMPT_LIMIT');
+    expect(message(() => loadConfig({ env: cleanEnv({ BKV_ADMIN_LISTEN: 'nowhere' }) }))).toContain('HOST:PORT');
+  });
+
+  it('`bkv-admin config check` prints every bad field and exits 2', () => {
+    const f = file('check-bad.json', JSON.stringify({ listen: { port: 'x' }, limits: { maxInFlight: 0 }, hsm: { tokenLabel: '' } }));
+    const r = check(['--config', f]);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain('listen.port:');
+    expect(r.stderr).toContain('limits.maxInFlight:');
+    expect(r.stderr).toContain('hsm.tokenLabel:');
+  });
+
+  it('`bkv-admin config check` also catches what only shows at start: missing files, plain ws:// off loopback', () => {
+    const f = file(
+      'check-files.json',
+      JSON.stringify({ dataDir: dir, listen: { host: '0.0.0.0', port: 8787 }, hsm: { module: '/nonexistent/libhsm.so', tokenLabel: 'prod' } }),
+    );
+    const r = check(['--config', f]);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toContain('listen.host: 0.0.0.0 is not loopback');
+    expect(r.stderr).toContain('hsm.module: PKCS#11 module /nonexistent/libhsm.so does not exist');
+    expect(r.stderr).toContain('hsm.pinFile: an external hsm.module needs hsm.pinFile (or BKV_HSM_PIN');
+  });
+
+  it('`bkv-admin config check` accepts a good file with environment overrides, and the PIN never appears', () => {
+    const f = file('good.yaml', `dataDir: ${dir}\nadmin:\n  port: 18788\n`);
+    const r = check(['--config', f], cleanEnv({ BKV_LISTEN: '127.0.0.1:18787', BKV_HSM_PIN: 'pin-must-not-show' }));
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(r.stdout).toContain('configuration OK');
+    expect(r.stdout).toContain('ws://127.0.0.1:18787');
+    expect(r.stdout).toContain('http://127.0.0.1:18788');
+    expect(r.stdout).toContain('PIN from BKV_HSM_PIN');
+    expect(r.stdout + r.stderr).not.toContain('pin-must-not-show');
+  });
+});

@@ -1,0 +1,540 @@
+#!/usr/bin/env node
+// bkv-admin: the operator's command line. While the daemon runs it owns the
+// HSM token (SoftHSM allows one writing process per token), so every command
+// that needs the HSM goes through the daemon's admin listener; against a
+// stopped vault the same commands open the token themselves, holding
+// <data>/vault.lock so a daemon cannot start beside them.
+import { Command, Option } from 'commander';
+import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import pino, { type Logger } from 'pino';
+import { SOFTHSM_CANDIDATES, loadConfig, type Config } from './config.js';
+import { VaultError, ErrorCodes } from './errors.js';
+import { initVault, tokenConfig } from './setup.js';
+import { openKeys, openVault } from './core/open.js';
+import { Store } from './store/index.js';
+import { openDb } from './store/db.js';
+import { TenantStore, checkTenantName, type Tenant } from './store/tenants.js';
+import { mintToken, tenantSecretInput } from './rpc/auth.js';
+import { vaultIdOf } from './protocol/descriptor.js';
+import { Metrics } from './metrics.js';
+import { logTap, openAudit } from './daemon.js';
+import { acquireLock } from './admin/lock.js';
+import { offlineStatus, type StatusReport } from './admin/status.js';
+import { AdminCallError, adminCall, adminStream, findDaemon, ping, type DaemonEndpoint } from './admin/client.js';
+import { publicKeyFromText, verifyAudit } from './audit/chain.js';
+import { isLoopback } from './admin/server.js';
+import type { AuditLog } from './audit/log.js';
+import type { VaultKeys } from './hsm/vault-keys.js';
+
+export const EXIT = {
+  OK: 0,
+  FAILED: 1,
+  USAGE: 2,
+  AUDIT_BROKEN: 3,
+  NOT_CONFORM: 4,
+  NOT_FOUND: 5,
+  UNAVAILABLE: 6,
+} as const;
+
+class CliError extends Error {
+  constructor(
+    readonly exit: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+interface Common {
+  config?: string;
+  data?: string;
+}
+
+const out = (s: string): void => void process.stdout.write(s.endsWith('\n') ? s : s + '\n');
+const note = (s: string): void => void process.stderr.write(s.endsWith('\n') ? s : s + '\n');
+
+function config(o: Common): Config {
+  return loadConfig({ ...(o.config ? { file: o.config } : {}), overrides: { dataDir: o.data } });
+}
+
+/** Logger for offline commands: warnings to stderr, security events into the audit log. */
+function offlineLogger(audit?: AuditLog): Logger {
+  const streams: pino.StreamEntry[] = [{ level: 'warn', stream: pino.destination({ dest: 2, sync: true }) }];
+  if (audit) streams.push({ level: 'info', stream: { write: logTap(new Metrics({ processMetrics: false }), audit) } });
+  return pino({ level: 'info', base: { svc: 'bkv-admin' } }, pino.multistream(streams));
+}
+
+/**
+ * Run `online` against the daemon when one runs, else `offline` with the data
+ * lock held, the audit log open and a logger that feeds it.
+ */
+async function withVault<T>(
+  c: Config,
+  online: (ep: DaemonEndpoint) => Promise<T>,
+  offline: (log: Logger, audit: AuditLog) => Promise<T>,
+): Promise<T> {
+  const ep = await findDaemon(c.dataDir);
+  if (ep) return online(ep);
+  if (!existsSync(c.dataDir)) throw new CliError(EXIT.NOT_FOUND, `no data folder at ${c.dataDir}: run "bkv-admin init" first`);
+  const lock = acquireLock(c.dataDir, 'bkv-admin');
+  let log: Logger | undefined;
+  const audit = openAudit(c, new Metrics({ processMetrics: false }), () => log);
+  log = offlineLogger(audit);
+  try {
+    return await offline(log, audit);
+  } finally {
+    await audit.close({ checkpoint: false });
+    lock.release();
+  }
+}
+
+/** An offline command that had the HSM open leaves its audit lines signed, as the daemon does at shutdown. */
+async function signAudit(audit: AuditLog, keys: VaultKeys): Promise<void> {
+  audit.attachSigner({ vaultId: vaultIdOf(keys.signingPublic), sign: (d) => keys.sign(d) });
+  await audit.checkpoint();
+}
+
+// ---- output helpers -------------------------------------------------------
+
+function printStatus(s: StatusReport): void {
+  const yes = (b: boolean) => (b ? 'yes' : 'NO');
+  out(`vault ${s.vaultId ?? '(unknown)'}  (${s.mode === 'daemon' ? `daemon pid ${s.daemon?.pid}, up ${s.daemon?.uptimeSec} s, ${s.daemon?.connections} connections` : 'daemon not running'})`);
+  out(`HSM      ${s.hsm.embedded ? 'embedded SoftHSM2' : 'external'} module ${s.hsm.module}, token "${s.hsm.tokenLabel}", answering: ${yes(s.hsm.up)}`);
+  out(`keys     policy-conform: ${yes(s.policy.conform)}${s.policy.problem ? `\n         ${s.policy.problem}` : ''}`);
+  for (const k of s.policy.keys) out(`         ${k.label.padEnd(18)} ${k.purpose}`);
+  if (s.currentEpoch !== undefined) out(`epoch    ${s.currentEpoch} (seal keys present: ${s.policy.epochs.join(', ') || '?'})`);
+  if (s.records) out(`records  ${s.records.active} active, ${s.records.locked} locked, ${s.records.deleted} deleted`);
+  if (s.tenants) out(`tenants  ${s.tenants.active} active${s.tenants.names.length ? ` (${s.tenants.names.join(', ')})` : ''}, ${s.tenants.revoked} revoked`);
+  if (s.anchor) out(`anchor   database batch ${s.anchor.dbSeq}, HSM anchor batch ${s.anchor.hsmSeq}, consistent: ${yes(s.anchor.consistent)}\n         ${s.anchor.detail}`);
+  if (s.audit) out(`audit    ${s.audit.seq} lines, signed through ${s.audit.signedThrough}, writable: ${yes(s.audit.healthy)}`);
+}
+
+function printTenants(list: Tenant[]): void {
+  if (list.length === 0) return out('no tenants');
+  out('NAME                 VERSION  STATE    CREATED                   REVOKED');
+  for (const t of list) {
+    out(
+      `${t.name.padEnd(20)} ${String(t.version).padEnd(8)} ${t.state.padEnd(8)} ${new Date(t.createdAt).toISOString().padEnd(25)} ${t.revokedAt ? new Date(t.revokedAt).toISOString() : '-'}`,
+    );
+  }
+}
+
+function printSecret(r: { name: string; version: number; secret: string }): void {
+  out(`tenant "${r.name}" credential version ${r.version} added.`);
+  out('Tenant secret (shown only now; store it in the backend\'s secret store):');
+  out(`  ${r.secret}`);
+  note(
+    `The backend mints HS256 JWTs with these 32 bytes (hex-decoded) as the key: header kid "${r.name}:${r.version}", ` +
+      'claims aud = vault id, iat, exp (at most limits.tokenMaxLifetimeSec later). See docs/RPC.md. ' +
+      '"bkv-admin tenant token NAME" mints one for testing.',
+  );
+}
+
+// ---- commands --------------------------------------------------------------
+
+const program = new Command('bkv-admin')
+  .description('Operate a Backup Key Vault: keys, status, rotation, tenants, audit log, configuration')
+  .showHelpAfterError()
+  // commander's own usage errors (unknown option, missing argument) exit 2; --help 0. Inherited by subcommands.
+  .exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : EXIT.USAGE))
+  .addHelpText(
+    'after',
+    `
+While the daemon runs, commands that need the HSM go through its admin listener
+(<data>/admin.json, authenticated by <data>/admin-token); against a stopped vault
+they open the token themselves.
+
+Exit codes:
+  0 ok                               4 keys not policy-conform, or state inconsistent
+  1 any other error                  5 not found (tenant, data folder)
+  2 usage error or invalid config    6 daemon or HSM unavailable
+  3 audit log verification failed
+
+Environment: BKV_CONFIG, BKV_DATA and every BKV_* override of bkv-vault.`,
+  );
+
+function common(cmd: Command): Command {
+  return cmd
+    .option('-c, --config <file>', 'JSON or YAML config file (env BKV_CONFIG)')
+    .option('-d, --data <dir>', 'data folder (env BKV_DATA)');
+}
+
+common(program.command('init'))
+  .description('create the embedded token (if embedded), the key set of hsm-policy/, the database and vault-key.pub; idempotent')
+  .action(async (o: Common) => {
+    const c = config(o);
+    const ep = await findDaemon(c.dataDir);
+    if (ep) return out(`the vault is running (pid ${ep.pid ?? '?'}): it is initialised, nothing to do`);
+    mkdirSync(c.dataDir, { recursive: true, mode: 0o700 });
+    const lock = acquireLock(c.dataDir, 'bkv-admin init');
+    let log: Logger | undefined;
+    const audit = openAudit(c, new Metrics({ processMetrics: false }), () => log);
+    log = offlineLogger(audit);
+    try {
+      const r = await initVault(c, log);
+      log.info({ event: 'init', vaultId: r.vaultId, createdToken: r.createdToken, createdKeys: r.createdKeys }, 'vault initialised');
+      out(`vault id       ${r.vaultId}`);
+      out(`token          ${r.createdToken ? 'created (embedded SoftHSM2)' : 'existing'}`);
+      out(`keys created   ${r.createdKeys.length ? r.createdKeys.join(', ') : 'none: every key of the policy is present and conform'}`);
+      out(`public key     ${r.publicKeyFile}  (give this file to clients to pin)`);
+    } finally {
+      await audit.close({ checkpoint: false });
+      lock.release();
+    }
+  });
+
+common(program.command('status'))
+  .description('keys present and policy-conform, record and tenant counts, anchor state, seal epoch')
+  .option('--json', 'print JSON')
+  .action(async (o: Common & { json?: boolean }) => {
+    const c = config(o);
+    const s = await withVault(
+      c,
+      (ep) => adminCall<StatusReport>(ep, 'GET', '/admin/status'),
+      (log) => offlineStatus(c, log),
+    );
+    if (o.json) out(JSON.stringify(s, null, 2));
+    else printStatus(s);
+    if (!s.policy.conform || (s.anchor && !s.anchor.consistent)) process.exitCode = EXIT.NOT_CONFORM;
+  });
+
+common(program.command('rotate'))
+  .description('new seal epoch: re-seal every live record, then destroy the older epoch keys in the HSM')
+  .option('--resume', 'finish an interrupted rotation instead of starting a new one')
+  .option('--batch-size <n>', 'records per anchored batch', (v) => Number(v))
+  .action(async (o: Common & { resume?: boolean; batchSize?: number }) => {
+    const c = config(o);
+    const progress = (done: number, remaining: number) => note(`  re-sealed ${done}, remaining ${remaining}`);
+    const show = (r: { epoch: number; resealed: number; unreadable: number; destroyedEpochs: number[] }) => {
+      out(`seal epoch is now ${r.epoch}: ${r.resealed} records re-sealed, ${r.unreadable} unreadable (left to be shredded)`);
+      out(`destroyed epoch keys: ${r.destroyedEpochs.length ? r.destroyedEpochs.join(', ') : 'none'}`);
+      out('Every database copy taken before this rotation can no longer be opened.');
+    };
+    const body = { resume: !!o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}) };
+    await withVault(
+      c,
+      async (ep) => {
+        let failure: { code: string; message: string } | undefined;
+        await adminStream(ep, '/admin/rotate', body, (l) => {
+          if (l.progress) progress((l.progress as { done: number }).done, (l.progress as { remaining: number }).remaining);
+          if (l.result) show(l.result as Parameters<typeof show>[0]);
+          if (l.error) failure = l.error as typeof failure;
+        });
+        if (failure) throw new AdminCallError(failure.code, failure.message, 500);
+      },
+      async (log, audit) => {
+        const vault = await openVault({
+          hsm: tokenConfig(c),
+          dbPath: c.dbPath ?? join(c.dataDir, 'vault.db'),
+          log,
+          vault: { attemptLimit: c.vault.attemptLimit, kdfFloor: { alg: 'argon2id', ...c.vault.kdfFloor } },
+        });
+        audit.attachSigner({ vaultId: vault.vaultId, sign: (d) => vault.keys.sign(d) });
+        try {
+          show(await vault.rotate({ ...body, onProgress: progress }));
+          await audit.checkpoint();
+        } finally {
+          vault.store.close();
+          vault.keys.close();
+        }
+      },
+    );
+  });
+
+const tenant = program.command('tenant').description('backend credentials: add, list, revoke, mint a token');
+
+common(tenant.command('add'))
+  .argument('<name>', 'tenant name: 1-63 of a-z 0-9 _ . -')
+  .description('add a tenant (or a new credential version of one) and print its secret once')
+  .action(async (name: string, o: Common) => {
+    checkTenantName(name);
+    const c = config(o);
+    const r = await withVault(
+      c,
+      (ep) => adminCall<{ name: string; version: number; secret: string }>(ep, 'POST', '/admin/tenants', { name }),
+      async (log, audit) => {
+        const keys = openKeys(tokenConfig(c), false, log);
+        const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
+        try {
+          const version = store.tenants.add(name, Date.now());
+          const secret = await keys.tenantSecret(tenantSecretInput(vaultIdOf(keys.signingPublic), name, version));
+          log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
+          await signAudit(audit, keys);
+          return { name, version, secret: Buffer.from(secret).toString('hex') };
+        } finally {
+          store.close();
+          keys.close();
+        }
+      },
+    );
+    printSecret(r);
+  });
+
+common(tenant.command('list'))
+  .description('list tenants and their credential versions')
+  .option('--json', 'print JSON')
+  .action(async (o: Common & { json?: boolean }) => {
+    const c = config(o);
+    const ep = await findDaemon(c.dataDir);
+    let list: Tenant[];
+    if (ep) list = (await adminCall<{ tenants: Tenant[] }>(ep, 'GET', '/admin/tenants')).tenants;
+    else {
+      const dbPath = c.dbPath ?? join(c.dataDir, 'vault.db');
+      if (!existsSync(dbPath)) throw new CliError(EXIT.NOT_FOUND, `no database at ${dbPath}`);
+      // Reading needs no HSM and no lock: the database is opened read-only.
+      const db = openDb(dbPath, { readonly: true });
+      try {
+        list = new TenantStore(db).list();
+      } finally {
+        db.close();
+      }
+    }
+    if (o.json) out(JSON.stringify(list, null, 2));
+    else printTenants(list);
+  });
+
+common(tenant.command('revoke'))
+  .argument('<name>', 'tenant name')
+  .description('revoke every credential version of a tenant; its tokens stop working at once')
+  .action(async (name: string, o: Common) => {
+    const c = config(o);
+    const r = await withVault(
+      c,
+      (ep) => adminCall<{ name: string; revoked: number }>(ep, 'POST', '/admin/tenants/revoke', { name }),
+      async (log) => {
+        const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
+        try {
+          const revoked = store.tenants.revoke(name, Date.now());
+          if (revoked === 0) throw new CliError(EXIT.NOT_FOUND, `no active tenant "${name}"`);
+          log.info({ event: 'tenant.revoke', tenant: name, revoked }, 'tenant credentials revoked');
+          return { name, revoked };
+        } finally {
+          store.close();
+        }
+      },
+    );
+    out(`tenant "${r.name}": ${r.revoked} credential version(s) revoked`);
+  });
+
+common(tenant.command('token'))
+  .argument('<name>', 'tenant name')
+  .description("mint a tenant JWT (HS256, newest active version) and print it: for tests and bootstrapping a backend")
+  .option('--ttl <seconds>', 'lifetime in seconds', (v) => Number(v), 3600)
+  .option('--sub <text>', 'free-text subject for the vault logs')
+  .action(async (name: string, o: Common & { ttl: number; sub?: string }) => {
+    if (!Number.isInteger(o.ttl) || o.ttl < 60) throw new CliError(EXIT.USAGE, '--ttl must be an integer number of seconds, at least 60');
+    const c = config(o);
+    if (o.ttl > c.limits.tokenMaxLifetimeSec) {
+      throw new CliError(EXIT.USAGE, `--ttl over limits.tokenMaxLifetimeSec (${c.limits.tokenMaxLifetimeSec} s): the vault would refuse the token`);
+    }
+    const r = await withVault(
+      c,
+      (ep) => adminCall<{ token: string; version: number; expiresAt: string }>(ep, 'POST', '/admin/tenants/token', { name, ttlSec: o.ttl, ...(o.sub ? { sub: o.sub } : {}) }),
+      async (log, audit) => {
+        const keys = openKeys(tokenConfig(c), false, log);
+        const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
+        try {
+          const version = store.tenants.list().filter((t) => t.name === name && t.state === 'active').reduce((m, t) => Math.max(m, t.version), 0);
+          if (!version) throw new CliError(EXIT.NOT_FOUND, `no active tenant "${name}"`);
+          const vaultId = vaultIdOf(keys.signingPublic);
+          const secret = await keys.tenantSecret(tenantSecretInput(vaultId, name, version));
+          log.info({ event: 'tenant.token', tenant: name, version, ttlSec: o.ttl }, 'tenant token minted');
+          await signAudit(audit, keys);
+          return { version, token: mintToken(secret, { tenant: name, version, vaultId, ttlSec: o.ttl, ...(o.sub ? { sub: o.sub } : {}) }), expiresAt: new Date(Date.now() + o.ttl * 1000).toISOString() };
+        } finally {
+          store.close();
+          keys.close();
+        }
+      },
+    );
+    out(r.token);
+    note(`tenant "${name}" version ${r.version}, expires ${r.expiresAt}`);
+  });
+
+const audit = program.command('audit').description('the hash-chained, HSM-checkpointed audit log');
+
+common(audit.command('verify'))
+  .description('check the whole chain and every checkpoint signature offline, with the vault public key')
+  .option('--file <file>', 'audit log (default: audit.file or <data>/audit.log)')
+  .option('--key <file>', "the vault's public key, PEM or 130 hex digits (default <data>/vault-key.pub)")
+  .option('--json', 'print the report as JSON')
+  .action((o: Common & { file?: string; key?: string; json?: boolean }) => {
+    let file = o.file;
+    let keyFile = o.key;
+    if (!file || !keyFile) {
+      const c = config(o);
+      file ??= c.audit.file ?? join(c.dataDir, 'audit.log');
+      keyFile ??= join(c.dataDir, 'vault-key.pub');
+    }
+    if (!existsSync(file)) throw new CliError(EXIT.NOT_FOUND, `no audit log at ${file}`);
+    if (!existsSync(keyFile)) throw new CliError(EXIT.NOT_FOUND, `no vault public key at ${keyFile}`);
+    let key: Uint8Array;
+    try {
+      key = publicKeyFromText(readFileSync(keyFile, 'utf8'));
+    } catch (e) {
+      throw new CliError(EXIT.USAGE, `${keyFile} is not a P-256 public key: ${(e as Error).message}`);
+    }
+    const r = verifyAudit(readFileSync(file, 'utf8'), key);
+    if (o.json) out(JSON.stringify(r, null, 2));
+    else {
+      out(`${file}: ${r.lines} lines, ${r.checkpoints} checkpoints${r.firstTime ? `, ${r.firstTime} .. ${r.lastTime}` : ''}`);
+      out(`signed by the HSM through line ${r.signedThrough}; ${r.unsignedTail} later line(s) protected by the hash chain only`);
+      for (const p of r.problems) out(`  line ${p.line}: ${p.message}`);
+      out(r.ok ? 'OK: the chain is intact and every checkpoint signature verifies' : `FAILED: ${r.problems.length} problem(s)`);
+    }
+    if (!r.ok) process.exitCode = EXIT.AUDIT_BROKEN;
+  });
+
+common(audit.command('checkpoint'))
+  .description('ask the running daemon to sign the current head of the audit log now')
+  .action(async (o: Common) => {
+    const c = config(o);
+    const ep = await findDaemon(c.dataDir);
+    if (!ep) throw new CliError(EXIT.UNAVAILABLE, 'the daemon is not running (it writes a checkpoint at every shutdown)');
+    const r = await adminCall<{ checkpointed: boolean; seq: number; signedThrough: number }>(ep, 'POST', '/admin/audit/checkpoint');
+    out(r.checkpointed ? `checkpoint written: signed through line ${r.signedThrough}` : `nothing new to sign (signed through ${r.signedThrough})`);
+  });
+
+export const BACKUP_DB_GUIDANCE = `Backing up the vault database — read this before you copy vault.db
+
+A restored copy of vault.db is refused, on purpose.
+
+Every change to a record (an attempt counted, a record destroyed, a password
+reset) moves a Merkle root and a batch number that the vault anchors in the HSM
+before it answers. At start the vault compares the database with that anchor:
+  - database older than the anchor  -> STATE_ROLLBACK_DETECTED, the vault will not serve it
+  - one batch ahead (a crash)       -> that unanswered batch is rolled back, nothing lost
+  - same batch, different content   -> refused: rows were restored or altered
+A single restored row is caught too: its bucket no longer hashes to the anchored state.
+If a copy could be served, restoring it would hand back every wrong guess it
+predates and bring destroyed records back to life: an attacker with disk access
+could then guess passwords forever, 10 at a time.
+
+What protects users instead:
+  1. Durability on the live host: synchronous=FULL WAL on reliable storage (RAID /
+     replicated block storage), so a power cut loses nothing acknowledged.
+  2. The HSM is the root of trust: back up the HSM as its vendor prescribes
+     (key-backup / cloning to a second HSM of the same security domain). With
+     SoftHSM2 (development only) the token folder is the HSM.
+  3. A database copy is still useful as forensic evidence and for statistics, never
+     to serve: take it while the daemon is stopped, or with
+        sqlite3 <data>/vault.db ".backup '/secure/place/vault-YYYYMMDD.db'"
+     It is useless to an attacker without the HSM (records are sealed under HSM keys).
+  4. Rotate ("bkv-admin rotate") after any suspected copy: the old seal epoch key
+     is destroyed in the HSM and every older copy becomes unreadable for good.
+
+If the live database is lost, users' password-protected keys are lost with it:
+they restore with their 64-digit code, or start new backups. docs/OPERATIONS.md
+("Disaster scenarios") lists what each failure costs users.`;
+
+program
+  .command('backup-db')
+  .description('why a restored database is refused, and what to back up instead')
+  .action(() => out(BACKUP_DB_GUIDANCE));
+
+const configCmd = program.command('config').description('configuration file and environment');
+
+interface ConfigProblem {
+  field: string;
+  message: string;
+}
+
+/** Checks beyond the schema: files that must exist, combinations the daemon refuses. */
+export function configProblems(c: Config, env: NodeJS.ProcessEnv = process.env): { errors: ConfigProblem[]; warnings: ConfigProblem[] } {
+  const errors: ConfigProblem[] = [];
+  const warnings: ConfigProblem[] = [];
+  const loopback = (h: string) => ['127.0.0.1', '::1', 'localhost'].includes(h);
+  if (!c.tls && !loopback(c.listen.host)) errors.push({ field: 'listen.host', message: `${c.listen.host} is not loopback: plain ws:// is refused there; configure tls.certFile/tls.keyFile` });
+  if (c.tls) {
+    for (const k of ['certFile', 'keyFile'] as const) if (!existsSync(c.tls[k])) errors.push({ field: `tls.${k}`, message: `${c.tls[k]} does not exist` });
+  }
+  if (!isLoopback(c.admin.host)) warnings.push({ field: 'admin.host', message: `${c.admin.host} is not loopback: only /healthz, /readyz and /metrics are served there; bkv-admin needs a loopback listener` });
+  if (c.admin.port !== 0 && c.admin.port === c.listen.port && c.admin.host === c.listen.host) errors.push({ field: 'admin.port', message: 'same address as listen' });
+  if (c.hsm.module) {
+    if (!existsSync(c.hsm.module)) errors.push({ field: 'hsm.module', message: `PKCS#11 module ${c.hsm.module} does not exist` });
+    if (!c.hsm.pinFile && !env.BKV_HSM_PIN) errors.push({ field: 'hsm.pinFile', message: 'an external hsm.module needs hsm.pinFile (or BKV_HSM_PIN in the environment)' });
+  } else if (!SOFTHSM_CANDIDATES.some((p) => existsSync(p))) {
+    errors.push({ field: 'hsm.module', message: 'embedded mode needs SoftHSM2 (apt-get install softhsm2), or set hsm.module' });
+  }
+  if (c.hsm.pinFile) {
+    if (!existsSync(c.hsm.pinFile)) errors.push({ field: 'hsm.pinFile', message: `${c.hsm.pinFile} does not exist` });
+    else if ((statSync(c.hsm.pinFile).mode & 0o077) !== 0) warnings.push({ field: 'hsm.pinFile', message: `${c.hsm.pinFile} is readable by group or others; chmod 600` });
+  }
+  if (!existsSync(c.dataDir) && !existsSync(dirname(c.dataDir))) errors.push({ field: 'dataDir', message: `neither ${c.dataDir} nor its parent exists` });
+  if (c.vault.kdfFloor.m < 19456) warnings.push({ field: 'vault.kdfFloor.m', message: `${c.vault.kdfFloor.m} KiB is below OWASP's Argon2id minimum (19456 KiB); fine for tests only` });
+  return { errors, warnings };
+}
+
+common(configCmd.command('check'))
+  .description('validate the config file plus BKV_* environment, printing every bad field')
+  .option('--json', 'print the effective configuration as JSON when valid')
+  .action((o: Common & { json?: boolean }) => {
+    let c: Config;
+    try {
+      c = config(o);
+    } catch (e) {
+      throw new CliError(EXIT.USAGE, e instanceof VaultError ? e.message : String(e));
+    }
+    const { errors, warnings } = configProblems(c);
+    for (const w of warnings) note(`warning: ${w.field}: ${w.message}`);
+    if (errors.length) throw new CliError(EXIT.USAGE, `invalid configuration:\n${errors.map((e) => `  ${e.field}: ${e.message}`).join('\n')}`);
+    if (o.json) out(JSON.stringify(c, null, 2));
+    else {
+      out(`configuration OK${o.config ?? process.env.BKV_CONFIG ? ` (${o.config ?? process.env.BKV_CONFIG})` : ' (defaults and environment)'}`);
+      out(`  data      ${c.dataDir}`);
+      out(`  listen    ${c.tls ? 'wss' : 'ws'}://${c.listen.host}:${c.listen.port}`);
+      out(`  admin     http://${c.admin.host}:${c.admin.port}`);
+      out(`  hsm       ${c.hsm.module ?? 'embedded SoftHSM2'} token "${c.hsm.tokenLabel}", PIN from ${process.env.BKV_HSM_PIN ? 'BKV_HSM_PIN' : (c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'))}`);
+      out(`  audit     ${c.audit.file ?? join(c.dataDir, 'audit.log')} (checkpoint every ${c.audit.checkpointEvery} events or ${c.audit.checkpointSec} s)`);
+    }
+  });
+
+common(program.command('health'))
+  .description("the daemon's liveness (/healthz) or readiness (/readyz): exit 0 when fine (container HEALTHCHECK)")
+  .option('--ready', 'check readiness (HSM, anchor, database, audit) instead of liveness')
+  .addOption(new Option('--url <url>', 'admin listener URL (default: from <data>/admin.json)'))
+  .action(async (o: Common & { ready?: boolean; url?: string }) => {
+    let url = o.url;
+    if (!url) {
+      const c = config(o);
+      const info = join(c.dataDir, 'admin.json');
+      if (!existsSync(info)) throw new CliError(EXIT.UNAVAILABLE, `the daemon is not running (no ${info})`);
+      url = (JSON.parse(readFileSync(info, 'utf8')) as { url: string }).url;
+    }
+    let r: { status: number; body: unknown };
+    try {
+      r = await ping(url, o.ready ? '/readyz' : '/healthz', 5000);
+    } catch (e) {
+      throw new CliError(EXIT.UNAVAILABLE, `no answer from ${url}: ${(e as Error).message}`);
+    }
+    out(JSON.stringify(r.body));
+    if (r.status !== 200) process.exitCode = EXIT.UNAVAILABLE;
+  });
+
+function exitCodeOf(e: unknown): number {
+  if (e instanceof CliError) return e.exit;
+  const code = e instanceof VaultError || e instanceof AdminCallError ? e.code : undefined;
+  switch (code) {
+    case ErrorCodes.BAD_REQUEST:
+      return EXIT.USAGE;
+    case ErrorCodes.RECORD_NOT_FOUND:
+      return EXIT.NOT_FOUND;
+    case ErrorCodes.HSM_POLICY_VIOLATION:
+    case ErrorCodes.STATE_ROLLBACK_DETECTED:
+      return EXIT.NOT_CONFORM;
+    case ErrorCodes.HSM_UNAVAILABLE:
+    case ErrorCodes.HSM_TOKEN_NOT_FOUND:
+    case ErrorCodes.STORE_UNAVAILABLE:
+    case 'DAEMON_UNRESPONSIVE':
+      return EXIT.UNAVAILABLE;
+    default:
+      return EXIT.FAILED;
+  }
+}
+
+program.parseAsync().catch((e: unknown) => {
+  const code = e instanceof VaultError || e instanceof AdminCallError ? `${e.code}: ` : '';
+  process.stderr.write(`bkv-admin: ${code}${(e as Error).message}\n`);
+  process.exit(exitCodeOf(e));
+});

@@ -1,0 +1,98 @@
+// Readiness of a serving vault: may a load balancer send it traffic? Each check
+// answers a question a recovery depends on, and says which one failed:
+//   hsm    — the token answers (a recovery needs the OPRF key and the verifier key)
+//   anchor — the HSM anchor holds exactly the state this process last anchored,
+//            and every committed change is anchored (retries a failed anchor write).
+//            The anchor is a private token object, so reading it also proves the
+//            session is logged in, not merely open.
+//   db     — a real write commits (readers alone cannot count a guess)
+//   audit  — security events are being recorded
+// Liveness (/healthz) is only "the event loop answers": a vault that lost its
+// HSM should be taken out of rotation, not restarted in a loop (a restart
+// cannot bring back an HSM, and real HSMs lock after repeated bad logins).
+import type { Vault } from '../core/vault.js';
+import type { AuditLog } from '../audit/log.js';
+import { toHex } from '../protocol/bytes.js';
+
+export interface Check {
+  ok: boolean;
+  detail?: string;
+}
+
+export interface Readiness {
+  ready: boolean;
+  checks: { hsm: Check; anchor: Check & { seq?: number; anchored?: number; hsmSeq?: number; lag?: number }; db: Check; audit?: Check };
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<T>((_, rej) => {
+      timer = setTimeout(() => rej(new Error(`${what} timed out after ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutMs?: number } = {}): Promise<Readiness> {
+  const timeoutMs = opts.timeoutMs ?? 2000;
+  let hsm: Check;
+  try {
+    hsm = vault.keys.ping() ? { ok: true } : { ok: false, detail: 'the HSM token does not answer (session lost or device gone)' };
+  } catch (e) {
+    hsm = { ok: false, detail: `HSM ping failed: ${(e as Error).message}` };
+  }
+
+  let anchor: Readiness['checks']['anchor'];
+  if (!hsm.ok) {
+    anchor = { ok: false, detail: 'not checked: the HSM is unavailable' };
+  } else {
+    try {
+      // Resolves at once when idle; otherwise waits for (or retries) the anchor write.
+      await withTimeout(vault.ledger.sync(), timeoutMs, 'anchoring committed changes');
+      anchor = { ok: false };
+      // A flush may land between our read of the HSM and of the ledger: look twice before calling it a mismatch.
+      for (let i = 0; i < 3; i++) {
+        const a = await withTimeout(vault.keys.readAnchor(), timeoutMs, 'reading the HSM anchor');
+        const st = vault.ledger.status();
+        const lag = Math.max(0, st.seq - st.anchored);
+        const same = a.seq === st.anchored && (st.seq !== st.anchored || toHex(a.root) === st.root);
+        anchor = same
+          ? { ok: true, seq: st.seq, anchored: st.anchored, hsmSeq: a.seq, lag }
+          : {
+              ok: false,
+              seq: st.seq,
+              anchored: st.anchored,
+              hsmSeq: a.seq,
+              lag,
+              detail: 'the HSM anchor does not hold the state this vault anchored: another process wrote it, or the token was swapped',
+            };
+        if (same) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    } catch (e) {
+      const st = vault.ledger.status();
+      anchor = { ok: false, seq: st.seq, anchored: st.anchored, lag: st.seq - st.anchored, detail: `anchor: ${(e as Error).message}` };
+    }
+  }
+
+  let db: Check;
+  try {
+    // A real committed write: BEGIN IMMEDIATE alone succeeds on a file that can no longer be written.
+    vault.store.records.setMeta('ready_probe', String(Date.now()));
+    db = { ok: true };
+  } catch (e) {
+    db = { ok: false, detail: `database not writable: ${(e as Error).message}` };
+  }
+  // Writable is not enough: a damaged page makes some records unreadable (SQLITE_CORRUPT).
+  if (db.ok && vault.store.records.corruptionSeen) {
+    db = { ok: false, detail: 'the database file is damaged (SQLite reported corruption): restore it from the last good copy' };
+  }
+
+  const checks: Readiness['checks'] = { hsm, anchor, db };
+  if (audit) {
+    const s = audit.status();
+    checks.audit = s.healthy ? { ok: true } : { ok: false, detail: 'the audit log cannot be written' };
+  }
+  return { ready: Object.values(checks).every((c) => c.ok), checks };
+}

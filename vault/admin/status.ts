@@ -1,0 +1,177 @@
+// `bkv-admin status`: are the keys there and as strong as hsm-policy/ says,
+// how many records and tenants, where the HSM anchor stands against the
+// database, and the seal epoch. Computed by the daemon while it runs (it owns
+// the token), or by bkv-admin itself against a stopped vault.
+import { join } from 'node:path';
+import { existsSync } from 'node:fs';
+import type { Logger } from 'pino';
+import { VaultError, ErrorCodes } from '../errors.js';
+import { Token, type TokenConfig } from '../hsm/token.js';
+import { TokenVaultKeys } from '../hsm/vault-keys.js';
+import { enforcePolicy } from '../../hsm-policy/enforce.js';
+import { ANCHOR, KEY_SET, sealLabel } from '../../hsm-policy/policy.js';
+import { openDb } from '../store/db.js';
+import { RecordStore } from '../store/records.js';
+import { TenantStore, type Tenant } from '../store/tenants.js';
+import { vaultIdOf } from '../protocol/descriptor.js';
+import { toHex } from '../protocol/bytes.js';
+import type { Vault } from '../core/vault.js';
+import type { AuditLog } from '../audit/log.js';
+import { hsmSettings, type Config } from '../config.js';
+import { tokenConfig } from '../setup.js';
+
+export interface PolicyReport {
+  conform: boolean;
+  /** Why not, when not (labels and attributes only). */
+  problem?: string;
+  keys: { name: string; label: string; purpose: string }[];
+  epochs: number[];
+}
+
+export interface StatusReport {
+  mode: 'daemon' | 'offline';
+  vaultId?: string;
+  hsm: { module: string; tokenLabel: string; embedded: boolean; up: boolean };
+  policy: PolicyReport;
+  currentEpoch?: number;
+  records?: { active: number; locked: number; deleted: number };
+  tenants?: { active: number; revoked: number; names: string[] };
+  anchor?: { dbSeq: number; hsmSeq: number; consistent: boolean; lag: number; detail: string };
+  audit?: { seq: number; signedThrough: number; healthy: boolean };
+  daemon?: { pid: number; uptimeSec: number; connections: number };
+}
+
+/** Resolve the key set against hsm-policy/ without creating anything. */
+export function checkPolicy(token: Token): PolicyReport & { resolved?: ReturnType<typeof enforcePolicy> } {
+  const keys: PolicyReport['keys'] = KEY_SET.filter((k) => !k.perEpoch).map((k) => ({ name: k.name, label: k.label, purpose: k.purpose }));
+  try {
+    const resolved = enforcePolicy(token, { create: false });
+    const epochs = [...resolved.seals.keys()].sort((a, b) => a - b);
+    for (const e of epochs) keys.push({ name: 'seal', label: sealLabel(e), purpose: KEY_SET.find((k) => k.name === 'seal')!.purpose });
+    keys.push({ name: 'anchor', label: ANCHOR.application, purpose: ANCHOR.purpose });
+    return { conform: true, keys, epochs, resolved };
+  } catch (e) {
+    if (e instanceof VaultError && e.code === ErrorCodes.HSM_POLICY_VIOLATION) return { conform: false, problem: e.message, keys, epochs: [] };
+    throw e;
+  }
+}
+
+/** A second, read-only look at the token from inside the daemon (same process: no second owner). */
+export function livePolicy(hsm: TokenConfig): PolicyReport {
+  const token = Token.open(hsm);
+  try {
+    const { resolved: _r, ...report } = checkPolicy(token);
+    return report;
+  } finally {
+    token.close();
+  }
+}
+
+function tenantSummary(list: Tenant[]): StatusReport['tenants'] {
+  const active = list.filter((t) => t.state === 'active');
+  return { active: active.length, revoked: list.length - active.length, names: [...new Set(active.map((t) => t.name))] };
+}
+
+function anchorDetail(dbSeq: number, hsmSeq: number, rootsMatch: boolean): { consistent: boolean; detail: string } {
+  if (dbSeq === hsmSeq && rootsMatch) return { consistent: true, detail: 'database and HSM anchor agree' };
+  if (dbSeq === hsmSeq) return { consistent: false, detail: 'same batch, different state root: the database was altered; the vault refuses it' };
+  if (dbSeq === hsmSeq + 1) return { consistent: true, detail: 'one committed batch was never anchored (a crash); the next start rolls it back, nothing acknowledged is lost' };
+  if (dbSeq < hsmSeq) return { consistent: false, detail: `ROLLBACK: the database (batch ${dbSeq}) is older than the HSM anchor (batch ${hsmSeq}); the vault refuses it` };
+  return { consistent: false, detail: `the database (batch ${dbSeq}) is ahead of the HSM anchor (batch ${hsmSeq}) by more than one batch: it belongs to another token` };
+}
+
+/** Status of the running vault, computed inside the daemon. */
+export async function daemonStatus(
+  c: Config,
+  vault: Vault,
+  extra: { audit?: AuditLog; startedAt: number; connections: () => number },
+): Promise<StatusReport> {
+  const s = hsmSettings(c);
+  const up = vault.keys.ping();
+  let policy: PolicyReport;
+  try {
+    policy = up ? livePolicy(tokenConfig(c)) : { conform: false, problem: 'HSM unavailable: not checked', keys: [], epochs: vault.keys.epochs() };
+  } catch (e) {
+    policy = { conform: false, problem: `policy check failed: ${(e as Error).message}`, keys: [], epochs: vault.keys.epochs() };
+  }
+  const st = vault.ledger.status();
+  let anchor: StatusReport['anchor'];
+  try {
+    const a = await vault.keys.readAnchor();
+    const dbSeq = Number(vault.store.records.getMeta('state_seq') ?? '0');
+    const rootsMatch = toHex(a.root) === (vault.store.records.getMeta('state_root') ?? toHex(a.root));
+    anchor = { dbSeq, hsmSeq: a.seq, lag: Math.max(0, st.seq - st.anchored), ...anchorDetail(dbSeq, a.seq, rootsMatch) };
+  } catch (e) {
+    anchor = { dbSeq: st.seq, hsmSeq: -1, lag: st.seq - st.anchored, consistent: false, detail: `cannot read the HSM anchor: ${(e as Error).message}` };
+  }
+  return {
+    mode: 'daemon',
+    vaultId: toHex(vault.vaultId),
+    hsm: { module: s.modulePath, tokenLabel: s.tokenLabel, embedded: !!s.embedded, up },
+    policy,
+    currentEpoch: vault.keys.currentEpoch(),
+    records: vault.store.records.counts(),
+    tenants: tenantSummary(vault.store.tenants.list()),
+    anchor,
+    ...(extra.audit ? { audit: (({ seq, signedThrough, healthy }) => ({ seq, signedThrough, healthy }))(extra.audit.status()) } : {}),
+    daemon: { pid: process.pid, uptimeSec: Math.round((Date.now() - extra.startedAt) / 1000), connections: extra.connections() },
+  };
+}
+
+/** Status of a stopped vault: opens the token (the caller holds the data lock) and the database read-only. */
+export async function offlineStatus(c: Config, _log: Logger): Promise<StatusReport> {
+  const s = hsmSettings(c);
+  const report: StatusReport = {
+    mode: 'offline',
+    hsm: { module: s.modulePath, tokenLabel: s.tokenLabel, embedded: !!s.embedded, up: false },
+    policy: { conform: false, problem: 'not checked', keys: [], epochs: [] },
+  };
+  const token = Token.open(tokenConfig(c));
+  let hsmAnchor: { seq: number; root: string } | undefined;
+  try {
+    report.hsm.up = token.ping();
+    const { resolved, ...policy } = checkPolicy(token);
+    report.policy = policy;
+    if (resolved) {
+      report.vaultId = toHex(vaultIdOf(resolved.sig.point));
+      report.currentEpoch = Math.max(...resolved.seals.keys());
+      // A view over the resolved handles, only to read the anchor; closing the token below is enough.
+      const a = await new TokenVaultKeys(token, {
+        kx: resolved.kx,
+        sig: resolved.sig,
+        oprf: { priv: resolved.oprf.priv },
+        verifier: resolved.verifier,
+        tenant: resolved.tenant,
+        anchors: resolved.anchors,
+        seals: resolved.seals,
+      }).readAnchor();
+      hsmAnchor = { seq: a.seq, root: toHex(a.root) };
+    }
+  } finally {
+    token.close();
+  }
+  const dbPath = c.dbPath ?? join(c.dataDir, 'vault.db');
+  if (!existsSync(dbPath)) {
+    if (hsmAnchor) report.anchor = { dbSeq: -1, hsmSeq: hsmAnchor.seq, lag: 0, consistent: false, detail: `no database at ${dbPath}` };
+    return report;
+  }
+  const db = openDb(dbPath, { readonly: true });
+  try {
+    const records = new RecordStore(db);
+    const tenants = new TenantStore(db);
+    report.records = records.counts();
+    report.tenants = tenantSummary(tenants.list());
+    const dbSeq = Number(records.getMeta('state_seq') ?? '0');
+    if (hsmAnchor) {
+      const rootsMatch = (records.getMeta('state_root') ?? hsmAnchor.root) === hsmAnchor.root;
+      report.anchor = { dbSeq, hsmSeq: hsmAnchor.seq, lag: Math.max(0, dbSeq - hsmAnchor.seq), ...anchorDetail(dbSeq, hsmAnchor.seq, rootsMatch) };
+    }
+    const bound = records.getMeta('vault_id');
+    if (bound && report.vaultId && bound !== report.vaultId) {
+      report.anchor = { dbSeq, hsmSeq: hsmAnchor?.seq ?? -1, lag: 0, consistent: false, detail: `the database belongs to vault ${bound}, not this token's vault` };
+    }
+  } finally {
+    db.close();
+  }
+  return report;
+}

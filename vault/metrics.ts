@@ -1,0 +1,257 @@
+// Prometheus metrics of one vault process, on its own registry (so tests can
+// run several daemons in one process). Labels are method names, outcome codes
+// and HSM operation names only: never a user id, a user ref, a tenant secret
+// or anything derived from a password, so a scrape reveals traffic shape and
+// health, nothing about any one user (threat model item 6).
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { isVaultError } from './errors.js';
+import type { AnchorState, VaultKeys } from './hsm/vault-keys.js';
+import type { Handler } from './rpc/methods.js';
+import type { RequestEvent } from './rpc/server.js';
+
+/** What the scrape-time gauges read; set once the vault is open. */
+export interface MetricsSource {
+  records(): { active: number; locked: number; deleted: number };
+  ledger(): { seq: number; anchored: number };
+  epoch(): number;
+  connections(): number;
+}
+
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+export class Metrics {
+  readonly registry = new Registry();
+  readonly requests: Counter<'method' | 'outcome'>;
+  readonly requestSeconds: Histogram<'method'>;
+  readonly inFlight: Gauge;
+  readonly hsmSeconds: Histogram<'op'>;
+  readonly hsmErrors: Counter<'op' | 'code'>;
+  readonly hsmInFlight: Gauge;
+  readonly hsmUp: Gauge;
+  readonly lockouts: Counter;
+  readonly securityEvents: Counter<'event'>;
+  readonly rollbacks: Counter;
+  readonly anchorFailures: Counter;
+  readonly authRefused: Counter;
+  readonly ready: Gauge<'check'>;
+  readonly auditEvents: Counter;
+  readonly auditCheckpoints: Counter;
+  readonly auditErrors: Counter;
+  private source: MetricsSource | undefined;
+
+  constructor(opts: { processMetrics?: boolean } = {}) {
+    const r = [this.registry];
+    if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'bkv_' });
+    this.requests = new Counter({ name: 'bkv_rpc_requests_total', help: 'RPC requests by method and outcome (ok, wrong-password, or an error code)', labelNames: ['method', 'outcome'], registers: r });
+    this.requestSeconds = new Histogram({ name: 'bkv_rpc_request_duration_seconds', help: 'RPC request latency by method', labelNames: ['method'], buckets: LATENCY_BUCKETS, registers: r });
+    this.inFlight = new Gauge({ name: 'bkv_rpc_in_flight', help: 'RPC requests being served right now (the request queue depth)', registers: r });
+    this.hsmSeconds = new Histogram({ name: 'bkv_hsm_operation_duration_seconds', help: 'HSM operation latency by operation', labelNames: ['op'], buckets: LATENCY_BUCKETS, registers: r });
+    this.hsmErrors = new Counter({ name: 'bkv_hsm_operation_errors_total', help: 'HSM operations that failed, by operation and error code', labelNames: ['op', 'code'], registers: r });
+    this.hsmInFlight = new Gauge({ name: 'bkv_hsm_in_flight', help: 'HSM operations waiting or running (the HSM queue depth)', registers: r });
+    this.hsmUp = new Gauge({ name: 'bkv_hsm_up', help: '1 while the HSM token answers, 0 when its session is lost', registers: r });
+    this.lockouts = new Counter({ name: 'bkv_lockouts_total', help: 'records destroyed because the attempt limit was reached', registers: r });
+    this.securityEvents = new Counter({ name: 'bkv_security_events_total', help: 'security events written to the audit log, by event', labelNames: ['event'], registers: r });
+    this.rollbacks = new Counter({ name: 'bkv_rollback_detections_total', help: 'stored state found older than or different from the HSM anchor', registers: r });
+    this.anchorFailures = new Counter({ name: 'bkv_anchor_write_failures_total', help: 'HSM anchor writes that failed (the batch stays unanswered)', registers: r });
+    this.authRefused = new Counter({ name: 'bkv_auth_refused_total', help: 'connections refused at tenant authentication', registers: r });
+    this.ready = new Gauge({ name: 'bkv_ready', help: 'last readiness result per check (1 ready, 0 not)', labelNames: ['check'], registers: r });
+    this.auditEvents = new Counter({ name: 'bkv_audit_events_total', help: 'lines appended to the audit log', registers: r });
+    this.auditCheckpoints = new Counter({ name: 'bkv_audit_checkpoints_total', help: 'HSM-signed audit checkpoints written', registers: r });
+    this.auditErrors = new Counter({ name: 'bkv_audit_write_errors_total', help: 'audit appends or checkpoints that failed', registers: r });
+    const self = this;
+    new Gauge({
+      name: 'bkv_records',
+      help: 'records in the database by state',
+      labelNames: ['state'],
+      registers: r,
+      collect() {
+        const c = self.safe(() => self.source?.records());
+        if (!c) return;
+        for (const [state, n] of Object.entries(c)) this.set({ state }, n);
+      },
+    });
+    new Gauge({
+      name: 'bkv_anchor_seq',
+      help: 'batch number the HSM state anchor holds',
+      registers: r,
+      collect() {
+        const l = self.safe(() => self.source?.ledger());
+        if (l) this.set(l.anchored);
+      },
+    });
+    new Gauge({
+      name: 'bkv_anchor_lag_batches',
+      help: 'committed batches not yet anchored in the HSM (0 when idle; stays up when anchor writes fail)',
+      registers: r,
+      collect() {
+        const l = self.safe(() => self.source?.ledger());
+        if (l) this.set(Math.max(0, l.seq - l.anchored));
+      },
+    });
+    new Gauge({
+      name: 'bkv_seal_epoch',
+      help: 'current seal epoch (moves on rotation)',
+      registers: r,
+      collect() {
+        const e = self.safe(() => self.source?.epoch());
+        if (e !== undefined) this.set(e);
+      },
+    });
+    new Gauge({
+      name: 'bkv_rpc_connections',
+      help: 'open WebSocket connections',
+      registers: r,
+      collect() {
+        const n = self.safe(() => self.source?.connections());
+        if (n !== undefined) this.set(n);
+      },
+    });
+  }
+
+  attach(source: MetricsSource): void {
+    this.source = source;
+  }
+
+  observeRequest(e: RequestEvent): void {
+    this.requests.inc({ method: e.method, outcome: e.outcome });
+    this.requestSeconds.observe({ method: e.method }, e.ms / 1000);
+  }
+
+  /** Count events from the vault's log stream (see daemon.ts: the log tap). */
+  onLogEvent(event: string): void {
+    switch (event) {
+      case 'record.locked':
+        this.lockouts.inc();
+        break;
+      case 'state.rollback':
+      case 'state.mismatch':
+        this.rollbacks.inc();
+        break;
+      case 'state.anchor.failed':
+        this.anchorFailures.inc();
+        break;
+      case 'auth.refused':
+        this.authRefused.inc();
+        break;
+    }
+  }
+
+  /** Wrap the method table so the in-flight gauge tracks every request being served. */
+  wrapMethods(methods: Record<string, Handler>): Record<string, Handler> {
+    const out: Record<string, Handler> = {};
+    for (const [name, h] of Object.entries(methods)) {
+      out[name] = async (params, beforeWork) => {
+        this.inFlight.inc();
+        try {
+          return await h(params, beforeWork);
+        } finally {
+          this.inFlight.dec();
+        }
+      };
+    }
+    return out;
+  }
+
+  async text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  // A scrape must never fail because the database or HSM is briefly unhappy:
+  // readiness reports that; metrics report what they can.
+  private safe<T>(fn: () => T): T | undefined {
+    try {
+      return fn();
+    } catch {
+      return undefined;
+    }
+  }
+}
+
+/**
+ * VaultKeys with every HSM call timed and its failures counted. It changes no
+ * behaviour: results and errors pass through untouched.
+ */
+export class InstrumentedKeys implements VaultKeys {
+  constructor(
+    private readonly inner: VaultKeys,
+    private readonly m: Metrics,
+  ) {}
+
+  get channelPublic(): Uint8Array {
+    return this.inner.channelPublic;
+  }
+  get signingPublic(): Uint8Array {
+    return this.inner.signingPublic;
+  }
+  currentEpoch(): number {
+    return this.inner.currentEpoch();
+  }
+  epochs(): number[] {
+    return this.inner.epochs();
+  }
+  oprfEvaluate(point: Uint8Array): Promise<Uint8Array> {
+    return this.timed('oprf_evaluate', () => this.inner.oprfEvaluate(point));
+  }
+  channelAgree(point: Uint8Array): Promise<Uint8Array> {
+    return this.timed('channel_agree', () => this.inner.channelAgree(point));
+  }
+  makeVerifier(input: Uint8Array): Promise<Uint8Array> {
+    return this.timed('make_verifier', () => this.inner.makeVerifier(input));
+  }
+  checkVerifier(input: Uint8Array, verifier: Uint8Array): Promise<boolean> {
+    return this.timed('check_verifier', () => this.inner.checkVerifier(input, verifier));
+  }
+  seal(epoch: number, aad: Uint8Array, plaintext: Uint8Array): Promise<Uint8Array> {
+    return this.timed('seal', () => this.inner.seal(epoch, aad, plaintext));
+  }
+  unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null> {
+    return this.timed('unseal', () => this.inner.unseal(epoch, aad, blob));
+  }
+  sign(digest: Uint8Array): Promise<Uint8Array> {
+    return this.timed('sign', () => this.inner.sign(digest));
+  }
+  tenantSecret(input: Uint8Array): Promise<Uint8Array> {
+    return this.timed('tenant_secret', () => this.inner.tenantSecret(input));
+  }
+  random(n: number): Promise<Uint8Array> {
+    return this.timed('random', () => this.inner.random(n));
+  }
+  readAnchor(): Promise<AnchorState> {
+    return this.timed('read_anchor', () => this.inner.readAnchor());
+  }
+  writeAnchor(a: AnchorState): Promise<void> {
+    return this.timed('write_anchor', () => this.inner.writeAnchor(a));
+  }
+  addEpoch(epoch: number): Promise<void> {
+    return this.timed('add_epoch', () => this.inner.addEpoch(epoch));
+  }
+  destroyEpoch(epoch: number): Promise<void> {
+    return this.timed('destroy_epoch', () => this.inner.destroyEpoch(epoch));
+  }
+  ping(): boolean {
+    const up = this.inner.ping();
+    this.m.hsmUp.set(up ? 1 : 0);
+    return up;
+  }
+  close(): void {
+    this.inner.close();
+  }
+
+  private async timed<T>(op: string, fn: () => Promise<T>): Promise<T> {
+    const end = this.m.hsmSeconds.startTimer({ op });
+    this.m.hsmInFlight.inc();
+    try {
+      return await fn();
+    } catch (e) {
+      this.m.hsmErrors.inc({ op, code: isVaultError(e) ? e.code : 'INTERNAL' });
+      throw e;
+    } finally {
+      this.m.hsmInFlight.dec();
+      end();
+    }
+  }
+}
