@@ -23,8 +23,8 @@ export interface ResolvedKeys {
   oprf: EcKey;
   verifier: Handle;
   tenant: Handle;
-  /** The state anchor data object. */
-  anchor: Handle;
+  /** The two state anchor slots (data objects), in ANCHOR.slots order. */
+  anchors: [Handle, Handle];
   /** Seal keys by epoch; the highest is current. */
   seals: Map<number, Handle>;
   /** Labels of the objects this call created (empty on a second run: init is idempotent). */
@@ -141,8 +141,8 @@ export function enforcePolicy(token: Token, opts: { create: boolean }): Resolved
     seals.set(epoch, secretKey(token, spec('seal'), label, false, created));
   }
   if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), opts.create, created));
-  const anchor = anchorObject(token, opts.create, created);
-  return { kx, sig, oprf, verifier, tenant, anchor, seals, created };
+  const anchors = anchorSlots(token, opts.create, created);
+  return { kx, sig, oprf, verifier, tenant, anchors, seals, created };
 }
 
 /** Root of the empty state: what a fresh token's anchor starts at. */
@@ -150,13 +150,21 @@ export function emptyRoot(): Uint8Array {
   return new BucketTree().root();
 }
 
-function anchorObject(token: Token, create: boolean, created: string[]): Handle {
-  const found = token.findData(ANCHOR.application);
-  if (found.length > 1) {
-    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `${found.length} state anchors on the token: ambiguous`);
+function anchorSlots(token: Token, create: boolean, created: string[]): [Handle, Handle] {
+  const found = token.findData(ANCHOR.application).map((h) => ({ h, value: token.dataValue(h).toString('utf8') }));
+  const slots = ANCHOR.slots.map((v) => found.filter((f) => f.value === v));
+  if (found.length > 2 || slots.some((s) => s.length > 1) || found.some((f) => !(ANCHOR.slots as readonly string[]).includes(f.value))) {
+    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected state anchor objects on the token (${found.length}): ambiguous`);
   }
-  if (found[0]) return found[0];
-  if (!create) throw missing(ANCHOR.application);
-  created.push(ANCHOR.application);
-  return token.createData(ANCHOR.application, anchorLabel(0, emptyRoot()), Buffer.from('bkv state anchor v1'));
+  const [a, b] = slots.map((s) => s[0]?.h);
+  if (!a && !b) {
+    if (!create) throw missing(ANCHOR.application);
+    created.push(ANCHOR.application);
+    const label = anchorLabel(0, emptyRoot());
+    return [token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[0])), token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[1]))];
+  }
+  // One slot lost (a write torn by a crash, or a token from before there were two):
+  // recreate it from the other. The torn write never completed, so no answer depended on it.
+  const copy = (from: Handle, value: string) => token.createData(ANCHOR.application, token.readLabel(from), Buffer.from(value));
+  return [a ?? copy(b!, ANCHOR.slots[0]), b ?? copy(a!, ANCHOR.slots[1])];
 }

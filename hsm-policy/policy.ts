@@ -98,11 +98,15 @@ export function epochOfLabel(label: string): number | undefined {
 }
 
 /**
- * The state anchor: one private token data object (found by CKA_APPLICATION)
- * whose CKA_LABEL holds "bkv.anchor <batch> <Merkle root hex>". The vault
- * rewrites the label before any answer that depends on a state change leaves.
+ * The state anchor: two private token data objects (found by CKA_APPLICATION,
+ * told apart by CKA_VALUE) whose CKA_LABEL holds "bkv.anchor <batch> <Merkle
+ * root hex>". The vault rewrites a label before any answer that depends on a
+ * state change leaves, alternating between the slots: SoftHSM rewrites an
+ * object's file in place, and a process killed mid-write loses that object, so
+ * the other slot must still hold the previous anchor.
  */
 export const ANCHOR = {
   application: 'bkv.state-anchor',
+  slots: ['bkv state anchor v1', 'bkv state anchor v1 b'],
   purpose: 'root of the authenticated record state; a restored database older than it is refused',
 } as const;

@@ -133,8 +133,9 @@ describe('enforcePolicy creates and resolves the key set', () => {
     const ec = KEY_SET.filter((k) => k.kind === 'ec-p256').map((k) => k.label).sort();
     const secret = KEY_SET.filter((k) => k.kind !== 'ec-p256').map((k) => (k.perEpoch ? sealLabel(1) : k.label)).sort();
     expect(ec).toEqual(['bkv.kx', 'bkv.oprf', 'bkv.sig']);
-    // The state anchor starts at batch 0 over the empty state.
-    expect(ourObjects(tok)).toEqual({ private: ec, public: ec, secret, data: [anchorLabel(0, emptyRoot())] });
+    // Both state anchor slots start at batch 0 over the empty state.
+    const start = anchorLabel(0, emptyRoot());
+    expect(ourObjects(tok)).toEqual({ private: ec, public: ec, secret, data: [start, start] });
   });
 
   it('is idempotent: a second run creates nothing and resolves the same keys', () => {

@@ -201,3 +201,30 @@ describe('a crash between commit and anchor', () => {
     expect((await recover(t.vault, 'fay', 'pw-fay')).outcome).toBe('ok');
   });
 });
+
+describe('a torn anchor write', () => {
+  it('loses only the slot being written; the vault restarts on the other slot and undoes the unacknowledged batch', async () => {
+    const t = await vault();
+    await enroll(t.vault, 'hal', 'pw-hal', key());
+    await recover(t.vault, 'hal', 'wrong'); // acknowledged: 9 left
+    // SoftHSM rewrites an object's file in place; a process killed mid-write loses the
+    // object. Reproduce that at the seam: destroy the slot being written, then fail.
+    const keys = t.vault.keys as unknown as {
+      token: { destroy(h: unknown): void };
+      keys: { anchors: unknown[] };
+      latestSlot: number;
+      writeAnchor: (a: unknown) => Promise<void>;
+    };
+    keys.writeAnchor = async () => {
+      keys.token.destroy(keys.keys.anchors[1 - keys.latestSlot]);
+      throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'simulated crash in the middle of the anchor write');
+    };
+    expect(await codeOf(recover(t.vault, 'hal', 'wrong-again'))).toBe(ErrorCodes.HSM_UNAVAILABLE);
+    await t.reopen();
+    expect(t.vault.status('hal').attemptsLeft).toBe(9);
+    expect((await recover(t.vault, 'hal', 'pw-hal')).outcome).toBe('ok');
+    // Both slots exist again and keep alternating.
+    await t.reopen();
+    expect(t.vault.status('hal')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+  });
+});

@@ -2,9 +2,11 @@
 // tree whose root, with a batch number, is anchored in the HSM. The HSM — not
 // the disk — decides which state is current:
 //
-// - writes: a record change, its bucket hash and an undo entry commit in one
-//   SQLite transaction; `sync()` then anchors the new root (one HSM write per
-//   batch: group commit). Callers answer only after `sync()` resolved.
+// - writes: a record change, its bucket hash and an undo entry form one
+//   SQLite transaction (a savepoint); the transactions of one event-loop turn
+//   nest in one batch transaction, committed with one fsync when the batch is
+//   flushed; then `sync()` anchors the new root (one HSM write per batch).
+//   Group commit both ways; callers answer only after `sync()` resolved.
 // - reads: a record is served only if its bucket still hashes to the trusted
 //   in-memory bucket hash, so a row restored from an older copy is refused.
 // - start-up: a database older than the anchor is refused as a whole; one
@@ -36,6 +38,12 @@ export class Ledger {
   private waiters: { res: () => void; rej: (e: unknown) => void }[] = [];
   /** Bucket hashes changed by the transaction in progress, to restore if it aborts. */
   private touched: Map<number, Uint8Array> | undefined;
+  /** The batch's SQLite transaction is open (group commit): bucket hashes as of its start. */
+  private batchTx: Map<number, Uint8Array> | undefined;
+  /** `dirty` when the batch transaction opened, restored if its commit fails. */
+  private dirtyBeforeTx = false;
+  /** Undo entries up to this batch are obsolete; deleted with the next write (inside a batch). */
+  private undoObsolete: number | undefined;
 
   private constructor(
     private readonly records: RecordStore,
@@ -116,9 +124,15 @@ export class Ledger {
     return rows.find((r) => r.userId === userId);
   }
 
-  /** Run `fn` as one SQLite transaction; bucket hashes it changed are restored if it throws. */
+  /**
+   * Run `fn` as one SQLite transaction, nested in this turn's batch transaction;
+   * bucket hashes it changed are restored if it throws. It is durable once the
+   * batch commits, which `sync()` waits for.
+   */
   transaction<T>(fn: () => T): T {
     if (this.touched) return fn();
+    const opened = !this.batchTx;
+    const batchTx = this.openBatch();
     this.touched = new Map();
     try {
       return this.records.transaction(fn);
@@ -126,7 +140,40 @@ export class Ledger {
       for (const [b, h] of this.touched) this.tree.set(b, h);
       throw e;
     } finally {
+      for (const [b, h] of this.touched) if (!batchTx.has(b)) batchTx.set(b, h);
       this.touched = undefined;
+      // Nothing written: do not hold the write lock until the flush (a read-only commit costs no fsync).
+      if (opened && batchTx.size === 0 && this.batchTx === batchTx) this.commitBatch();
+    }
+  }
+
+  /** The open batch transaction, or a new one that this turn's flush will commit. */
+  private openBatch(): Map<number, Uint8Array> {
+    if (this.batchTx) return this.batchTx;
+    this.records.begin();
+    this.batchTx = new Map();
+    this.dirtyBeforeTx = this.dirty;
+    this.schedule();
+    return this.batchTx;
+  }
+
+  /** Make the batch durable: one COMMIT (one fsync) for every transaction of the turn. */
+  private commitBatch(): void {
+    const tx = this.batchTx;
+    if (!tx) return;
+    this.batchTx = undefined;
+    try {
+      this.records.commit();
+    } catch (e) {
+      // Nothing of the batch reached the disk: put the trusted hashes back to match it.
+      try {
+        this.records.rollback();
+      } catch {
+        /* SQLite rolled back already */
+      }
+      for (const [b, h] of tx) this.tree.set(b, h);
+      this.dirty = this.dirtyBeforeTx;
+      throw e;
     }
   }
 
@@ -134,6 +181,10 @@ export class Ledger {
   put(rec: StoredRecord): void {
     if (!this.touched) throw new Error('Ledger.put outside a transaction');
     this.dirty = true;
+    if (this.undoObsolete !== undefined) {
+      this.records.clearUndo(this.undoObsolete);
+      this.undoObsolete = undefined;
+    }
     this.records.setMeta('state_seq', String(this.batch));
     this.records.addUndo(this.batch, rec.userId, this.records.get(rec.userId));
     this.records.put(rec);
@@ -151,20 +202,35 @@ export class Ledger {
     if (!this.dirty && !this.flushing) return Promise.resolve();
     return new Promise((res, rej) => {
       this.waiters.push({ res, rej });
-      if (!this.scheduled) {
-        this.scheduled = true;
-        // Let every request of this event-loop turn join the batch.
-        setImmediate(() => {
-          this.scheduled = false;
-          this.chain = this.chain.then(() => this.flush());
-        });
-      }
+      this.schedule();
+    });
+  }
+
+  private schedule(): void {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    // Let every request of this event-loop turn join the batch.
+    setImmediate(() => {
+      this.scheduled = false;
+      this.chain = this.chain.then(() => this.flush());
     });
   }
 
   private async flush(): Promise<void> {
     const waiters = this.waiters;
     this.waiters = [];
+    try {
+      // After a failed anchor write the retry anchors under the next batch number; the
+      // database must carry that number too, or the next start takes it for an older copy.
+      if (this.dirty && this.records.getMeta('state_seq') !== String(this.batch)) {
+        this.openBatch();
+        this.records.setMeta('state_seq', String(this.batch));
+      }
+      this.commitBatch();
+    } catch (e) {
+      this.log.error({ event: 'state.commit.failed', seq: this.batch, err: (e as Error).message }, 'could not commit a batch');
+      return waiters.forEach((w) => w.rej(e));
+    }
     if (!this.dirty) return waiters.forEach((w) => w.res());
     const seq = this.batch;
     const root = this.tree.root();
@@ -182,11 +248,8 @@ export class Ledger {
     }
     this.flushing = false;
     this.anchored = seq;
-    try {
-      this.records.clearUndo(seq);
-    } catch {
-      /* harmless: cleared at the next start-up */
-    }
+    // Not now: a delete outside a batch would cost its own fsync. Stale entries are harmless.
+    this.undoObsolete = seq;
     waiters.forEach((w) => w.res());
   }
 }

@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import { VaultError, ErrorCodes } from '../errors.js';
 import { Token, type TokenConfig } from '../hsm/token.js';
 import { TokenVaultKeys, type VaultKeys } from '../hsm/vault-keys.js';
+import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { Store } from '../store/index.js';
 import { Vault, type VaultOptions } from './vault.js';
@@ -16,6 +17,61 @@ export interface OpenOptions {
   createKeys?: boolean;
   vault?: Partial<VaultOptions>;
   log: Logger;
+  /**
+   * Run HSM calls in worker threads (WorkerVaultKeys) instead of on this thread
+   * (TokenVaultKeys). Default false here (tools and tests); the daemon serves
+   * with workers (openServingKeys). BKV_HSM_WORKERS overrides either way.
+   */
+  hsmWorkers?: boolean | WorkerPoolOptions;
+}
+
+/**
+ * How the HSM is driven, from BKV_HSM_WORKERS (`0`/`off`: on the main thread;
+ * `N`: N worker threads; `auto`/`on`: one per core), BKV_HSM_QUEUE (ECDH jobs
+ * that may wait before OVERLOADED) and BKV_HSM_RECYCLE (derives between
+ * library recycles, 0 = never), falling back to `fallback`.
+ */
+export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: NodeJS.ProcessEnv = process.env): false | WorkerPoolOptions {
+  const base: false | WorkerPoolOptions = fallback === true ? {} : fallback;
+  const mode = env.BKV_HSM_WORKERS?.trim().toLowerCase();
+  let out: false | WorkerPoolOptions = base;
+  if (mode === '0' || mode === 'off' || mode === 'false') return false;
+  if (mode === 'auto' || mode === 'on' || mode === 'true') out = { ...(base || {}) };
+  else if (mode) {
+    const n = Number(mode);
+    if (!Number.isInteger(n) || n < 1 || n > 256) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_HSM_WORKERS must be off, auto or a thread count 1..256');
+    }
+    out = { ...(base || {}), threads: n };
+  }
+  if (!out) return false;
+  const int = (name: string, min: number): number | undefined => {
+    const v = env[name];
+    if (v === undefined || v === '') return undefined;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min) throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer >= ${min}`);
+    return n;
+  };
+  const maxQueue = int('BKV_HSM_QUEUE', 1);
+  const recycleAfter = int('BKV_HSM_RECYCLE', 0);
+  return { ...out, ...(maxQueue !== undefined ? { maxQueue } : {}), ...(recycleAfter !== undefined ? { recycleAfter } : {}) };
+}
+
+/** The key set on worker threads, resolved (and with createKeys, made) under hsm-policy. */
+export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<WorkerVaultKeys> {
+  const keys = await WorkerVaultKeys.open(hsm, { ...pool, create: createKeys, log });
+  if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
+  log.info({ event: 'hsm.pool', threads: keys.stats().threads }, 'HSM calls run on worker threads');
+  return keys;
+}
+
+/**
+ * The serving daemon's keys: HSM worker threads by default (the event loop
+ * never waits for the HSM), or the main thread with BKV_HSM_WORKERS=off.
+ */
+export async function openServingKeys(hsm: TokenConfig, log: Logger, fallback: boolean | WorkerPoolOptions = true): Promise<VaultKeys> {
+  const pool = hsmWorkerSettings(fallback);
+  return pool ? openWorkerKeys(hsm, false, log, pool) : openKeys(hsm, false, log);
 }
 
 export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): TokenVaultKeys {
@@ -23,7 +79,8 @@ export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): To
   try {
     const keys = enforcePolicy(token, { create: createKeys });
     if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
-    return new TokenVaultKeys(token, keys, keys.created);
+    // The resolver lets the keys recover from a lost login (stale handles) by themselves.
+    return new TokenVaultKeys(token, keys, keys.created, () => enforcePolicy(token, { create: false }));
   } catch (e) {
     token.close();
     throw e;
@@ -48,7 +105,10 @@ export async function selfTest(keys: VaultKeys): Promise<void> {
 }
 
 export async function openVault(opts: OpenOptions): Promise<Vault> {
-  const keys = openKeys(opts.hsm, opts.createKeys ?? false, opts.log);
+  const pool = hsmWorkerSettings(opts.hsmWorkers ?? false);
+  const keys: VaultKeys = pool
+    ? await openWorkerKeys(opts.hsm, opts.createKeys ?? false, opts.log, pool)
+    : openKeys(opts.hsm, opts.createKeys ?? false, opts.log);
   let store: Store | undefined;
   try {
     await selfTest(keys);

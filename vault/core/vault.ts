@@ -65,6 +65,10 @@ export class Vault {
   private descriptorCache: { epoch: number; value: SignedDescriptor } | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
   private rotating = false;
+  /** Per user: recover.finish calls between taking their session and deciding (still pending guesses). */
+  private readonly finishing = new Map<string, number>();
+  /** The last anchor write failed: changes are committed but not anchored (see recoverBegin). */
+  private anchorFailing = false;
 
   private constructor(
     readonly keys: VaultKeys,
@@ -176,7 +180,7 @@ export class Vault {
         updatedAt: now,
       });
     });
-    await this.ledger.sync();
+    await this.anchored();
     // Old sessions and grants were for the previous generation.
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'enroll.finish', user: userRef(userId), generation }, 'record enrolled');
@@ -191,28 +195,44 @@ export class Vault {
   ): Promise<{ sessionId: string; evaluated: Uint8Array; kdf: KdfParams; attemptsLeft: number; attemptLimit: number }> {
     const userId = checkUserId(userIdIn);
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
+    // After a failed anchor write, count no new guess until the anchor has caught up:
+    // otherwise a user retrying through an HSM storage outage spends an attempt per
+    // try without ever getting an answer, until the record is destroyed
+    // (test/adversarial-hsm.test.ts). Fails with HSM_UNAVAILABLE, nothing counted.
+    if (this.anchorFailing) await this.anchored();
     // Cheap refusal first, so locked or unknown users cost no HSM work.
-    const pre = decideRecoverBegin(this.ledger.get(userId), this.sessions.pending(userId, this.options.now()), this.options.now());
+    const pre = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, this.options.now()), this.options.now());
     if (!pre.ok && !pre.change) throw refusal(pre.code);
     // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
     // and nothing that depends on the guess leaves before its attempt is durable.
     const evaluated = pre.ok ? await this.keys.oprfEvaluate(blinded) : undefined;
     const now = this.options.now();
     const committed = this.ledger.transaction(() => {
-      const d = decideRecoverBegin(this.ledger.get(userId), this.sessions.pending(userId, now), now);
+      const d = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, now), now);
       if (d.change) this.ledger.put(d.change);
       return d;
     });
+    // The counted guess is pending from its commit on, not only once its answer leaves:
+    // otherwise a begin racing in while this one awaits the anchor sees the limit spent
+    // and nothing pending, and destroys the record under a guess that may be right
+    // (found by test/adversarial-guessing.test.ts).
+    const session = committed.ok ? this.sessions.create('recover', userId, committed.change.generation, now) : undefined;
     // Commit before reveal: the attempt is durable and anchored before X leaves.
-    if (committed.change) await this.ledger.sync();
+    if (committed.change) {
+      try {
+        await this.anchored();
+      } catch (e) {
+        if (session) this.dropSession(session.id);
+        throw e;
+      }
+    }
     if (!committed.ok) {
       if (committed.change) this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
       throw refusal(committed.code);
     }
-    const session = this.sessions.create('recover', userId, committed.change.generation, now);
     this.log.info({ event: 'recover.begin', user: userRef(userId), attemptsLeft: committed.attemptsLeft }, 'attempt counted');
     return {
-      sessionId: session.id,
+      sessionId: session!.id,
       evaluated: evaluated!,
       kdf: committed.change.kdf!,
       attemptsLeft: committed.attemptsLeft,
@@ -225,34 +245,46 @@ export class Vault {
     const sessionId = checkSessionId(sessionIdIn);
     const session = this.sessions.take(sessionId, 'recover', this.options.now());
     const { userId, generation } = session;
-    const rec = this.ledger.get(userId);
-    let verified = false;
+    // Still a pending guess until decided below: a concurrent wrong finish must not destroy
+    // the record while this one (maybe the right password) is being compared.
+    this.finishing.set(userId, (this.finishing.get(userId) ?? 0) + 1);
+    let d: ReturnType<typeof decideRecoverFinish>;
     let envelope: Uint8Array | null = null;
-    if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
-      try {
-        verified = await this.keys.checkVerifier(verifierInput(this.vaultId, userId, generation, authKey), rec.verifier);
-        // Unseal on either outcome, so a right and a wrong password cost the same HSM work and time.
-        const opened = await this.unseal(rec);
-        if (verified) envelope = opened;
-      } catch (e) {
-        // Nothing was decided: the caller may finish this session again.
-        if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) this.sessions.restore(session);
-        throw e;
+    let now = this.options.now();
+    try {
+      const rec = this.ledger.get(userId);
+      let verified = false;
+      if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
+        try {
+          verified = await this.keys.checkVerifier(verifierInput(this.vaultId, userId, generation, authKey), rec.verifier);
+          // Unseal on either outcome, so a right and a wrong password cost the same HSM work and time.
+          const opened = await this.unseal(rec);
+          if (verified) envelope = opened;
+        } catch (e) {
+          // Nothing was decided: the caller may finish this session again.
+          if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) this.sessions.restore(session);
+          throw e;
+        }
       }
+      now = this.options.now();
+      d = this.ledger.transaction(() => {
+        const current = this.ledger.get(userId);
+        // Verified against the row we read; if the row changed meanwhile, decide on the new one.
+        const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
+        // Other pending guesses: live sessions and other finishes in progress (not this one).
+        const d = decideRecoverFinish(current, generation, verified && !!same, this.pendingGuesses(userId, now) - 1, now);
+        // Write either way: a wrong password touches the record and the anchor like the
+        // other outcomes, so neither the disk nor the answer's timing tells them apart.
+        const write = d.ok ? (d.change ?? (current ? { ...current, updatedAt: now } : undefined)) : undefined;
+        if (write) this.ledger.put(write);
+        return d;
+      });
+    } finally {
+      const n = (this.finishing.get(userId) ?? 1) - 1;
+      if (n > 0) this.finishing.set(userId, n);
+      else this.finishing.delete(userId);
     }
-    const now = this.options.now();
-    const d = this.ledger.transaction(() => {
-      const current = this.ledger.get(userId);
-      // Verified against the row we read; if the row changed meanwhile, decide on the new one.
-      const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
-      const d = decideRecoverFinish(current, generation, verified && !!same, this.sessions.pending(userId, now), now);
-      // Write either way: a wrong password touches the record and the anchor like the
-      // other outcomes, so neither the disk nor the answer's timing tells them apart.
-      const write = d.ok ? (d.change ?? (current ? { ...current, updatedAt: now } : undefined)) : undefined;
-      if (write) this.ledger.put(write);
-      return d;
-    });
-    if (d.ok) await this.ledger.sync();
+    if (d.ok) await this.anchored();
     if (!d.ok) throw refusal(d.code);
     if (d.outcome === 'ok') {
       this.sessions.cancelUser(userId, ['recover', 'grant']);
@@ -301,7 +333,7 @@ export class Vault {
       if (!d.ok) throw refusal(d.code);
       this.ledger.put(d.change);
     });
-    await this.ledger.sync();
+    await this.anchored();
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'record.delete', user: userRef(userId) }, 'record deleted');
   }
@@ -312,13 +344,13 @@ export class Vault {
     let destroyedCount = 0;
     for (const s of this.sessions.sweep(now)) {
       const change = this.ledger.transaction(() => {
-        const c = decideExpiry(this.ledger.get(s.userId), s.generation, this.sessions.pending(s.userId, now), now);
+        const c = decideExpiry(this.ledger.get(s.userId), s.generation, this.pendingGuesses(s.userId, now), now);
         if (c) this.ledger.put(c);
         return c;
       });
       if (change) {
         destroyedCount++;
-        await this.ledger.sync();
+        await this.anchored();
         this.log.warn({ event: 'record.locked', user: userRef(s.userId) }, 'record destroyed: last guess abandoned at the limit');
       }
     }
@@ -375,7 +407,7 @@ export class Vault {
           });
         }
         // Anchored before the old key can go: a crash here resumes, it never strands a record.
-        await this.ledger.sync();
+        await this.anchored();
         opts.onProgress?.(resealed, this.store.records.countSealedBefore(target) - unreadable.size);
       }
       const destroyedEpochs: number[] = [];
@@ -393,6 +425,30 @@ export class Vault {
       return { epoch: target, resealed, unreadable: unreadable.size, destroyedEpochs };
     } finally {
       this.rotating = false;
+    }
+  }
+
+  /** ledger.sync(), remembering whether the last anchor write failed (see recoverBegin). */
+  private async anchored(): Promise<void> {
+    try {
+      await this.ledger.sync();
+      this.anchorFailing = false;
+    } catch (e) {
+      this.anchorFailing = true;
+      throw e;
+    }
+  }
+
+  /** Counted guesses of a user not yet decided: live recover sessions plus finishes being compared. */
+  private pendingGuesses(userId: string, now: number): number {
+    return this.sessions.pending(userId, now) + (this.finishing.get(userId) ?? 0);
+  }
+
+  private dropSession(id: string): void {
+    try {
+      this.sessions.take(id, 'recover', this.options.now());
+    } catch {
+      /* already gone */
     }
   }
 

@@ -64,6 +64,16 @@ export function isSessionLost(ckr: number | undefined): boolean {
   );
 }
 
+/**
+ * Codes after which the object handles we hold are stale: SoftHSM (and the PKCS#11
+ * spec) invalidate private-object handles when the login ends, e.g. when every
+ * session was closed or C_Logout ran. Retrying on the same handles never helps;
+ * the key set must be found again by label (see TokenVaultKeys).
+ */
+export function isHandleLost(ckr: number | undefined): boolean {
+  return ckr === CKR.OBJECT_HANDLE_INVALID || ckr === CKR.KEY_HANDLE_INVALID;
+}
+
 /** Map a PKCS#11 failure to the vault's error vocabulary. The text names the operation only. */
 export function toVaultError(e: unknown, op: string): VaultError {
   if (e instanceof VaultError) return e;
@@ -72,7 +82,8 @@ export function toVaultError(e: unknown, op: string): VaultError {
   if (ckr === CKR.PIN_INCORRECT || ckr === CKR.PIN_LOCKED) {
     return new VaultError(ErrorCodes.HSM_PIN_INCORRECT, `HSM refused the PIN during ${op} (${hex}); not retrying`);
   }
-  if (isSessionLost(ckr) || ckr === CKR.DEVICE_MEMORY) {
+  // A lost login surfaces as stale handles: the HSM is (momentarily) unusable, nothing was done.
+  if (isSessionLost(ckr) || isHandleLost(ckr) || ckr === CKR.DEVICE_MEMORY) {
     return new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${op} (${hex})`);
   }
   return new VaultError(ErrorCodes.HSM_ERROR, `HSM operation ${op} failed (${hex})`);

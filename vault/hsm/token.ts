@@ -4,7 +4,7 @@
 import pkcs11js from 'pkcs11js';
 import { createHash } from 'node:crypto';
 import { VaultError, ErrorCodes } from '../errors.js';
-import { CKR, ckrOf, isSessionLost, toVaultError } from './ckr.js';
+import { CKR, ckrOf, isHandleLost, isSessionLost, toVaultError } from './ckr.js';
 
 const P = pkcs11js;
 
@@ -146,6 +146,11 @@ export class Token {
   private readonly maxSessions: number;
   private readonly modulePath: string;
   private idle: Handle[] = [];
+  /**
+   * Set when a call failed on a stale object handle (CKR_OBJECT/KEY_HANDLE_INVALID):
+   * handles found before are no longer valid. TokenVaultKeys re-resolves and clears it.
+   */
+  handlesLost = false;
   private open = 0;
   private closed = false;
 
@@ -299,6 +304,15 @@ export class Token {
         return out;
       } catch (e) {
         const ckr = ckrOf(e);
+        if (isHandleLost(ckr)) {
+          // Stale key handles: the login ended under us (sessions may still be open, logged
+          // out). Drop them so the next call logs in on a fresh session; the owner finds its
+          // keys again (TokenVaultKeys) before retrying.
+          this.handlesLost = true;
+          this.discard(s);
+          this.dropIdle();
+          throw e;
+        }
         if (isSessionLost(ckr)) {
           this.discard(s);
           this.dropIdle();
@@ -515,6 +529,16 @@ export class Token {
         } finally {
           this.p11.C_FindObjectsFinal(s);
         }
+      }),
+    );
+  }
+
+  /** CKA_VALUE of a (non-sensitive) data object. */
+  dataValue(h: Handle): Buffer {
+    return this.guard('C_GetAttributeValue', () =>
+      this.run('C_GetAttributeValue', (s) => {
+        const [a] = this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_VALUE }]);
+        return a?.value ?? Buffer.alloc(0);
       }),
     );
   }

@@ -12,7 +12,7 @@ export interface HsmKeyHandles {
   oprf: { priv: Handle };
   verifier: Handle;
   tenant: Handle;
-  anchor: Handle;
+  anchors: [Handle, Handle];
   seals: Map<number, Handle>;
 }
 
@@ -66,12 +66,46 @@ export class TokenVaultKeys implements VaultKeys {
 
   constructor(
     private readonly token: Token,
-    private readonly keys: HsmKeyHandles,
+    private keys: HsmKeyHandles,
     /** Labels created while resolving the key set (bkv-admin init reports them). */
     readonly created: string[] = [],
+    /**
+     * Finds the key set again by label (hsm-policy, without creating anything). Used
+     * when the login was lost under us: SoftHSM then invalidates every private-object
+     * handle, and without this the vault would answer HSM_ERROR until restarted.
+     */
+    private readonly resolve?: () => HsmKeyHandles,
   ) {
     this.channelPublic = keys.kx.point;
     this.signingPublic = keys.sig.point;
+  }
+
+  /**
+   * Run one HSM call on handles known to be current. If the token saw a stale handle
+   * (login lost: every session closed, C_Logout, a token reset), find the keys again
+   * and retry once; until the token is back this fails with HSM_UNAVAILABLE, and the
+   * first call after it returns succeeds (test/adversarial-hsm.test.ts).
+   */
+  private async fresh<T>(fn: () => T): Promise<T> {
+    if (this.token.handlesLost) this.reresolve();
+    try {
+      return fn();
+    } catch (e) {
+      if (!this.token.handlesLost || !this.resolve) throw e;
+      this.reresolve();
+      return fn();
+    }
+  }
+
+  private reresolve(): void {
+    if (!this.resolve) return;
+    const k = this.resolve();
+    // Same labels must mean the same keys: a swapped token is not something to carry on with.
+    if (!Buffer.from(k.kx.point).equals(Buffer.from(this.channelPublic)) || !Buffer.from(k.sig.point).equals(Buffer.from(this.signingPublic))) {
+      throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'the HSM key set changed while the vault was running');
+    }
+    this.keys = k;
+    this.token.handlesLost = false;
   }
 
   currentEpoch(): number {
@@ -83,53 +117,66 @@ export class TokenVaultKeys implements VaultKeys {
   }
 
   async oprfEvaluate(point: Uint8Array): Promise<Uint8Array> {
-    return this.token.ecdhX(this.keys.oprf.priv, point);
+    return this.fresh(() => this.token.ecdhX(this.keys.oprf.priv, point));
   }
 
   async channelAgree(point: Uint8Array): Promise<Uint8Array> {
-    return this.token.ecdhX(this.keys.kx.priv, point);
+    return this.fresh(() => this.token.ecdhX(this.keys.kx.priv, point));
   }
 
   async makeVerifier(input: Uint8Array): Promise<Uint8Array> {
-    return this.token.hmacSha256(this.keys.verifier, input);
+    return this.fresh(() => this.token.hmacSha256(this.keys.verifier, input));
   }
 
   async checkVerifier(input: Uint8Array, verifier: Uint8Array): Promise<boolean> {
-    return this.token.hmacSha256Verify(this.keys.verifier, input, verifier);
+    return this.fresh(() => this.token.hmacSha256Verify(this.keys.verifier, input, verifier));
   }
 
   async seal(epoch: number, aad: Uint8Array, plaintext: Uint8Array): Promise<Uint8Array> {
-    const key = this.sealKey(epoch);
-    const iv = this.token.random(IV);
-    const ct = this.token.aesGcmEncrypt(key, iv, aad, plaintext);
-    return Buffer.concat([iv, ct]);
+    return this.fresh(() => {
+      const key = this.sealKey(epoch);
+      const iv = this.token.random(IV);
+      const ct = this.token.aesGcmEncrypt(key, iv, aad, plaintext);
+      return Buffer.concat([iv, ct]);
+    });
   }
 
   async unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null> {
     if (blob.length < IV + 16) return null;
-    return this.token.aesGcmDecrypt(this.sealKey(epoch), blob.subarray(0, IV), aad, blob.subarray(IV));
+    return this.fresh(() => this.token.aesGcmDecrypt(this.sealKey(epoch), blob.subarray(0, IV), aad, blob.subarray(IV)));
   }
 
   async sign(digest: Uint8Array): Promise<Uint8Array> {
-    return this.token.ecdsaSign(this.keys.sig.priv, digest);
+    return this.fresh(() => this.token.ecdsaSign(this.keys.sig.priv, digest));
   }
 
   async tenantSecret(input: Uint8Array): Promise<Uint8Array> {
-    return this.token.hmacSha256(this.keys.tenant, input);
+    return this.fresh(() => this.token.hmacSha256(this.keys.tenant, input));
   }
 
   async random(n: number): Promise<Uint8Array> {
     return this.token.random(n);
   }
 
+  /** Index of the anchor slot holding the newest anchor; writes go to the other one. */
+  private latestSlot = 0;
+
   async readAnchor(): Promise<AnchorState> {
-    const parsed = parseAnchorLabel(this.token.readLabel(this.keys.anchor));
-    if (!parsed) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'the HSM state anchor holds an unreadable label');
+    const labels = await this.fresh(() => this.keys.anchors.map((h) => this.token.readLabel(h)));
+    const states = labels.map(parseAnchorLabel);
+    const best = states.reduce<number>((b, s, i) => (s && (b < 0 || s.seq > states[b]!.seq) ? i : b), -1);
+    if (best < 0) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'no HSM state anchor slot holds a readable label');
+    this.latestSlot = best;
+    const parsed = states[best]!;
     return parsed;
   }
 
   async writeAnchor(a: AnchorState): Promise<void> {
-    this.token.setLabel(this.keys.anchor, anchorLabel(a.seq, a.root));
+    // Never overwrite the slot holding the newest anchor: if this write is torn,
+    // the other slot still says where the state was before this batch.
+    const target = 1 - this.latestSlot;
+    await this.fresh(() => this.token.setLabel(this.keys.anchors[target]!, anchorLabel(a.seq, a.root)));
+    this.latestSlot = target;
   }
 
   async addEpoch(epoch: number): Promise<void> {

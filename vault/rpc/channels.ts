@@ -4,7 +4,9 @@
 // the decrypted bodies go to the core.
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
 import type { Vault } from '../core/vault.js';
-import { channelIdOf, channelKeys, openMessage, sealMessage, type ChannelKeys } from '../protocol/channel.js';
+import { channelIdOf, channelKeys, type ChannelKeys } from '../protocol/channel.js';
+// Same AEAD as channel.ts, on node:crypto (docs/PERFORMANCE.md).
+import { openMessage, sealMessage } from '../protocol/channel-node.js';
 import { validatePoint } from '../protocol/oprf.js';
 import { equalBytes, toB64 } from '../protocol/bytes.js';
 import { Bodies, parse } from './wire.js';

@@ -69,6 +69,9 @@ export class RecordStore {
   private readonly undoAdd;
   private readonly undoAbove;
   private readonly undoClear;
+  private readonly beginStmt;
+  private readonly commitStmt;
+  private readonly rollbackStmt;
 
   constructor(private readonly db: Db) {
     this.getStmt = db.prepare<[string], Row>('SELECT * FROM records WHERE user_id = ?');
@@ -96,6 +99,9 @@ export class RecordStore {
       'SELECT batch, user_id, prev FROM undo WHERE batch > ? ORDER BY batch DESC, user_id',
     );
     this.undoClear = db.prepare<[number]>('DELETE FROM undo WHERE batch <= ?');
+    this.beginStmt = db.prepare('BEGIN IMMEDIATE');
+    this.commitStmt = db.prepare('COMMIT');
+    this.rollbackStmt = db.prepare('ROLLBACK');
   }
 
   get(userId: string): StoredRecord | undefined {
@@ -107,9 +113,31 @@ export class RecordStore {
     this.guard(() => this.putStmt.run(toRow(rec)));
   }
 
-  /** Runs `fn` as one atomic, durable SQLite transaction (nothing async may happen inside). */
+  /** Runs `fn` as one atomic, durable SQLite transaction (nothing async may happen inside). Nested in begin(): a savepoint. */
   transaction<T>(fn: () => T): T {
     return this.guard(() => this.db.transaction(fn).immediate());
+  }
+
+  /**
+   * Group commit (core/ledger.ts): open one write transaction that the
+   * transactions of many requests nest in as savepoints, then make them all
+   * durable with one commit(), i.e. one fsync, before any of them is answered.
+   */
+  begin(): void {
+    this.guard(() => this.beginStmt.run());
+  }
+
+  commit(): void {
+    this.guard(() => this.commitStmt.run());
+  }
+
+  /** Undo an open begin(); harmless when SQLite already rolled it back. */
+  rollback(): void {
+    if (this.db.inTransaction) this.guard(() => this.rollbackStmt.run());
+  }
+
+  get inTransaction(): boolean {
+    return this.db.inTransaction;
   }
 
   counts(): RecordCounts {
@@ -177,6 +205,8 @@ export class RecordStore {
 
   /** True when a write transaction can be started right now (readiness). */
   writable(): boolean {
+    // Inside an open group commit the write lock is ours already.
+    if (this.db.inTransaction) return true;
     try {
       this.db.prepare('BEGIN IMMEDIATE').run();
       this.db.prepare('ROLLBACK').run();
@@ -190,12 +220,20 @@ export class RecordStore {
     if (this.db.open) this.db.close();
   }
 
+  /**
+   * SQLite reported a damaged file (SQLITE_CORRUPT*, SQLITE_NOTADB) since this process
+   * opened it. Latched: the records on the damaged pages stay unreadable until an operator
+   * restores the file, so readiness reports it (test/adversarial-disk.test.ts).
+   */
+  corruptionSeen = false;
+
   private guard<T>(fn: () => T): T {
     try {
       return fn();
     } catch (e) {
       if (e instanceof VaultError) throw e;
       const code = (e as { code?: string }).code ?? 'SQLITE_ERROR';
+      if (code.startsWith('SQLITE_CORRUPT') || code === 'SQLITE_NOTADB') this.corruptionSeen = true;
       throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `database operation failed (${code})`);
     }
   }

@@ -1,0 +1,125 @@
+// The vault daemon as the benchmark runs it: the same assembly as
+// `bkv-vault serve` (data lock, metrics, audit log tap, startDaemon), minus the
+// admin listener, plus a JSON-lines control channel on stdin/stdout (stats,
+// stop) and `--no-anchor`, which turns the HSM anchor write into a no-op to
+// measure what anchoring costs. A --no-anchor data folder is dead afterwards
+// (its database runs ahead of its anchor): the benchmark only uses copies.
+//
+//   node dist/bench/server.js --data DIR [--no-anchor] [--init]
+// Environment as for the daemon (BKV_HSM_WORKERS, BKV_HSM_RECYCLE, ...).
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import type { Logger } from 'pino';
+import { loadConfig } from '../vault/config.js';
+import { devToken, logTap, makeLogger, openAudit, startDaemon, type Daemon } from '../vault/daemon.js';
+import { initVault } from '../vault/setup.js';
+import { Metrics } from '../vault/metrics.js';
+import { acquireLock } from '../vault/admin/lock.js';
+import type { AnchorState, VaultKeys } from '../vault/hsm/vault-keys.js';
+import { WorkerVaultKeys } from '../vault/hsm/worker-keys.js';
+import { emit, serveCommands } from './lib/proc.js';
+import { BENCH_CONFIG } from './lib/config.js';
+
+
+class NoAnchorKeys implements VaultKeys {
+  constructor(private readonly k: VaultKeys) {}
+  get channelPublic() {
+    return this.k.channelPublic;
+  }
+  get signingPublic() {
+    return this.k.signingPublic;
+  }
+  currentEpoch = () => this.k.currentEpoch();
+  epochs = () => this.k.epochs();
+  oprfEvaluate = (p: Uint8Array) => this.k.oprfEvaluate(p);
+  channelAgree = (p: Uint8Array) => this.k.channelAgree(p);
+  makeVerifier = (i: Uint8Array) => this.k.makeVerifier(i);
+  checkVerifier = (i: Uint8Array, v: Uint8Array) => this.k.checkVerifier(i, v);
+  seal = (e: number, a: Uint8Array, p: Uint8Array) => this.k.seal(e, a, p);
+  unseal = (e: number, a: Uint8Array, b: Uint8Array) => this.k.unseal(e, a, b);
+  sign = (d: Uint8Array) => this.k.sign(d);
+  tenantSecret = (i: Uint8Array) => this.k.tenantSecret(i);
+  random = (n: number) => this.k.random(n);
+  readAnchor = () => this.k.readAnchor();
+  writeAnchor = async (_a: AnchorState) => undefined;
+  addEpoch = (e: number) => this.k.addEpoch(e);
+  destroyEpoch = (e: number) => this.k.destroyEpoch(e);
+  ping = () => this.k.ping();
+  close = () => this.k.close();
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: { data: { type: 'string' }, 'no-anchor': { type: 'boolean' }, init: { type: 'boolean' } },
+  });
+  const dataDir = values.data!;
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const configFile = join(dataDir, 'bench-config.json');
+  if (!existsSync(configFile)) writeFileSync(configFile, JSON.stringify(BENCH_CONFIG));
+  const c = loadConfig({ file: configFile, env: {}, overrides: { dataDir, listen: { host: '127.0.0.1', port: 0 } } });
+  const lock = acquireLock(c.dataDir, 'bench server');
+  const metrics = new Metrics();
+  let log: Logger | undefined;
+  const audit = openAudit(c, metrics, () => log);
+  log = makeLogger(c, logTap(metrics, audit));
+  if (values.init && !existsSync(join(c.dataDir, 'vault-key.pub'))) await initVault(c, log);
+  const t0 = performance.now();
+  let raw: VaultKeys | undefined;
+  const d: Daemon = await startDaemon(c, log, {
+    metrics,
+    audit,
+    wrapKeys: (k) => {
+      raw = k;
+      return values['no-anchor'] ? new NoAnchorKeys(k) : k;
+    },
+  });
+  const openMs = performance.now() - t0;
+  // Since this process started: node start-up, module load, HSM workers, key policy, self-test, ledger, listening.
+  const startupMs = performance.now();
+  const token = await devToken(d, c, log);
+  const records = d.vault.store.records.counts();
+  emit({
+    event: 'ready',
+    port: d.server.port,
+    token,
+    vaultId: Buffer.from(d.vault.vaultId).toString('hex'),
+    startupMs: Math.round(startupMs),
+    openMs: Math.round(openMs),
+    records: records.active + records.locked + records.deleted,
+    hsmWorkers: raw instanceof WorkerVaultKeys ? raw.stats().threads : 0,
+  });
+  let cpu0 = process.cpuUsage();
+  serveCommands(async (cmd) => {
+    switch (cmd.cmd) {
+      case 'stats': {
+        if (cmd.gc && global.gc) global.gc();
+        const cpu = process.cpuUsage(cmd.resetCpu ? undefined : cpu0);
+        if (cmd.resetCpu) cpu0 = process.cpuUsage();
+        const m = process.memoryUsage();
+        return {
+          rss: m.rss,
+          heapUsed: m.heapUsed,
+          external: m.external,
+          cpuUserMs: cpu.user / 1000,
+          cpuSystemMs: cpu.system / 1000,
+          pool: raw instanceof WorkerVaultKeys ? raw.stats() : undefined,
+          ledger: d.vault.ledger.status(),
+        };
+      }
+      case 'stop':
+        await d.stop();
+        await (raw instanceof WorkerVaultKeys ? raw.shutdown() : Promise.resolve());
+        lock.release();
+        setImmediate(() => process.exit(0));
+        return { stopped: true };
+      default:
+        throw new Error(`unknown command ${String(cmd.cmd)}`);
+    }
+  });
+}
+
+main().catch((e: unknown) => {
+  emit({ error: (e as Error).message, fatal: true });
+  process.exit(1);
+});
