@@ -15,7 +15,7 @@ import { tempVault, type TestVault } from './helpers/vault.js';
 import { enroll, beginOnly, secretsSeen } from './helpers/flows.js';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
-import { LeakScan, RecordingTransport, counterHistoryProblem, pinnedKeyOf, rawRecover } from './helpers/adversarial.js';
+import { LeakScan, RecordingTransport, advConfig, counterHistoryProblem, pinnedKeyOf, rawRecover } from './helpers/adversarial.js';
 import { VaultClient } from '../client/sdk.js';
 import { ErrorCodes, VaultError } from '../vault/errors.js';
 
@@ -130,7 +130,7 @@ describe('over the wire: many connections, one user', () => {
   const CONNS = 20;
   const PER_CONN = 50;
   beforeAll(async () => {
-    d = await startDaemon();
+    d = await startDaemon({ config: advConfig() });
     leaks.text('wire', () => wire);
   });
   afterAll(async () => {

@@ -8,9 +8,9 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { p256 } from '@noble/curves/nist.js';
-import { startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
+import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
-import { LeakScan, RawChannel as SharedRawChannel, RecordingTransport, codeOf, pinnedKeyOf, stateDigest } from './helpers/adversarial.js';
+import { LeakScan, advConfig, RawChannel as SharedRawChannel, RecordingTransport, codeOf, pinnedKeyOf, stateDigest } from './helpers/adversarial.js';
 import { VaultClient, decodeDescriptor } from '../client/sdk.js';
 import type { Transport } from '../client/transport.js';
 import { finishOprf, enrollPayload, startOprf, type PendingOprf } from '../client/protocol.js';
@@ -31,7 +31,7 @@ let sdk: VaultClient;
 
 beforeAll(async () => {
   // Short sessions so expiry can be observed in seconds; everything else as in production tests.
-  d = await startDaemon({ config: { ...TEST_CONFIG, vault: { ...TEST_CONFIG.vault, sessionTtlSec: TTL_SEC } } });
+  d = await startDaemon({ config: advConfig({ vault: { sessionTtlSec: TTL_SEC } }) });
   pinned = pinnedKeyOf(d);
   t = new RecordingTransport(d.url, d.token, wire);
   sdk = new VaultClient({ transport: t, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0 });

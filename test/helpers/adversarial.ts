@@ -7,7 +7,7 @@ import { createHash, createPublicKey } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import WebSocket from 'ws';
-import type { RunningDaemon } from './daemon.js';
+import { TEST_CONFIG, type RunningDaemon } from './daemon.js';
 import { WebSocketTransport, type Transport } from '../../client/transport.js';
 import { ErrorCodes, VaultError } from '../../vault/errors.js';
 import { p256 } from '@noble/curves/nist.js';
@@ -147,11 +147,17 @@ export class RecordingTransport implements Transport {
   }
 }
 
+/** Every error message codeOf() saw, for the leak scans ("error messages contain no secret"). */
+export const errorsSeen: string[] = [];
+
 export async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string> {
   try {
     await (typeof p === 'function' ? p() : p);
   } catch (e) {
-    if (e instanceof VaultError) return e.code;
+    if (e instanceof VaultError) {
+      errorsSeen.push(`${e.code}: ${e.message} ${JSON.stringify(e.detail ?? {})}`);
+      return e.code;
+    }
     throw e;
   }
   return 'NO_ERROR';
@@ -208,7 +214,7 @@ export function spellings(secret: Uint8Array | string): Buffer[] {
  */
 export class LeakScan {
   private readonly secrets: { label: string; value: Uint8Array | string }[] = [];
-  private readonly texts: { label: string; get: () => string[] | string }[] = [];
+  private readonly texts: { label: string; get: () => string[] | string }[] = [{ label: 'error messages', get: () => errorsSeen }];
   private readonly files: { label: string; path: () => string }[] = [];
 
   secret(label: string, value: Uint8Array | string): void {
@@ -422,4 +428,17 @@ export function counterHistoryProblem(afterEachBegin: number[], finalAttempts: n
   const want = [...Array.from({ length: b }, (_, i) => i + 1), ...Array.from({ length: a }, (_, i) => i + 1)].sort((x, y) => x - y);
   const got = [...afterEachBegin].sort((x, y) => x - y);
   return JSON.stringify(got) === JSON.stringify(want) ? undefined : `begins counted ${JSON.stringify(got)}, final ${a}: expected ${JSON.stringify(want)}`;
+}
+
+/**
+ * The test daemon's config for these files: the admin listener on an ephemeral port,
+ * so several daemons (parallel test files) never fight over the default 8788.
+ */
+export function advConfig(extra: { vault?: object; limits?: object } = {}): object {
+  return {
+    ...TEST_CONFIG,
+    admin: { host: '127.0.0.1', port: 0 },
+    vault: { ...TEST_CONFIG.vault, ...(extra.vault ?? {}) },
+    limits: { ...TEST_CONFIG.limits, ...(extra.limits ?? {}) },
+  };
 }

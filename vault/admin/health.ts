@@ -84,6 +84,18 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
   } catch (e) {
     db = { ok: false, detail: `database not writable: ${(e as Error).message}` };
   }
+  // After a real write failed (disk full, I/O error), a one-page probe may still fit where
+  // every real batch fails: ask for a batch-sized write before calling the store ready.
+  const failure = vault.store.records.writeFailure;
+  if (db.ok && failure) {
+    try {
+      vault.store.records.setMeta('ready_probe', 'x'.repeat(64 * 1024));
+      vault.store.records.setMeta('ready_probe', String(Date.now()));
+      vault.store.records.writeFailure = undefined;
+    } catch (e) {
+      db = { ok: false, detail: `database not writable (${failure} on the last write): ${(e as Error).message}` };
+    }
+  }
   // Writable is not enough: a damaged page makes some records unreadable (SQLITE_CORRUPT).
   if (db.ok && vault.store.records.corruptionSeen) {
     db = { ok: false, detail: 'the database file is damaged (SQLite reported corruption): restore it from the last good copy' };

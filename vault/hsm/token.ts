@@ -304,15 +304,10 @@ export class Token {
         return out;
       } catch (e) {
         const ckr = ckrOf(e);
-        if (isHandleLost(ckr)) {
-          // Stale key handles: the login ended under us (sessions may still be open, logged
-          // out). Drop them so the next call logs in on a fresh session; the owner finds its
-          // keys again (TokenVaultKeys) before retrying.
-          this.handlesLost = true;
-          this.discard(s);
-          this.dropIdle();
-          throw e;
-        }
+        // Stale key handles: the login ended under us. Only flagged here: the owner decides
+        // how to recover (TokenVaultKeys resets the sessions and finds its keys again; the
+        // worker pool has its own recycle, which must not have sessions closed under it).
+        if (isHandleLost(ckr)) this.handlesLost = true;
         if (isSessionLost(ckr)) {
           this.discard(s);
           this.dropIdle();
@@ -326,6 +321,11 @@ export class Token {
         throw e;
       }
     }
+  }
+
+  /** Close every idle session, so the next call opens a fresh one and logs in again. */
+  resetSessions(): void {
+    this.dropIdle();
   }
 
   private dropIdle(): void {

@@ -92,13 +92,21 @@ export class TokenVaultKeys implements VaultKeys {
       return fn();
     } catch (e) {
       if (!this.token.handlesLost || !this.resolve) throw e;
-      this.reresolve();
-      return fn();
+      try {
+        this.reresolve();
+        return fn();
+      } catch (again) {
+        // Still no usable keys (the token has not come back): nothing was done, retry later.
+        if (this.token.handlesLost) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM unavailable: the login was lost and is not restored yet');
+        throw again;
+      }
     }
   }
 
   private reresolve(): void {
     if (!this.resolve) return;
+    // The sessions may still be open but logged out: start over with fresh ones (a new login).
+    this.token.resetSessions();
     const k = this.resolve();
     // Same labels must mean the same keys: a swapped token is not something to carry on with.
     if (!Buffer.from(k.kx.point).equals(Buffer.from(this.channelPublic)) || !Buffer.from(k.sig.point).equals(Buffer.from(this.signingPublic))) {

@@ -115,7 +115,10 @@ export class RecordStore {
 
   /** Runs `fn` as one atomic, durable SQLite transaction (nothing async may happen inside). Nested in begin(): a savepoint. */
   transaction<T>(fn: () => T): T {
-    return this.guard(() => this.db.transaction(fn).immediate());
+    const outermost = !this.db.inTransaction;
+    const out = this.guard(() => this.db.transaction(fn).immediate());
+    if (outermost) this.writeFailure = undefined;
+    return out;
   }
 
   /**
@@ -227,6 +230,13 @@ export class RecordStore {
    */
   corruptionSeen = false;
 
+  /**
+   * SQLite's code of the last failed write (disk full, I/O error), cleared by the
+   * next successful transaction: a one-page readiness probe may still fit where
+   * every real batch fails, so readiness then asks for a larger probe write.
+   */
+  writeFailure: string | undefined;
+
   private guard<T>(fn: () => T): T {
     try {
       return fn();
@@ -234,6 +244,7 @@ export class RecordStore {
       if (e instanceof VaultError) throw e;
       const code = (e as { code?: string }).code ?? 'SQLITE_ERROR';
       if (code.startsWith('SQLITE_CORRUPT') || code === 'SQLITE_NOTADB') this.corruptionSeen = true;
+      if (code.startsWith('SQLITE_FULL') || code.startsWith('SQLITE_IOERR') || code.startsWith('SQLITE_READONLY')) this.writeFailure = code;
       throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `database operation failed (${code})`);
     }
   }
