@@ -82,6 +82,7 @@ interface ServerStats {
   cpuUserMs: number;
   cpuSystemMs: number;
   pool?: { recycles: number; recycleMsMax: number; recycleMsTotal: number; derives: number; overloaded: number; jobs: number; batches: number };
+  loop?: { delayP50Ms: number; delayP99Ms: number; delayMaxMs: number; gcMs: number; gcMaxMs: number };
   ledger?: { seq: number; anchored: number };
 }
 
@@ -144,6 +145,9 @@ interface LoadResult {
   /** Server CPU (all its threads) per completed flow, including warm-up flows. */
   serverCpuUsPerOp?: number;
   anchorsPerOp?: number;
+  /** The daemon's event-loop delay and GC pauses during the run. */
+  serverLoop?: ServerStats['loop'];
+  recyclesDuring?: number;
 }
 
 async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (n: number) => void): Promise<LoadResult> {
@@ -155,6 +159,8 @@ async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (
   r.serverCpuUsPerOp = Math.round(((st.cpuUserMs + st.cpuSystemMs) * 1000) / Math.max(1, r.total));
   // Group commit: HSM anchor writes (= ledger batches) per flow.
   if (st.ledger && st0.ledger) r.anchorsPerOp = round((st.ledger.seq - st0.ledger.seq) / Math.max(1, r.total), 3);
+  if (st.loop) r.serverLoop = st.loop;
+  if (st.pool && st0.pool) r.recyclesDuring = st.pool.recycles - st0.pool.recycles;
   const errs = Object.entries(r.errors);
   if (errs.length) log(`  ${s.name}: errors ${errs.map(([k, v]) => `${k}×${v}`).join(' ')}`);
   return r;
@@ -506,10 +512,11 @@ function report(R: Any): string {
       const l = R.latency[p];
       if (!l) continue;
       const v = l.vault as LoadResult;
-      rows.push([`${p} %`, l.rate, 'vault (workers)', v.rate, v.latencyMs.p50, v.latencyMs.p99, v.latencyMs.p999, errs(v.errors)]);
-      if (l.direct) rows.push(['', '', 'HSM on main thread', l.direct.rate, l.direct.latencyMs.p50, l.direct.latencyMs.p99, l.direct.latencyMs.p999, errs(l.direct.errors)]);
+      const loop = (x: LoadResult) => (x.serverLoop ? `${round(x.serverLoop.delayP99Ms, 1)} / ${round(x.serverLoop.delayMaxMs, 1)} / ${x.serverLoop.gcMaxMs}` : '');
+      rows.push([`${p} %`, l.rate, 'vault (workers)', v.rate, v.latencyMs.p50, v.latencyMs.p99, v.latencyMs.p999, errs(v.errors), loop(v)]);
+      if (l.direct) rows.push(['', '', 'HSM on main thread', l.direct.rate, l.direct.latencyMs.p50, l.direct.latencyMs.p99, l.direct.latencyMs.p999, errs(l.direct.errors), loop(l.direct)]);
     }
-    out.push(table(['load', 'offered /s', 'daemon', 'achieved /s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'errors'], rows));
+    out.push(table(['load', 'offered /s', 'daemon', 'achieved /s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'errors', 'event-loop delay p99 / max, longest GC (ms)'], rows));
     out.push('');
   }
   const extra: (string | number)[][] = [];

@@ -10,6 +10,7 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { monitorEventLoopDelay, PerformanceObserver } from 'node:perf_hooks';
 import type { Logger } from 'pino';
 import { loadConfig } from '../vault/config.js';
 import { devToken, logTap, makeLogger, openAudit, startDaemon, type Daemon } from '../vault/daemon.js';
@@ -90,6 +91,17 @@ async function main(): Promise<void> {
     hsmWorkers: raw instanceof WorkerVaultKeys ? raw.stats().threads : 0,
   });
   let cpu0 = process.cpuUsage();
+  // Where main-thread stalls come from: event-loop delay and GC pauses since the last reset.
+  const eld = monitorEventLoopDelay({ resolution: 1 });
+  eld.enable();
+  let gcMs = 0;
+  let gcMaxMs = 0;
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      gcMs += e.duration;
+      gcMaxMs = Math.max(gcMaxMs, e.duration);
+    }
+  }).observe({ entryTypes: ['gc'] });
   serveCommands(async (cmd) => {
     switch (cmd.cmd) {
       case 'stats': {
@@ -97,7 +109,20 @@ async function main(): Promise<void> {
         const cpu = process.cpuUsage(cmd.resetCpu ? undefined : cpu0);
         if (cmd.resetCpu) cpu0 = process.cpuUsage();
         const m = process.memoryUsage();
+        const loop = {
+          delayP50Ms: eld.percentile(50) / 1e6,
+          delayP99Ms: eld.percentile(99) / 1e6,
+          delayMaxMs: eld.max / 1e6,
+          gcMs: Math.round(gcMs),
+          gcMaxMs: Math.round(gcMaxMs * 10) / 10,
+        };
+        if (cmd.resetCpu) {
+          eld.reset();
+          gcMs = 0;
+          gcMaxMs = 0;
+        }
         return {
+          loop,
           rss: m.rss,
           heapUsed: m.heapUsed,
           external: m.external,

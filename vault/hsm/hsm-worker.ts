@@ -24,7 +24,9 @@ export interface WireKeys {
   oprf: { priv: Uint8Array; point: Uint8Array };
   verifier: Uint8Array;
   tenant: Uint8Array;
+  /** The two state anchor slots (hsm-policy ANCHOR), written alternately. */
   anchor: Uint8Array;
+  anchorB: Uint8Array;
   seals: [number, Uint8Array][];
   created: string[];
 }
@@ -67,6 +69,7 @@ export function toWire(k: ResolvedKeys): WireKeys {
     verifier: k.verifier,
     tenant: k.tenant,
     anchor: k.anchors[0],
+    anchorB: k.anchors[1],
     seals: [...k.seals.entries()],
     created: k.created,
   };

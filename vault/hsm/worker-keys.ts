@@ -73,7 +73,7 @@ export interface PoolStats {
   overloaded: number;
 }
 
-type KeyRef = 'kx' | 'sig' | 'oprf' | 'verifier' | 'tenant' | 'anchor' | { seal: number };
+type KeyRef = 'kx' | 'sig' | 'oprf' | 'verifier' | 'tenant' | 'anchor' | 'anchorB' | { seal: number };
 type Lane = 0 | 1 | 2;
 
 /** A job before dispatch: the key is named, and resolved to a handle only when sent. */
@@ -138,6 +138,7 @@ interface Handles {
   verifier: Uint8Array;
   tenant: Uint8Array;
   anchor: Uint8Array;
+  anchorB: Uint8Array;
   seals: Map<number, Uint8Array>;
 }
 
@@ -157,6 +158,7 @@ export class WorkerVaultKeys implements VaultKeys {
   private closed = false;
   private healthy = true;
   private pingInFlight = false;
+  private pumpScheduled = false;
   private lastHeal = 0;
   private idleWaiters: (() => void)[] = [];
   private afterRecycle: (() => void)[] = [];
@@ -292,15 +294,26 @@ export class WorkerVaultKeys implements VaultKeys {
     return this.bytes(this.submit({ op: 'random', n }, 1));
   }
 
+  /** The anchor slot holding the newest anchor; writes go to the other (see TokenVaultKeys). */
+  private latestSlot: 'anchor' | 'anchorB' = 'anchor';
+
   async readAnchor(): Promise<AnchorState> {
-    const label = await this.value(this.submit({ op: 'readLabel', key: 'anchor' }, 0));
-    const parsed = typeof label === 'string' ? parseAnchorLabel(label) : undefined;
-    if (!parsed) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'the HSM state anchor holds an unreadable label');
-    return parsed;
+    const read = async (key: 'anchor' | 'anchorB') => {
+      const label = await this.value(this.submit({ op: 'readLabel', key }, 0));
+      return typeof label === 'string' ? parseAnchorLabel(label) : undefined;
+    };
+    const a = await read('anchor');
+    const b = await read('anchorB');
+    if (!a && !b) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'no HSM state anchor slot holds a readable label');
+    this.latestSlot = a && (!b || a.seq >= b.seq) ? 'anchor' : 'anchorB';
+    return (this.latestSlot === 'anchor' ? a : b)!;
   }
 
   async writeAnchor(a: AnchorState): Promise<void> {
-    await this.value(this.submit({ op: 'setLabel', key: 'anchor', label: anchorLabel(a.seq, a.root) }, 0));
+    // Never overwrite the newest slot: a torn write then loses only an unacknowledged batch.
+    const target = this.latestSlot === 'anchor' ? 'anchorB' : 'anchor';
+    await this.value(this.submit({ op: 'setLabel', key: target, label: anchorLabel(a.seq, a.root) }, 0));
+    this.latestSlot = target;
   }
 
   async addEpoch(epoch: number): Promise<void> {
@@ -408,7 +421,7 @@ export class WorkerVaultKeys implements VaultKeys {
     return new Promise<JobResult>((res) => {
       this.lanes[lane].push({ spec, derive, resolve: res });
       if (derive) this.waitingDerives++;
-      this.pump();
+      this.schedulePump();
     });
   }
 
@@ -435,6 +448,20 @@ export class WorkerVaultKeys implements VaultKeys {
     this.log?.warn({ event: 'hsm.pool.heal' }, 'HSM session lost: re-initialising the HSM library');
     this.recycleWanted = true;
     this.pump();
+  }
+
+  /**
+   * Dispatch after the current I/O phase rather than per call: the jobs of every
+   * request parsed in this turn go out together, in fewer (larger) batches,
+   * each of which costs a cross-thread wake-up.
+   */
+  private schedulePump(): void {
+    if (this.pumpScheduled) return;
+    this.pumpScheduled = true;
+    setImmediate(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
   }
 
   private queued(): number {
@@ -649,6 +676,7 @@ function handlesOf(k: WireKeys): Handles {
     verifier: tight(k.verifier),
     tenant: tight(k.tenant),
     anchor: tight(k.anchor),
+    anchorB: tight(k.anchorB),
     seals: new Map(k.seals.map(([e, h]) => [e, tight(h)])),
   };
 }
