@@ -2,8 +2,8 @@
 // can send, tamper with, replay and observe. Real daemon process, real
 // SoftHSM2 token, real SQLite file.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { randomBytes, createPublicKey } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { readVaultKey } from '../client/cli.js';
 import WebSocket from 'ws';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { VaultClient } from '../client/sdk.js';
@@ -16,8 +16,7 @@ let pinned: Uint8Array;
 
 beforeAll(async () => {
   d = await startDaemon();
-  const jwk = createPublicKey(readFileSync(d.vaultKeyFile)).export({ format: 'jwk' });
-  pinned = new Uint8Array(Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x!, 'base64url'), Buffer.from(jwk.y!, 'base64url')]));
+  pinned = readVaultKey(d.vaultKeyFile);
 });
 afterAll(async () => {
   await d?.cleanup();

@@ -3,11 +3,12 @@
 // recording transport, a state digest of the SQLite file, a leak scanner and
 // small statistics. Nothing here talks to the vault except over its public
 // surfaces (the socket, the database file read-only, the log lines).
-import { createHash, createPublicKey } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import WebSocket from 'ws';
 import { TEST_CONFIG, type RunningDaemon } from './daemon.js';
+import { readVaultKey } from '../../client/cli.js';
 import { WebSocketTransport, type Transport } from '../../client/transport.js';
 import { ErrorCodes, VaultError } from '../../vault/errors.js';
 import { p256 } from '@noble/curves/nist.js';
@@ -25,8 +26,7 @@ export const DOCUMENTED_CODES: ReadonlySet<string> = new Set(Object.values(Error
 export const DOCUMENTED_RPC_INTS: ReadonlySet<number> = new Set([-32700, -32600, -32601, -32602, -32001, -32002, -32003, -32004, -32603]);
 
 export function pinnedKeyOf(d: RunningDaemon): Uint8Array {
-  const jwk = createPublicKey(readFileSync(d.vaultKeyFile)).export({ format: 'jwk' });
-  return new Uint8Array(Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x!, 'base64url'), Buffer.from(jwk.y!, 'base64url')]));
+  return readVaultKey(d.vaultKeyFile);
 }
 
 /** Checks one answer frame against the documented shape; returns what it was ("result" or the error code). */

@@ -2,8 +2,8 @@
 // the real daemon, SIGKILL at a seeded moment, restart, and a check of every
 // acknowledged operation against what the vault reports. Shared by the test
 // suite (a few cycles) and scripts/crash-soak (many).
-import { randomBytes, createPublicKey } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { readVaultKey } from '../../client/cli.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
 import { VaultClient } from '../../client/sdk.js';
 import { WebSocketTransport } from '../../client/transport.js';
@@ -45,8 +45,7 @@ export interface CycleReport {
 const LIMIT = 10;
 
 function pinnedKey(d: RunningDaemon): Uint8Array {
-  const jwk = createPublicKey(readFileSync(d.vaultKeyFile)).export({ format: 'jwk' });
-  return new Uint8Array(Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x!, 'base64url'), Buffer.from(jwk.y!, 'base64url')]));
+  return readVaultKey(d.vaultKeyFile);
 }
 
 export async function crashCycles(opts: { seed: number; cycles: number; users: number; log?: (r: CycleReport) => void }): Promise<CycleReport[]> {
