@@ -313,3 +313,64 @@ describe('a corrupted page', () => {
 });
 
 
+
+// Group commit defers the fsync of a batch to the thread pool (RecordStore.syncWal). A failed
+// fsync cannot be produced on demand here, so that one case wraps the real syncWal at its seam;
+// the ordering case beside it runs the real thing.
+describe('the deferred fsync of a batch', () => {
+  async function fixture() {
+    const dir = mkdtempSync(join(tmpdir(), 'bkv-fsync-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    return vaultAt(join(dir, 'vault.db'));
+  }
+
+  it('a batch is anchored only after its log reached the disk, and answers wait for both', async () => {
+    const f = await fixture();
+    await enroll(f.vault, 'fs-1', 'pw-fs-1', new Uint8Array(randomBytes(32)));
+    const order: string[] = [];
+    const records = f.vault.store.records;
+    const realSync = records.syncWal.bind(records);
+    records.syncWal = async () => {
+      order.push('sync');
+      await realSync();
+      order.push('synced');
+    };
+    const keys = f.vault.keys;
+    const realAnchor = keys.writeAnchor.bind(keys);
+    keys.writeAnchor = async (a) => {
+      order.push('anchor');
+      await realAnchor(a);
+      order.push('anchored');
+    };
+    const r = await recover(f.vault, 'fs-1', 'pw-fs-1').then((x) => (order.push('answer'), x));
+    expect(r.outcome).toBe('ok');
+    // Two batches (the attempt at begin, the reset at finish), each synced, then anchored, then answered.
+    expect(order).toEqual(['sync', 'synced', 'anchor', 'anchored', 'sync', 'synced', 'anchor', 'anchored', 'answer']);
+    // The write-ahead log file is the one SQLite writes: it exists and holds the batches.
+    expect(readFileSync(`${f.dbPath}-wal`).length).toBeGreaterThan(0);
+    f.close();
+  });
+
+  it('a failed fsync fails the batch with STORE_UNAVAILABLE, anchors nothing, and the next batch makes it good', async () => {
+    const f = await fixture();
+    await enroll(f.vault, 'fs-2', 'pw-fs-2', new Uint8Array(randomBytes(32)));
+    const before = f.vault.ledger.status();
+    const records = f.vault.store.records;
+    const realSync = records.syncWal.bind(records);
+    records.syncWal = async () => {
+      records.syncWal = realSync;
+      throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, 'database operation failed (SQLITE_IOERR_FSYNC)');
+    };
+    expect(await codeOf(recover(f.vault, 'fs-2', 'pw-fs-2'))).toBe(ErrorCodes.STORE_UNAVAILABLE);
+    expect((await f.vault.keys.readAnchor()).seq).toBe(before.anchored);
+    expect(f.logs.some((l) => l.includes('"event":"state.sync.failed"'))).toBe(true);
+    // Nothing was revealed for the failed begin; the next request anchors its batch and the one before.
+    const r = await recover(f.vault, 'fs-2', 'pw-fs-2');
+    expect(r.outcome).toBe('ok');
+    expect((await f.vault.keys.readAnchor()).seq).toBeGreaterThan(before.anchored);
+    // And a restart agrees with the anchor.
+    await f.reopen();
+    expect(f.vault.status('fs-2').attemptsLeft).toBe(f.vault.options.attemptLimit);
+    f.close();
+  });
+});

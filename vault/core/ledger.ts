@@ -4,8 +4,9 @@
 //
 // - writes: a record change, its bucket hash and an undo entry form one
 //   SQLite transaction (a savepoint); the transactions of one event-loop turn
-//   nest in one batch transaction, committed with one fsync when the batch is
-//   flushed; then `sync()` anchors the new root (one HSM write per batch).
+//   nest in one batch transaction, committed when the batch is flushed and
+//   made durable by one fsync off the event loop; then `sync()` anchors the
+//   new root (one HSM write per batch).
 //   Group commit both ways; callers answer only after `sync()` resolved.
 // - reads: a record is served only if its bucket still hashes to the trusted
 //   in-memory bucket hash, so a row restored from an older copy is refused.
@@ -13,7 +14,7 @@
 //   batch ahead of it (a crash between commit and anchor) is rolled back with
 //   the undo log, since nothing in that batch was ever acknowledged.
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
 import type { AnchorState, VaultKeys } from '../hsm/vault-keys.js';
 import type { RecordStore, StoredRecord } from '../store/records.js';
 import { BucketTree, bucketHash, bucketOf, leafHash } from '../protocol/state-hash.js';
@@ -185,7 +186,6 @@ export class Ledger {
       this.records.clearUndo(this.undoObsolete);
       this.undoObsolete = undefined;
     }
-    this.records.setMeta('state_seq', String(this.batch));
     this.records.addUndo(this.batch, rec.userId, this.records.get(rec.userId));
     this.records.put(rec);
     const b = bucketOf(rec.userId);
@@ -193,7 +193,6 @@ export class Ledger {
     const h = hashBucket(this.records.inBucket(b));
     this.records.putBucket(b, h);
     this.tree.set(b, h);
-    this.records.setMeta('state_root', toHex(this.tree.root()));
   }
 
   /** Resolves once the HSM anchor covers every change committed before the call. */
@@ -220,11 +219,13 @@ export class Ledger {
     const waiters = this.waiters;
     this.waiters = [];
     try {
-      // After a failed anchor write the retry anchors under the next batch number; the
-      // database must carry that number too, or the next start takes it for an older copy.
-      if (this.dirty && this.records.getMeta('state_seq') !== String(this.batch)) {
+      // The batch number and root go in once per batch, in the batch's own transaction. After a
+      // failed anchor write the retry anchors under the next number, so the database carries it too,
+      // or the next start would take it for an older copy.
+      if (this.dirty) {
         this.openBatch();
         this.records.setMeta('state_seq', String(this.batch));
+        this.records.setMeta('state_root', toHex(this.tree.root()));
       }
       this.commitBatch();
     } catch (e) {
@@ -238,12 +239,16 @@ export class Ledger {
     this.batch = seq + 1;
     this.flushing = true;
     try {
+      // Durable first, then anchored: an anchor ahead of the disk would make the next start
+      // refuse the database as an older copy. Requests of the next batch run meanwhile.
+      await this.records.syncWal();
       await this.keys.writeAnchor({ seq, root });
     } catch (e) {
       this.flushing = false;
       // The batch stays unanchored: its callers fail, nothing was revealed, and the next sync retries.
       this.dirty = true;
-      this.log.error({ event: 'state.anchor.failed', seq, err: (e as Error).message }, 'could not write the HSM anchor');
+      const event = isVaultError(e, ErrorCodes.STORE_UNAVAILABLE) ? 'state.sync.failed' : 'state.anchor.failed';
+      this.log.error({ event, seq, err: (e as Error).message }, event === 'state.sync.failed' ? 'could not make a batch durable' : 'could not write the HSM anchor');
       return waiters.forEach((w) => w.rej(e));
     }
     this.flushing = false;

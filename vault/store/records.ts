@@ -1,10 +1,14 @@
 // The record table. Holds only what is useless without the HSM: verifiers
 // (HMAC under an HSM key), envelopes sealed under an HSM key, counters and
 // parameters. The store stores; it never decides (see core/machine.ts).
+import { closeSync, fdatasync, fstatSync, openSync } from 'node:fs';
+import { promisify } from 'node:util';
 import type { Db } from './db.js';
 import { VaultError, ErrorCodes } from '../errors.js';
 import type { KdfParams } from '../protocol/kdf.js';
 import { bucketOf } from '../protocol/state-hash.js';
+
+const datasync = promisify(fdatasync);
 
 export type RecordState = 'active' | 'locked' | 'deleted';
 const STATE_CODE: Record<RecordState, number> = { active: 1, locked: 2, deleted: 3 };
@@ -72,6 +76,11 @@ export class RecordStore {
   private readonly beginStmt;
   private readonly commitStmt;
   private readonly rollbackStmt;
+  private readonly lazyStmt;
+  private readonly fullStmt;
+  /** WAL mode: a group commit may defer its fsync to syncWal(). */
+  private readonly wal: boolean;
+  private walFd: number | undefined;
 
   constructor(private readonly db: Db) {
     this.getStmt = db.prepare<[string], Row>('SELECT * FROM records WHERE user_id = ?');
@@ -102,6 +111,9 @@ export class RecordStore {
     this.beginStmt = db.prepare('BEGIN IMMEDIATE');
     this.commitStmt = db.prepare('COMMIT');
     this.rollbackStmt = db.prepare('ROLLBACK');
+    this.lazyStmt = db.prepare('PRAGMA synchronous = NORMAL');
+    this.fullStmt = db.prepare('PRAGMA synchronous = FULL');
+    this.wal = !db.memory && !db.readonly && String(db.pragma('journal_mode', { simple: true })).toLowerCase() === 'wal';
   }
 
   get(userId: string): StoredRecord | undefined {
@@ -123,20 +135,67 @@ export class RecordStore {
 
   /**
    * Group commit (core/ledger.ts): open one write transaction that the
-   * transactions of many requests nest in as savepoints, then make them all
-   * durable with one commit(), i.e. one fsync, before any of them is answered.
+   * transactions of many requests nest in as savepoints, commit them all at
+   * once, then make them durable with one syncWal(), before any of them is
+   * answered. In WAL mode that COMMIT runs with synchronous=NORMAL: it writes
+   * the log without an fsync, which syncWal() then does off the event loop.
+   * Every other write on this connection stays synchronous=FULL.
    */
   begin(): void {
-    this.guard(() => this.beginStmt.run());
+    this.guard(() => {
+      if (this.wal) this.lazyStmt.run();
+      this.beginStmt.run();
+    });
   }
 
   commit(): void {
-    this.guard(() => this.commitStmt.run());
+    try {
+      this.guard(() => this.commitStmt.run());
+    } finally {
+      this.restoreFull();
+    }
   }
 
   /** Undo an open begin(); harmless when SQLite already rolled it back. */
   rollback(): void {
-    if (this.db.inTransaction) this.guard(() => this.rollbackStmt.run());
+    try {
+      if (this.db.inTransaction) this.guard(() => this.rollbackStmt.run());
+    } finally {
+      this.restoreFull();
+    }
+  }
+
+  /**
+   * fdatasync the write-ahead log on the libuv thread pool: what synchronous=FULL
+   * would have done inside COMMIT, without stalling every other request for it.
+   * Covers every transaction committed before the call.
+   */
+  async syncWal(): Promise<void> {
+    if (!this.wal) return;
+    try {
+      // SQLite keeps its log file while the connection is open; reopen if it was replaced anyway.
+      if (this.walFd !== undefined && fstatSync(this.walFd).nlink === 0) this.closeWal();
+      this.walFd ??= openSync(`${this.db.name}-wal`, 'r+');
+      await datasync(this.walFd);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code === 'ENOSPC' ? 'SQLITE_FULL' : 'SQLITE_IOERR_FSYNC';
+      this.writeFailure = code;
+      throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `database operation failed (${code})`);
+    }
+  }
+
+  private restoreFull(): void {
+    if (this.wal && !this.db.inTransaction && this.db.open) this.guard(() => this.fullStmt.run());
+  }
+
+  private closeWal(): void {
+    if (this.walFd === undefined) return;
+    try {
+      closeSync(this.walFd);
+    } catch {
+      /* already gone */
+    }
+    this.walFd = undefined;
   }
 
   get inTransaction(): boolean {
@@ -220,6 +279,7 @@ export class RecordStore {
   }
 
   close(): void {
+    this.closeWal();
     if (this.db.open) this.db.close();
   }
 
