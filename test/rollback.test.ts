@@ -126,6 +126,88 @@ describe('single-row rollback into a newer database', () => {
   });
 });
 
+describe('the leaf column (a read checks its bucket from the index)', () => {
+  function edit(t: TestVault, sql: string, ...args: unknown[]): void {
+    t.vault.close();
+    t.vault.store.close();
+    t.vault.keys.close();
+    const db = new Database(t.dbPath);
+    try {
+      db.prepare(sql).run(...args);
+    } finally {
+      db.close();
+    }
+  }
+
+  it('a row edited under its stored leaf is refused', async () => {
+    const t = await vault();
+    await enroll(t.vault, 'fay', 'pw-fay', key());
+    for (let i = 0; i < 4; i++) await recover(t.vault, 'fay', 'wrong');
+    edit(t, 'UPDATE records SET attempts = 0 WHERE user_id = ?', 'fay');
+    await t.reopen();
+    expect(await codeOf(recover(t.vault, 'fay', 'pw-fay'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+  });
+
+  it('a row edited together with a leaf recomputed to match it is refused', async () => {
+    const t = await vault();
+    await enroll(t.vault, 'gus', 'pw-gus', key());
+    const fresh = readRow(t.dbPath, 'gus');
+    for (let i = 0; i < 4; i++) await recover(t.vault, 'gus', 'wrong');
+    // The old row with its own (then correct) leaf: self-consistent, but not what the anchor says.
+    edit(t, 'UPDATE records SET attempts = ?, leaf = ? WHERE user_id = ?', fresh.attempts, fresh.leaf, 'gus');
+    await t.reopen();
+    expect(await codeOf(recover(t.vault, 'gus', 'pw-gus'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+  });
+
+  it('a row copied in under a name the anchored state does not have is refused, not served', async () => {
+    const t = await vault();
+    await enroll(t.vault, 'hal', 'pw-hal', key());
+    // hal's row, bucket and leaf included, under the name ivy: ivy's own bucket does not list it.
+    edit(
+      t,
+      `INSERT INTO records SELECT 'ivy', state, generation, attempts, attempt_limit, verifier, sealed, seal_epoch, kdf,
+         created_at, updated_at, bucket, leaf FROM records WHERE user_id = ?`,
+      'hal',
+    );
+    await t.reopen();
+    expect(await codeOf(Promise.resolve().then(() => t.vault.status('ivy')))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+    expect(await codeOf(recover(t.vault, 'ivy', 'pw-hal'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+  });
+});
+
+describe('schema migration 4 (leaf column)', () => {
+  it('a database from before it gets every leaf filled in and serves every record', async () => {
+    const t = await vault();
+    const keys = new Map<string, Uint8Array>();
+    for (let i = 0; i < 30; i++) {
+      keys.set(`mg-${i}`, key());
+      await enroll(t.vault, `mg-${i}`, `pw-mg-${i}`, keys.get(`mg-${i}`)!);
+    }
+    await recover(t.vault, 'mg-3', 'wrong');
+    t.vault.close();
+    t.vault.store.close();
+    t.vault.keys.close();
+    // Back to schema 3 exactly: no leaf column, the old bucket index.
+    const db = new Database(t.dbPath);
+    db.exec('DROP INDEX records_leaves; ALTER TABLE records DROP COLUMN leaf; CREATE INDEX records_bucket ON records (bucket, user_id); PRAGMA user_version = 3;');
+    db.close();
+    await t.reopen();
+    const after = new Database(t.dbPath, { readonly: true });
+    expect(after.pragma('user_version', { simple: true })).toBe(4);
+    expect((after.prepare('SELECT count(*) AS n FROM records WHERE leaf IS NULL').get() as { n: number }).n).toBe(0);
+    expect(after.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' AND sql IS NOT NULL ORDER BY name").all()).toEqual([
+      { name: 'records_epoch' },
+      { name: 'records_leaves' },
+    ]);
+    after.close();
+    expect(t.vault.status('mg-3').attemptsLeft).toBe(9);
+    for (const [u, k] of keys) {
+      const r = await recover(t.vault, u, `pw-${u}`);
+      expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k)), u).toBe(true);
+    }
+  });
+});
+
 describe('seal-epoch rotation', () => {
   it('re-seals live records, skips destroyed ones, destroys the old key; a pre-rotation copy is dead', async () => {
     const t = await vault();

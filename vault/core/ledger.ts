@@ -96,7 +96,7 @@ export class Ledger {
         else records.remove(e.userId);
         buckets.add(bucketOf(e.userId));
       }
-      for (const b of buckets) records.putBucket(b, hashBucket(records.inBucket(b)));
+      for (const b of buckets) records.putBucket(b, hashBucket(records, b));
       records.clearUndo(seq);
       records.setMeta('state_seq', String(anchor.seq));
       records.setMeta('state_root', toHex(anchor.root));
@@ -111,18 +111,29 @@ export class Ledger {
     return { seq: this.dirty ? this.batch : this.batch - 1, anchored: this.anchored, root: toHex(this.tree.root()) };
   }
 
-  /** A record, only if its bucket matches the trusted state. */
+  /**
+   * A record, only if it matches the trusted state. The bucket's leaf hashes come from the
+   * index and must hash to the trusted bucket hash; the row itself must hash to its leaf
+   * among them. So one leaf hash per read, however full the bucket, and a row restored
+   * from an older copy (or a leaf column edited to match it) is still refused.
+   */
   get(userId: string): StoredRecord | undefined {
     const b = bucketOf(userId);
-    const rows = this.records.inBucket(b);
-    if (!equalBytes(hashBucket(rows), this.tree.bucket(b)) || rows.some((r) => bucketOf(r.userId) !== b)) {
+    const leaves = this.records.bucketLeaves(b);
+    const mine = leaves.find((l) => l.userId === userId);
+    const rec = this.records.get(userId);
+    const trusted =
+      leaves.every((l) => l.leaf !== null) &&
+      equalBytes(bucketHash(leaves.map((l) => l.leaf!)), this.tree.bucket(b)) &&
+      (mine ? !!rec && equalBytes(leafHash(rec), mine.leaf!) : !rec);
+    if (!trusted) {
       this.log.error({ event: 'state.rollback', user: userRef(userId), bucket: b }, 'stored record does not match the anchored state');
       throw new VaultError(
         ErrorCodes.STATE_ROLLBACK_DETECTED,
         'the stored record does not match the anchored state (restored or altered); refusing to serve it',
       );
     }
-    return rows.find((r) => r.userId === userId);
+    return rec;
   }
 
   /**
@@ -190,7 +201,7 @@ export class Ledger {
     this.records.put(rec);
     const b = bucketOf(rec.userId);
     if (!this.touched.has(b)) this.touched.set(b, this.tree.bucket(b));
-    const h = hashBucket(this.records.inBucket(b));
+    const h = hashBucket(this.records, b);
     this.records.putBucket(b, h);
     this.tree.set(b, h);
   }
@@ -259,6 +270,7 @@ export class Ledger {
   }
 }
 
-function hashBucket(rows: StoredRecord[]): Uint8Array {
-  return bucketHash(rows.map(leafHash));
+/** A bucket's hash from its rows' stored leaf hashes (each written from the row it stands for). */
+function hashBucket(records: RecordStore, b: number): Uint8Array {
+  return bucketHash(records.bucketLeaves(b).map((l) => l.leaf ?? new Uint8Array(0)));
 }

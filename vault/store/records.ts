@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import type { Db } from './db.js';
 import { VaultError, ErrorCodes } from '../errors.js';
 import type { KdfParams } from '../protocol/kdf.js';
-import { bucketOf } from '../protocol/state-hash.js';
+import { bucketOf, leafHash } from '../protocol/state-hash.js';
 
 const datasync = promisify(fdatasync);
 
@@ -30,7 +30,7 @@ export interface StoredRecord {
   updatedAt: number;
 }
 
-interface Row {
+export interface Row {
   user_id: string;
   state: number;
   generation: number;
@@ -43,6 +43,15 @@ interface Row {
   created_at: number;
   updated_at: number;
   bucket: number;
+  /** The record's leaf hash in the state tree (protocol/state-hash.ts), kept beside it so a
+   *  bucket is checked from the index alone (core/ledger.ts). Derived; never trusted by itself. */
+  leaf: Buffer | null;
+}
+
+/** One entry of a bucket as the index holds it. */
+export interface BucketLeaf {
+  userId: string;
+  leaf: Uint8Array | null;
 }
 
 export interface UndoEntry {
@@ -66,6 +75,7 @@ export class RecordStore {
   private readonly metaPut;
   private readonly liveByEpochStmt;
   private readonly bucketStmt;
+  private readonly leavesStmt;
   private readonly countEpochStmt;
   private readonly deleteStmt;
   private readonly bucketsAll;
@@ -85,12 +95,12 @@ export class RecordStore {
   constructor(private readonly db: Db) {
     this.getStmt = db.prepare<[string], Row>('SELECT * FROM records WHERE user_id = ?');
     this.putStmt = db.prepare(
-      `INSERT INTO records (user_id, state, generation, attempts, attempt_limit, verifier, sealed, seal_epoch, kdf, created_at, updated_at, bucket)
-       VALUES (@user_id, @state, @generation, @attempts, @attempt_limit, @verifier, @sealed, @seal_epoch, @kdf, @created_at, @updated_at, @bucket)
+      `INSERT INTO records (user_id, state, generation, attempts, attempt_limit, verifier, sealed, seal_epoch, kdf, created_at, updated_at, bucket, leaf)
+       VALUES (@user_id, @state, @generation, @attempts, @attempt_limit, @verifier, @sealed, @seal_epoch, @kdf, @created_at, @updated_at, @bucket, @leaf)
        ON CONFLICT (user_id) DO UPDATE SET
          state = excluded.state, generation = excluded.generation, attempts = excluded.attempts,
          attempt_limit = excluded.attempt_limit, verifier = excluded.verifier, sealed = excluded.sealed,
-         seal_epoch = excluded.seal_epoch, kdf = excluded.kdf, updated_at = excluded.updated_at`,
+         seal_epoch = excluded.seal_epoch, kdf = excluded.kdf, updated_at = excluded.updated_at, leaf = excluded.leaf`,
     );
     this.countStmt = db.prepare<[], { state: number; n: number }>('SELECT state, count(*) AS n FROM records GROUP BY state');
     this.metaGet = db.prepare<[string], { value: string }>('SELECT value FROM meta WHERE key = ?');
@@ -100,6 +110,10 @@ export class RecordStore {
     );
     this.countEpochStmt = db.prepare<[number], { n: number }>('SELECT count(*) AS n FROM records WHERE state = 1 AND seal_epoch < ?');
     this.bucketStmt = db.prepare<[number], Row>('SELECT * FROM records WHERE bucket = ? ORDER BY user_id');
+    // Answered from the covering index records_leaves: no table rows are read.
+    this.leavesStmt = db.prepare<[number], { user_id: string; leaf: Buffer | null }>(
+      'SELECT user_id, leaf FROM records WHERE bucket = ? ORDER BY user_id',
+    );
     this.deleteStmt = db.prepare<[string]>('DELETE FROM records WHERE user_id = ?');
     this.bucketsAll = db.prepare<[], { id: number; hash: Buffer }>('SELECT id, hash FROM buckets');
     this.bucketPut = db.prepare('INSERT INTO buckets (id, hash) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET hash = excluded.hash');
@@ -225,6 +239,11 @@ export class RecordStore {
     return this.guard(() => this.bucketStmt.all(bucket)).map(fromRow);
   }
 
+  /** The user ids and leaf hashes of one bucket, ordered by user id. */
+  bucketLeaves(bucket: number): BucketLeaf[] {
+    return this.guard(() => this.leavesStmt.all(bucket)).map((r) => ({ userId: r.user_id, leaf: r.leaf ? new Uint8Array(r.leaf) : null }));
+  }
+
   remove(userId: string): void {
     this.guard(() => this.deleteStmt.run(userId));
   }
@@ -310,7 +329,7 @@ export class RecordStore {
   }
 }
 
-function fromRow(r: Row): StoredRecord {
+export function fromRow(r: Row): StoredRecord {
   const state = STATE_NAME[r.state];
   if (!state) throw new VaultError(ErrorCodes.RECORD_CORRUPT, `record has unknown state ${r.state}`);
   return {
@@ -342,6 +361,7 @@ function toRow(rec: StoredRecord): Row {
     created_at: rec.createdAt,
     updated_at: rec.updatedAt,
     bucket: bucketOf(rec.userId),
+    leaf: Buffer.from(leafHash(rec)),
   };
 }
 
