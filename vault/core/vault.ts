@@ -256,9 +256,13 @@ export class Vault {
       let verified = false;
       if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
         try {
-          verified = await this.keys.checkVerifier(verifierInput(this.vaultId, userId, generation, authKey), rec.verifier);
-          // Unseal on either outcome, so a right and a wrong password cost the same HSM work and time.
-          const opened = await this.unseal(rec);
+          // Unseal on either outcome, so a right and a wrong password cost the same HSM work and time;
+          // both calls at once, so a worker pool takes them in one hop.
+          const [ok, opened] = await Promise.all([
+            this.keys.checkVerifier(verifierInput(this.vaultId, userId, generation, authKey), rec.verifier),
+            this.unseal(rec),
+          ]);
+          verified = ok;
           if (verified) envelope = opened;
         } catch (e) {
           // Nothing was decided: the caller may finish this session again.
