@@ -7,6 +7,7 @@ import { tempVault, type TestVault } from './helpers/vault.js';
 import { enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
 import { ErrorCodes, VaultError } from '../vault/errors.js';
 import { utf8 } from '../vault/protocol/bytes.js';
+import { codeOf } from './helpers/codes.js';
 
 let t: TestVault;
 beforeAll(async () => {
@@ -15,16 +16,6 @@ beforeAll(async () => {
 afterAll(() => t.close());
 
 const key = () => new Uint8Array(randomBytes(32));
-
-async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string> {
-  try {
-    await (typeof p === 'function' ? p() : p);
-  } catch (e) {
-    if (e instanceof VaultError) return e.code;
-    throw e;
-  }
-  return 'NO_ERROR';
-}
 
 function row(userId: string): Record<string, unknown> | undefined {
   const db = new Database(t.dbPath, { readonly: true });

@@ -12,6 +12,7 @@ import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport } from '../client/transport.js';
 import { readVaultKey } from '../client/cli.js';
 import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { codeOf } from './helpers/codes.js';
 
 /** The test vault's floor; the CLI's default (64 MiB Argon2id) would only slow the tests down. */
 const KDF_ENV = { BKV_KDF: '{"m":64,"t":1,"p":1}' };
@@ -225,13 +226,6 @@ describe('VaultClient (in-process SDK) against the real daemon', () => {
     const transport = new WebSocketTransport({ url: d.url, token: d.token });
     return { transport, c: new VaultClient({ transport, pinnedKey: readVaultKey(d.vaultKeyFile), kdf, ...(now ? { now } : {}) }) };
   }
-  async function codeOf(p: Promise<unknown>): Promise<string> {
-    return p.then(
-      () => 'NO_ERROR',
-      (e: unknown) => (e instanceof VaultError ? e.code : Promise.reject(e)),
-    );
-  }
-
   it('enrols, refuses a second enrolment, changes the password keeping the key, and deletes', async () => {
     const { transport, c } = client();
     try {

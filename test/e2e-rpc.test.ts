@@ -10,6 +10,7 @@ import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport, type Transport } from '../client/transport.js';
 import { VaultError, ErrorCodes } from '../vault/errors.js';
 import { TEST_KDF } from './helpers/vault.js';
+import { codeOf } from './helpers/codes.js';
 
 let d: RunningDaemon;
 let pinned: Uint8Array;
@@ -55,16 +56,6 @@ class Relay implements Transport {
 
 function client(relay: Transport): VaultClient {
   return new VaultClient({ transport: relay, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0 });
-}
-
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-    return 'NO_ERROR';
-  } catch (e) {
-    if (e instanceof VaultError) return e.code;
-    throw e;
-  }
 }
 
 describe('authentication', () => {

@@ -1,8 +1,11 @@
 // Tests drive the compiled daemon and CLI as real processes: build once first.
+// Vitest strips types without checking them, so the tests are type-checked too.
 import { execFileSync } from 'node:child_process';
 import { resolve } from 'node:path';
 
 export default function setup(): void {
   const root = resolve(import.meta.dirname, '..');
-  execFileSync(process.execPath, [resolve(root, 'node_modules/typescript/bin/tsc'), '-p', root], { stdio: 'inherit' });
+  const tsc = resolve(root, 'node_modules/typescript/bin/tsc');
+  execFileSync(process.execPath, [tsc, '-p', root], { stdio: 'inherit' });
+  execFileSync(process.execPath, [tsc, '-p', resolve(root, 'tsconfig.test.json')], { stdio: 'inherit' });
 }

@@ -8,6 +8,7 @@ import { tempVault, type TestVault } from './helpers/vault.js';
 import { enroll, recover } from './helpers/flows.js';
 import { ErrorCodes, VaultError } from '../vault/errors.js';
 import { sealAad } from '../vault/protocol/record.js';
+import { codeOf } from './helpers/codes.js';
 
 const open: TestVault[] = [];
 afterEach(() => {
@@ -21,16 +22,6 @@ async function vault(): Promise<TestVault> {
 }
 
 const key = () => new Uint8Array(randomBytes(32));
-
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-    return 'NO_ERROR';
-  } catch (e) {
-    if (e instanceof VaultError) return e.code;
-    throw e;
-  }
-}
 
 /** A hot copy of the database as an operator's backup would take it: the file and its WAL. */
 function snapshot(t: TestVault): string {

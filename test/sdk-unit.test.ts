@@ -19,6 +19,7 @@ import { fromB64, fromHex, toB64, toHex } from '../vault/protocol/bytes.js';
 import { MIN_KDF } from '../vault/protocol/kdf.js';
 import { ErrorCodes, VaultError } from '../vault/errors.js';
 import { CommanderError } from 'commander';
+import { codeOf } from './helpers/codes.js';
 
 const fixed = (byte: number) => new Uint8Array(32).fill(byte);
 
@@ -47,16 +48,6 @@ function wireDescriptor(d: Descriptor, signer: Uint8Array) {
     },
     now: 1_764_198_000_000,
   };
-}
-
-async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string> {
-  try {
-    await (typeof p === 'function' ? p() : p);
-  } catch (e) {
-    if (e instanceof VaultError) return e.code;
-    throw e;
-  }
-  return 'NO_ERROR';
 }
 
 describe('Channel against the vault-side channel functions', () => {

@@ -39,6 +39,7 @@ import {
 } from '../vault/protocol/channel.js';
 import { mintToken, tenantSecretInput } from '../vault/rpc/auth.js';
 import { finishOprf, passwordBytes, startOprf } from '../client/protocol.js';
+import { codeOf, codeOfSync } from './helpers/codes.js';
 
 // ---- the vectors -------------------------------------------------------------------
 
@@ -114,26 +115,6 @@ const kxPublic = p256.getPublicKey(kxSecret, false);
 const k = scalar(V.vault.inputs.oprfKey);
 const vaultId = vaultIdOf(sigPublic);
 const caseByName = (name: string): CaseVector => V.cases.find((c) => c.name === name)!;
-
-function codeOf(fn: () => unknown): string {
-  try {
-    fn();
-  } catch (e) {
-    if (e instanceof VaultError) return e.code;
-    throw e;
-  }
-  return 'NO_ERROR';
-}
-
-async function asyncCodeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof VaultError) return e.code;
-    throw e;
-  }
-  return 'NO_ERROR';
-}
 
 // ---- an independent implementation of the spec's byte layouts (node:crypto only) ----
 
@@ -254,12 +235,12 @@ describe('vault identity and descriptor', () => {
     const bad = Uint8Array.from(signature);
     bad[10]! ^= 1;
     const other = p256.getPublicKey(fromHex('11'.repeat(32)), false);
-    expect(codeOf(() => verifyDescriptor({ ...descriptor, signature: bad }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
-    expect(codeOf(() => verifyDescriptor({ ...descriptor, epoch: 2, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
-    expect(codeOf(() => verifyDescriptor({ ...descriptor, attemptLimit: 1000, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
-    expect(codeOf(() => verifyDescriptor({ ...descriptor, channelKey: other, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
-    expect(codeOf(() => verifyDescriptor({ ...descriptor, signature }, other))).toBe(ErrorCodes.FORBIDDEN);
-    expect(codeOf(() => verifyDescriptor({ ...descriptor, version: 2, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
+    expect(codeOfSync(() => verifyDescriptor({ ...descriptor, signature: bad }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
+    expect(codeOfSync(() => verifyDescriptor({ ...descriptor, epoch: 2, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
+    expect(codeOfSync(() => verifyDescriptor({ ...descriptor, attemptLimit: 1000, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
+    expect(codeOfSync(() => verifyDescriptor({ ...descriptor, channelKey: other, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
+    expect(codeOfSync(() => verifyDescriptor({ ...descriptor, signature }, other))).toBe(ErrorCodes.FORBIDDEN);
+    expect(codeOfSync(() => verifyDescriptor({ ...descriptor, version: 2, signature }, sigPublic))).toBe(ErrorCodes.FORBIDDEN);
   });
 });
 
@@ -353,7 +334,7 @@ describe.each(V.cases.map((c) => [c.name, c] as const))('case %s: OPRF, client k
     expect(hex(Buffer.concat([nonce, ref.gcm(envKey, nonce, fromHex(o.envelopeAad!), fromHex(i.backupKey))]))).toBe(o.envelope);
     expect(hex(await openEnvelope(envKey, fromHex(o.envelope!), vaultId, i.userId))).toBe(i.backupKey);
     // Bound to the user: another user id does not open it.
-    expect(await asyncCodeOf(openEnvelope(envKey, fromHex(o.envelope!), vaultId, i.userId + 'x'))).toBe(ErrorCodes.DECRYPT_FAILED);
+    expect(await codeOf(openEnvelope(envKey, fromHex(o.envelope!), vaultId, i.userId + 'x'))).toBe(ErrorCodes.DECRYPT_FAILED);
   });
 
   it('vault side: verifier input, verifier (HMAC), seal AAD, sealed record', () => {
@@ -428,9 +409,9 @@ describe('OPRF: x-only evaluation and the sign of lift_x', () => {
     const input = fromHex(c.outputs.oprfInput!);
     const r = scalar(c.inputs.r);
     const X = fromHex(c.outputs.evaluated!);
-    expect(codeOf(() => finalize(input, r, X.subarray(0, 31)))).toBe(ErrorCodes.INVALID_LENGTH);
-    expect(codeOf(() => finalize(input, r, concat(X, new Uint8Array(1))))).toBe(ErrorCodes.INVALID_LENGTH);
-    expect(codeOf(() => finalize(input, r, fromHex(c.outputs.kB!)))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(codeOfSync(() => finalize(input, r, X.subarray(0, 31)))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(codeOfSync(() => finalize(input, r, concat(X, new Uint8Array(1))))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(codeOfSync(() => finalize(input, r, fromHex(c.outputs.kB!)))).toBe(ErrorCodes.INVALID_LENGTH);
     // Find an x with no y (about half of all x): not a genuine vault answer.
     let x = scalar(c.outputs.evaluated!);
     let notOnCurve: Uint8Array | undefined;
@@ -443,7 +424,7 @@ describe('OPRF: x-only evaluation and the sign of lift_x', () => {
       }
     }
     expect(notOnCurve).toBeDefined();
-    expect(codeOf(() => finalize(input, r, notOnCurve!))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => finalize(input, r, notOnCurve!))).toBe(ErrorCodes.INVALID_POINT);
   });
 
   it('blind refuses r = 0 and r ≥ n', () => {
@@ -464,30 +445,30 @@ describe('validatePoint (every point from the network)', () => {
   });
 
   it('refuses the identity in every spelling', () => {
-    expect(codeOf(() => validatePoint(new Uint8Array([0])))).toBe(ErrorCodes.INVALID_LENGTH); // SEC1 encoding of infinity
-    expect(codeOf(() => validatePoint(concat(new Uint8Array([4]), new Uint8Array(64))))).toBe(ErrorCodes.INVALID_POINT);
-    expect(codeOf(() => validatePoint(new Uint8Array(65)))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(new Uint8Array([0])))).toBe(ErrorCodes.INVALID_LENGTH); // SEC1 encoding of infinity
+    expect(codeOfSync(() => validatePoint(concat(new Uint8Array([4]), new Uint8Array(64))))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(new Uint8Array(65)))).toBe(ErrorCodes.INVALID_POINT);
   });
 
   it('refuses off-curve points (invalid-curve attack) and out-of-range coordinates', () => {
     const { x, y } = P.toAffine();
-    expect(codeOf(() => validatePoint(concat(new Uint8Array([4]), enc32(x), enc32((y + 1n) % FP))))).toBe(ErrorCodes.INVALID_POINT);
-    expect(codeOf(() => validatePoint(concat(new Uint8Array([4]), enc32(x + 1n), enc32(y))))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(concat(new Uint8Array([4]), enc32(x), enc32((y + 1n) % FP))))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(concat(new Uint8Array([4]), enc32(x + 1n), enc32(y))))).toBe(ErrorCodes.INVALID_POINT);
     // A point of another curve (b = 7) with small order would leak k mod its order if evaluated.
-    expect(codeOf(() => validatePoint(concat(new Uint8Array([4]), enc32(0n), enc32(1n))))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(concat(new Uint8Array([4]), enc32(0n), enc32(1n))))).toBe(ErrorCodes.INVALID_POINT);
     // Coordinates must be field elements (< p).
-    expect(codeOf(() => validatePoint(concat(new Uint8Array([4]), enc32(FP), enc32(y))))).toBe(ErrorCodes.INVALID_POINT);
-    expect(codeOf(() => validatePoint(concat(new Uint8Array([4]), enc32(x), enc32(FP))))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(concat(new Uint8Array([4]), enc32(FP), enc32(y))))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => validatePoint(concat(new Uint8Array([4]), enc32(x), enc32(FP))))).toBe(ErrorCodes.INVALID_POINT);
   });
 
   it('refuses compressed and hybrid encodings', () => {
     const compressed = P.toBytes(true);
     expect(compressed.length).toBe(33);
-    expect(codeOf(() => validatePoint(compressed))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(codeOfSync(() => validatePoint(compressed))).toBe(ErrorCodes.INVALID_LENGTH);
     for (const prefix of [0x02, 0x03, 0x06, 0x07, 0x00, 0x05]) {
       const b = Uint8Array.from(good);
       b[0] = prefix;
-      expect(codeOf(() => validatePoint(b))).toBe(ErrorCodes.INVALID_POINT);
+      expect(codeOfSync(() => validatePoint(b))).toBe(ErrorCodes.INVALID_POINT);
     }
   });
 
@@ -496,13 +477,13 @@ describe('validatePoint (every point from the network)', () => {
       const b = new Uint8Array(n);
       if (n > 0) b[0] = 4;
       if (n >= 65) b.set(good.subarray(0, 65));
-      expect(codeOf(() => validatePoint(b))).toBe(ErrorCodes.INVALID_LENGTH);
+      expect(codeOfSync(() => validatePoint(b))).toBe(ErrorCodes.INVALID_LENGTH);
     }
   });
 
   it('evaluateReference goes through validatePoint too', () => {
-    expect(codeOf(() => evaluateReference(k, P.toBytes(true)))).toBe(ErrorCodes.INVALID_LENGTH);
-    expect(codeOf(() => evaluateReference(k, new Uint8Array(65)))).toBe(ErrorCodes.INVALID_POINT);
+    expect(codeOfSync(() => evaluateReference(k, P.toBytes(true)))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(codeOfSync(() => evaluateReference(k, new Uint8Array(65)))).toBe(ErrorCodes.INVALID_POINT);
   });
 });
 
@@ -583,11 +564,11 @@ describe('channel', () => {
       { ...base, ts: m.ts + 1 },
       { ...base, channelId: fromHex('00'.repeat(16)) },
     ];
-    for (const h of variants) expect(await asyncCodeOf(openMessage(key, h, ct))).toBe(ErrorCodes.DECRYPT_FAILED);
-    expect(await asyncCodeOf(openMessage(fromHex(o.kS2C!), base, ct))).toBe(ErrorCodes.DECRYPT_FAILED);
+    for (const h of variants) expect(await codeOf(openMessage(key, h, ct))).toBe(ErrorCodes.DECRYPT_FAILED);
+    expect(await codeOf(openMessage(fromHex(o.kS2C!), base, ct))).toBe(ErrorCodes.DECRYPT_FAILED);
     const flipped = Uint8Array.from(ct);
     flipped[5]! ^= 1;
-    expect(await asyncCodeOf(openMessage(key, base, flipped))).toBe(ErrorCodes.DECRYPT_FAILED);
+    expect(await codeOf(openMessage(key, base, flipped))).toBe(ErrorCodes.DECRYPT_FAILED);
   });
 
   it('every recover.finish outcome pads to the same size', () => {
@@ -602,7 +583,7 @@ describe('channel', () => {
   });
 
   it('pad refuses bodies over the maximum plaintext', () => {
-    expect(codeOf(() => pad({ x: 'a'.repeat(MAX_PLAINTEXT) }))).toBe(ErrorCodes.PAYLOAD_TOO_LARGE);
+    expect(codeOfSync(() => pad({ x: 'a'.repeat(MAX_PLAINTEXT) }))).toBe(ErrorCodes.PAYLOAD_TOO_LARGE);
     expect(pad({ x: 'a'.repeat(MAX_PLAINTEXT - 2 - 8) }).length).toBe(MAX_PLAINTEXT);
   });
 });
