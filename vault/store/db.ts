@@ -1,6 +1,7 @@
 // Opens the SQLite file the vault keeps its sealed records in. WAL for
 // concurrent readers, synchronous=FULL because an acknowledged attempt must
-// survive a power cut, secure_delete so a destroyed record's bytes are
+// survive a power cut (record batches commit NORMAL and fsync the log
+// themselves: records.ts), secure_delete so a destroyed record's bytes are
 // overwritten rather than left in free pages.
 import Database from 'better-sqlite3';
 import { VaultError, ErrorCodes } from '../errors.js';
