@@ -116,6 +116,16 @@ describe('worker pool answers like the direct path', () => {
       }
       expect((await recover(vault, 'pool-user', 'wrong')).outcome).toBe('wrong-password');
       expect((vault.keys as WorkerVaultKeys).stats().recycles).toBeGreaterThanOrEqual(2);
+      // A token created since the library was initialised makes SoftHSM number its slots anew at
+      // the next recycle. Every worker, not only the one that re-initialised, must find its token
+      // by label again: concurrent recoveries put work on both.
+      const other = makeToken();
+      cleanups.push(() => other.cleanup());
+      await (vault.keys as WorkerVaultKeys).recycle();
+      const users = Array.from({ length: 8 }, (_, i) => `pool-${i}`);
+      for (const u of users) await enroll(vault, u, `pw-${u}`, new Uint8Array(randomBytes(32)));
+      const outcomes = await Promise.all(users.map((u) => recover(vault, u, `pw-${u}`).then((r) => r.outcome)));
+      expect(outcomes).toEqual(Array(8).fill('ok'));
     } finally {
       vault.close();
       vault.store.close();
@@ -216,6 +226,7 @@ describe('library recycle', () => {
     };
     const kept = await growth(0);
     const recycled = await growth(2500);
+    console.log(`native growth over ${derives} derives: recycle off ${(kept / 2 ** 20).toFixed(1)} MiB, every 2500 ${(recycled / 2 ** 20).toFixed(1)} MiB`);
     // ~250 B per destroyed derive object stays in SoftHSM until C_Finalize: ~5 MB for 20 000.
     expect(kept).toBeGreaterThan(3 * 2 ** 20);
     expect(recycled).toBeLessThan(kept / 3);

@@ -142,6 +142,7 @@ export class Token {
   readonly label: string;
   private readonly p11: pkcs11js.PKCS11;
   private slot: Handle;
+  private slotStale = false;
   private readonly pin: string;
   private readonly maxSessions: number;
   private readonly modulePath: string;
@@ -199,6 +200,9 @@ export class Token {
    */
   dropSessions(): void {
     this.dropIdle();
+    // A recycle follows, and slot numbers can change across C_Initialize: the next session
+    // must not open on whatever token now has our old slot number.
+    this.slotStale = true;
   }
 
   /**
@@ -223,7 +227,8 @@ export class Token {
     } catch (e) {
       if (ckrOf(e) !== CKR.CRYPTOKI_ALREADY_INITIALIZED) throw toVaultError(e, 'C_Initialize');
     }
-    // Slot handles stay stable in SoftHSM, but find the token by label again anyway.
+    // Slot numbers can change across C_Initialize (SoftHSM numbers the tokens it finds anew):
+    // find ours by label again. Other threads' tokens do the same when they next open a session.
     this.slot = findSlot(this.p11, this.label);
     this.open = 0;
     this.release(this.newSession());
@@ -242,7 +247,20 @@ export class Token {
   // ---- sessions -------------------------------------------------------------
 
   private newSession(): Handle {
-    const s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
+    if (this.slotStale) {
+      this.slot = findSlot(this.p11, this.label);
+      this.slotStale = false;
+    }
+    let s: Handle;
+    try {
+      s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
+    } catch (e) {
+      // The library was re-initialised under us (another thread's recycle) and numbered its
+      // slots afresh, e.g. with another token now present: find ours by label again.
+      if (ckrOf(e) !== CKR.SLOT_ID_INVALID) throw e;
+      this.slot = findSlot(this.p11, this.label);
+      s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
+    }
     this.open++;
     const key = `${this.modulePath}\0${this.label}`;
     try {
