@@ -6,7 +6,6 @@ import { VaultError, ErrorCodes } from '../errors.js';
 
 export const CKR = {
   OK: 0x0,
-  SLOT_ID_INVALID: 0x3,
   GENERAL_ERROR: 0x5,
   ATTRIBUTE_READ_ONLY: 0x10,
   ATTRIBUTE_SENSITIVE: 0x11,

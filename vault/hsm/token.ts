@@ -228,8 +228,8 @@ export class Token {
       if (ckrOf(e) !== CKR.CRYPTOKI_ALREADY_INITIALIZED) throw toVaultError(e, 'C_Initialize');
     }
     // Slot numbers can change across C_Initialize (SoftHSM numbers the tokens it finds anew):
-    // find ours by label again. Other threads' tokens do the same when they next open a session.
-    this.slot = findSlot(this.p11, this.label);
+    // the next session finds ours by label again, as other threads' tokens do after dropSessions().
+    this.slotStale = true;
     this.open = 0;
     this.release(this.newSession());
   }
@@ -251,16 +251,7 @@ export class Token {
       this.slot = findSlot(this.p11, this.label);
       this.slotStale = false;
     }
-    let s: Handle;
-    try {
-      s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
-    } catch (e) {
-      // The library was re-initialised under us (another thread's recycle) and numbered its
-      // slots afresh, e.g. with another token now present: find ours by label again.
-      if (ckrOf(e) !== CKR.SLOT_ID_INVALID) throw e;
-      this.slot = findSlot(this.p11, this.label);
-      s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
-    }
+    const s = this.p11.C_OpenSession(this.slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
     this.open++;
     const key = `${this.modulePath}\0${this.label}`;
     try {
