@@ -56,10 +56,7 @@ let live: { ch: Channel; oprf: PendingOprf; evaluated: Uint8Array; kdf: KdfParam
 beforeAll(async () => {
   d = await startDaemon({ config: advConfig({ limits: { tenantPerSec: 1e7, tenantBurst: 1e7, userPerMin: 1e9, userBurst: 1e7 } }) });
   leaks.text('wire', () => wire);
-  leaks.text('daemon log', () => d.logs);
-  leaks.file('database', () => join(d.dataDir, 'vault.db'));
-  leaks.file('audit log', () => join(d.dataDir, 'audit.log'));
-  leaks.secret('HSM PIN', readFileSync(join(d.dataDir, 'hsm-pin'), 'utf8').trim());
+  leaks.daemon(d);
   leaks.secret('HSM SO PIN', readFileSync(join(d.dataDir, 'hsm-so-pin'), 'utf8').trim());
 
   // Real traffic to mutate: every flow runs to its end, so each captured channel is spent.

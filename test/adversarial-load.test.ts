@@ -8,7 +8,6 @@
 // scripts/load runs 60 s with 200 connections; figures in docs/SECURITY.md.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
@@ -32,10 +31,7 @@ const RECORDED = 5;
 beforeAll(async () => {
   d = await startDaemon({ config: advConfig({ limits: { tenantPerSec: 1e6, tenantBurst: 1e6 } }) });
   leaks.text('wire sample', () => wire);
-  leaks.text('daemon log', () => d.logs);
-  leaks.file('database', () => join(d.dataDir, 'vault.db'));
-  leaks.file('audit log', () => join(d.dataDir, 'audit.log'));
-  leaks.secret('HSM PIN', readFileSync(join(d.dataDir, 'hsm-pin'), 'utf8').trim());
+  leaks.daemon(d);
 });
 
 afterAll(async () => {

@@ -6,7 +6,6 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { readFileSync } from 'node:fs';
 import { p256 } from '@noble/curves/nist.js';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
@@ -37,10 +36,7 @@ beforeAll(async () => {
   sdk = new VaultClient({ transport: t, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0 });
   desc = await sdk.descriptor();
   leaks.text('wire', () => wire);
-  leaks.text('daemon log', () => d.logs);
-  leaks.file('database', () => join(d.dataDir, 'vault.db'));
-  leaks.file('audit log', () => join(d.dataDir, 'audit.log'));
-  leaks.secret('HSM PIN', readFileSync(join(d.dataDir, 'hsm-pin'), 'utf8').trim());
+  leaks.daemon(d);
 });
 
 afterAll(async () => {

@@ -33,9 +33,7 @@ function snapshot(t: TestVault): string {
 
 /** Stop the vault, put the snapshot back in place of the live database. */
 function restore(t: TestVault, snap: string): void {
-  t.vault.close();
-  t.vault.store.close();
-  t.vault.keys.close();
+  t.stop();
   for (const f of [t.dbPath, `${t.dbPath}-wal`, `${t.dbPath}-shm`]) rmSync(f, { force: true });
   copyFileSync(`${snap}.db`, t.dbPath);
   if (existsSync(`${snap}.db-wal`)) copyFileSync(`${snap}.db-wal`, `${t.dbPath}-wal`);
@@ -91,9 +89,7 @@ describe('single-row rollback into a newer database', () => {
     await enroll(t.vault, 'dave', 'pw-dave', key());
     const fresh = readRow(t.dbPath, 'carol');
     for (let i = 0; i < 5; i++) await recover(t.vault, 'carol', 'wrong');
-    t.vault.close();
-    t.vault.store.close();
-    t.vault.keys.close();
+    t.stop();
     writeRow(t.dbPath, fresh);
     await t.reopen();
     expect(await codeOf(recover(t.vault, 'carol', 'pw-carol'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
@@ -107,9 +103,7 @@ describe('single-row rollback into a newer database', () => {
     await enroll(t.vault, 'erin', 'pw-erin', key());
     const alive = readRow(t.dbPath, 'erin');
     for (let i = 0; i < 10; i++) await recover(t.vault, 'erin', 'wrong');
-    t.vault.close();
-    t.vault.store.close();
-    t.vault.keys.close();
+    t.stop();
     writeRow(t.dbPath, alive);
     await t.reopen();
     expect(await codeOf(recover(t.vault, 'erin', 'pw-erin'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
@@ -119,9 +113,7 @@ describe('single-row rollback into a newer database', () => {
 
 describe('the leaf column (a read checks its bucket from the index)', () => {
   function edit(t: TestVault, sql: string, ...args: unknown[]): void {
-    t.vault.close();
-    t.vault.store.close();
-    t.vault.keys.close();
+    t.stop();
     const db = new Database(t.dbPath);
     try {
       db.prepare(sql).run(...args);
@@ -175,9 +167,7 @@ describe('schema migration 4 (leaf column)', () => {
       await enroll(t.vault, `mg-${i}`, `pw-mg-${i}`, keys.get(`mg-${i}`)!);
     }
     await recover(t.vault, 'mg-3', 'wrong');
-    t.vault.close();
-    t.vault.store.close();
-    t.vault.keys.close();
+    t.stop();
     // Back to schema 3 exactly: no leaf column, the old bucket index.
     const db = new Database(t.dbPath);
     db.exec('DROP INDEX records_leaves; ALTER TABLE records DROP COLUMN leaf; CREATE INDEX records_bucket ON records (bucket, user_id); PRAGMA user_version = 3;');

@@ -5,6 +5,7 @@
 // surfaces (the socket, the database file read-only, the log lines).
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import WebSocket from 'ws';
 import { TEST_CONFIG, type RunningDaemon } from './daemon.js';
@@ -226,6 +227,13 @@ export class LeakScan {
   /** A file (and its -wal/-shm siblings for a database). */
   file(label: string, path: () => string): void {
     this.files.push({ label, path });
+  }
+  /** Everything a running daemon writes that a secret could reach, and its HSM PIN to look for. */
+  daemon(d: RunningDaemon): void {
+    this.text('daemon log', () => d.logs);
+    this.file('database', () => join(d.dataDir, 'vault.db'));
+    this.file('audit log', () => join(d.dataDir, 'audit.log'));
+    this.secret('HSM PIN', readFileSync(join(d.dataDir, 'hsm-pin'), 'utf8').trim());
   }
   get secretCount(): number {
     return this.secrets.length;

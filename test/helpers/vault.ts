@@ -19,6 +19,8 @@ export interface TestVault {
   dir: string;
   logs: string[];
   clock: { now: number };
+  /** Stop the vault (database and HSM sessions closed), leaving its files for the test to edit. */
+  stop(): void;
   /** Close and open again on the same token and database (a restart). */
   reopen(opts?: Partial<VaultOptions>): Promise<Vault>;
   close(): void;
@@ -48,17 +50,18 @@ export async function tempVault(opts: Partial<VaultOptions> = {}, token = makeTo
     dir,
     logs,
     clock,
-    async reopen(o = opts) {
+    stop() {
       t.vault.close();
       t.vault.store.close();
       t.vault.keys.close();
+    },
+    async reopen(o = opts) {
+      t.stop();
       t.vault = await open(o, false);
       return t.vault;
     },
     close() {
-      t.vault.close();
-      t.vault.store.close();
-      t.vault.keys.close();
+      t.stop();
       rmSync(dir, { recursive: true, force: true });
       token.cleanup();
     },
