@@ -15,6 +15,7 @@ import Database from 'better-sqlite3';
 import { WebSocketServer } from 'ws';
 import * as opaque from '@serenity-kit/opaque';
 import { emit, serveCommands } from './lib/proc.js';
+import { corkPerTurn } from '../vault/rpc/cork.js';
 
 async function main(): Promise<void> {
   const { values } = parseArgs({ options: { data: { type: 'string' } } });
@@ -63,7 +64,9 @@ async function main(): Promise<void> {
 
   const http = createServer();
   const wss = new WebSocketServer({ server: http, maxPayload: 64 * 1024 });
-  wss.on('connection', (ws) => {
+  wss.on('connection', (ws, upgrade) => {
+    // The same write batching as the vault's server (vault/rpc/cork.ts).
+    const cork = corkPerTurn(upgrade.socket);
     ws.on('message', (data) => {
       let req: { id?: number; method?: string; params?: Record<string, string> };
       try {
@@ -79,6 +82,7 @@ async function main(): Promise<void> {
       } catch (e) {
         body = { jsonrpc: '2.0', id: req.id, error: { code: -32000, message: (e as Error).message, data: { code: (e as Error).message } } };
       }
+      cork();
       ws.send(JSON.stringify(body));
     });
   });

@@ -203,6 +203,30 @@ describe('what the relay can do', () => {
     ws.close();
   });
 
+  it('a burst of requests on one connection gets every answer, each under its own id', async () => {
+    // The server holds a connection's writes to the end of the turn (vault/rpc/cork.ts).
+    const ws = new WebSocket(d.url, { headers: { authorization: `Bearer ${d.token}` } });
+    await new Promise((r) => ws.once('open', r));
+    const answers = new Map<number, { error?: { code: number; data: { code: string } }; result?: unknown }>();
+    const all = new Promise<void>((resolve) =>
+      ws.on('message', (m) => {
+        const a = JSON.parse(m.toString());
+        answers.set(a.id, a);
+        if (answers.size === 40) resolve();
+      }),
+    );
+    for (let i = 0; i < 40; i++) {
+      const method = i % 2 ? 'health' : 'no.such.method';
+      ws.send(JSON.stringify({ jsonrpc: '2.0', id: i, method, params: {} }));
+    }
+    await all;
+    for (let i = 0; i < 40; i++) {
+      if (i % 2) expect(answers.get(i)!.result).toMatchObject({ status: 'ok' });
+      else expect(answers.get(i)!.error!.code).toBe(-32601);
+    }
+    ws.close();
+  });
+
   it('a descriptor signed by another key is refused by the client', async () => {
     const other = new Uint8Array(pinned);
     const { p256 } = await import('@noble/curves/nist.js');

@@ -12,6 +12,7 @@ import { userRef } from '../core/vault.js';
 import type { Authenticator, TenantIdentity } from './auth.js';
 import type { RateLimiter } from './ratelimit.js';
 import type { Handler } from './methods.js';
+import { corkPerTurn } from './cork.js';
 
 export interface ServerOptions {
   host: string;
@@ -125,7 +126,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
     const header = req.headers.authorization;
     const token = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
     deps.auth.verify(token).then(
-      (id) => wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id)),
+      (id) => wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id, socket)),
       (e: unknown) => {
         deps.log.warn({ event: 'auth.refused', reason: (e as Error).message, remote: req.socket.remoteAddress }, 'connection refused');
         refuse(401, ErrorCodes.UNAUTHENTICATED, e instanceof VaultError ? e.message : 'unauthenticated');
@@ -133,8 +134,9 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
     );
   });
 
-  function onConnection(ws: WebSocket, id: TenantIdentity): void {
+  function onConnection(ws: WebSocket, id: TenantIdentity, socket: Duplex): void {
     sockets.add(ws);
+    const cork = corkPerTurn(socket);
     let inFlight = 0;
     let idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
     let alive = true;
@@ -156,7 +158,9 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
       const started = performance.now();
       let req: { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: unknown };
       const send = (body: object) => {
-        if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(body));
+        if (ws.readyState !== ws.OPEN) return;
+        cork();
+        ws.send(JSON.stringify(body));
       };
       const done = (method: string, outcome: string, userId?: string) => {
         const ms = Math.round((performance.now() - started) * 100) / 100;
