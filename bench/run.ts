@@ -384,7 +384,9 @@ async function main(): Promise<void> {
       const startups: Record<string, { spawnToReadyMs: number; startupMs: number; openMs: number }[]> = { small: [], big: [] };
       const rates: Record<string, number[]> = { small: [], big: [] };
       const lat: Record<string, LoadResult[]> = { small: [], big: [] };
-      for (let r = 0; r < O.reps; r++) {
+      // More rounds than the other figures: two 10-second runs on this shared machine differ by up to 25 %.
+      const scaleReps = quick ? O.reps : Math.max(O.reps, 5);
+      for (let r = 0; r < scaleReps; r++) {
         for (const [k, dir, users] of [['small', small, O.users], ['big', V, O.scaleRecords]] as const) {
           const s = await startVault(`vault-${k}`, dir);
           servers.push(s);
@@ -407,6 +409,8 @@ async function main(): Promise<void> {
         recoverRates: rates,
         recoverMedian: { small: median(rates.small!), big: median(rates.big!) },
         bigOverSmall: round(median(rates.big!) / median(rates.small!), 3),
+        // Server CPU per recovery is steadier than the rate: the same comparison, read from cost.
+        cpuUsPerOpMedian: { small: median(lat.small!.map((x) => x.serverCpuUsPerOp!)), big: median(lat.big!.map((x) => x.serverCpuUsPerOp!)) },
         runs: lat,
       });
       R.scale = scale;
@@ -430,7 +434,9 @@ async function main(): Promise<void> {
 
 async function rssRun(s: Server, n: number, label: string): Promise<Record<string, unknown>> {
   log(`RSS across ${n} recoveries (${label})`);
-  const warm = Math.min(20_000, Math.round(n / 10));
+  // Long enough for several library recycles (one per ~16 k recoveries by default): the isolates'
+  // heaps and the allocator's arenas reach their working size during the first few.
+  const warm = Math.min(100_000, Math.round(n / 10));
   const before = await s.stats();
   await load(s, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'closed', concurrency: O.concurrency, count: warm }, connections: conns(O.concurrency) });
   const afterWarm = await s.stats();
@@ -452,17 +458,30 @@ async function rssRun(s: Server, n: number, label: string): Promise<Record<strin
   const end = await s.stats();
   const mib = (b: number) => round(b / 2 ** 20, 1);
   const tail = samples.filter((x) => x.recoveries >= n / 2);
+  // RSS saws up and down with the recycle, so one sample lands anywhere on the tooth: growth is
+  // read between the medians of the first and the last tenth of the run (each spans several recycles).
+  const first = median(samples.filter((x) => x.recoveries < n / 10).map((x) => x.rssMiB));
+  const last = median(samples.filter((x) => x.recoveries >= n - n / 10).map((x) => x.rssMiB));
   const out = {
     recoveries: n,
+    warmup: warm,
     rate: res.rate,
     errors: res.errors,
-    rssMiB: { atStart: mib(before.rss), afterWarmup: mib(afterWarm.rss), atEnd: mib(end.rss), max: Math.max(...samples.map((x) => x.rssMiB), mib(end.rss)) },
-    growthMiB: mib(end.rss - afterWarm.rss),
+    rssMiB: {
+      atStart: mib(before.rss),
+      afterWarmup: mib(afterWarm.rss),
+      atEnd: mib(end.rss),
+      max: Math.max(...samples.map((x) => x.rssMiB), mib(end.rss)),
+      medianFirstTenth: first,
+      medianLastTenth: last,
+    },
+    growthMiB: round(last - first, 1),
+    growthSingleSampleMiB: mib(end.rss - afterWarm.rss),
     slopeMiBPer100k: round(slope(tail.map((x) => ({ x: x.recoveries / 100_000, y: x.rssMiB }))), 2),
     pool: end.pool,
     samples,
   };
-  log(`  RSS ${out.rssMiB.afterWarmup} → ${out.rssMiB.atEnd} MiB (max ${out.rssMiB.max}), slope ${out.slopeMiBPer100k} MiB/100k`);
+  log(`  RSS median ${first} → ${last} MiB (samples ${out.rssMiB.afterWarmup} → ${out.rssMiB.atEnd}, max ${out.rssMiB.max}), slope ${out.slopeMiBPer100k} MiB/100k`);
   return out;
 }
 
@@ -531,16 +550,17 @@ function report(R: Any): string {
   if (R.rss) {
     const rows = [R.rss, R.rssNoRecycle].filter(Boolean).map((r: Any, i: number) => [
       i === 0 ? 'HSM recycle on (default)' : 'HSM recycle off',
-      r.recoveries,
+      `${r.warmup ?? ''} + ${r.recoveries}`,
       r.rate,
-      r.rssMiB.afterWarmup,
-      r.rssMiB.atEnd,
-      r.rssMiB.max,
+      r.rssMiB.medianFirstTenth ?? '',
+      r.rssMiB.medianLastTenth ?? '',
       r.growthMiB,
+      `${r.rssMiB.afterWarmup} → ${r.rssMiB.atEnd} (${r.growthSingleSampleMiB ?? r.growthMiB})`,
+      r.rssMiB.max,
       r.slopeMiBPer100k,
       r.pool ? `${r.pool.recycles} (max ${r.pool.recycleMsMax} ms)` : '',
     ]);
-    out.push(table(['memory', 'recoveries', 'rate /s', 'RSS after warm-up MiB', 'RSS at end MiB', 'max MiB', 'growth MiB', 'slope MiB/100k (2nd half)', 'recycles'], rows));
+    out.push(table(['memory', 'warm-up + recoveries', 'rate /s', 'RSS median, first 10 % MiB', 'last 10 % MiB', 'growth MiB', 'single samples after warm-up → end (growth)', 'max MiB', 'slope MiB/100k (2nd half)', 'recycles'], rows));
     out.push('');
   }
   if (R.scale) {
@@ -549,7 +569,13 @@ function report(R: Any): string {
       ['start-up (spawn → listening), median ms', s.startupMedianMs.small, s.startupMedianMs.big, ''],
       ['database bytes per record', s.dbBytesPerRecord.small, s.dbBytesPerRecord.big, ''],
       ['recoveries/s (random users over all records)', s.recoverMedian.small, s.recoverMedian.big, fmt(s.bigOverSmall)],
+      ...(s.cpuUsPerOpMedian
+        ? [['server CPU µs per recovery', s.cpuUsPerOpMedian.small, s.cpuUsPerOpMedian.big, fmt(s.cpuUsPerOpMedian.small / s.cpuUsPerOpMedian.big)]]
+        : []),
     ]));
+    out.push('');
+    out.push(`Recover rounds (/s): ${s.records.small} records ${s.recoverRates.small.join(' / ')}; ${s.records.big} records ${s.recoverRates.big.join(' / ')}.`);
+    out.push('');
     out.push('');
     if (R.bulk) out.push(`Bulk load: ${R.bulk.loaded} records in ${R.bulk.seconds} s (${R.bulk.perSec}/s; HSM ${R.bulk.hsmSec} s, SQLite+ledger ${R.bulk.dbSec} s).`);
     out.push('');
