@@ -33,9 +33,11 @@ RUN printf '{"extends":"./tsconfig.json","include":["vault","hsm-policy","client
 
 # ---- runtime: Node, SoftHSM2 for the embedded default, the compiled vault
 FROM node:20-bookworm-slim
+# libjemalloc2: the daemon's malloc (ENV LD_PRELOAD below; see docs/OPERATIONS.md).
 RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends softhsm2 tini \
+ && apt-get install -y -qq --no-install-recommends softhsm2 tini libjemalloc2 \
  && rm -rf /var/lib/apt/lists/* \
+ && ln -s "$(ls /usr/lib/*-linux-gnu/libjemalloc.so.2 | head -n 1)" /usr/local/lib/libjemalloc.so.2 \
  && groupadd --system --gid 10001 bkv \
  && useradd --system --uid 10001 --gid bkv --home-dir /var/lib/bkv --no-create-home --shell /usr/sbin/nologin bkv \
  && mkdir -p /var/lib/bkv/tokens \
@@ -49,8 +51,11 @@ RUN ln -s /opt/bkv/dist/vault/main.js /usr/local/bin/bkv-vault \
  && ln -s /opt/bkv/dist/vault/admin.js /usr/local/bin/bkv-admin \
  && ln -s /opt/bkv/dist/client/cli.js /usr/local/bin/bkv
 
+# jemalloc keeps RSS flat through the HSM library recycles, where glibc's per-thread
+# arenas keep what SoftHSM freed (docs/PERFORMANCE.md); unset LD_PRELOAD to opt out.
 ENV NODE_ENV=production \
-    BKV_DATA=/var/lib/bkv
+    BKV_DATA=/var/lib/bkv \
+    LD_PRELOAD=/usr/local/lib/libjemalloc.so.2
 # The data folder (database, audit log, public key, embedded token's PIN files)
 # and the embedded token store are separate volumes: the token store is the
 # "HSM", and must never travel with database backups.

@@ -6,6 +6,7 @@
 //   ./scripts/bench [--quick] [--users N] [--seconds S] [--reps R]
 //                   [--rss-recoveries N] [--scale-records N] [--threads T]
 //                   [--concurrency C] [--skip ceiling,peer,direct,latency,sdk,enroll,rss,scale] [--keep]
+//                   [--malloc libc]   (servers run on jemalloc when installed, as ./scripts/start does)
 //
 // Phases (each throughput is the median of --reps interleaved runs):
 //   1 HSM ceiling     the PKCS#11 sequence of one recovery, T threads, no network/DB
@@ -45,6 +46,7 @@ const { values: argv } = parseArgs({
     skip: { type: 'string' },
     keep: { type: 'boolean' },
     out: { type: 'string' },
+    malloc: { type: 'string' },
   },
 });
 const quick = !!argv.quick;
@@ -86,8 +88,20 @@ interface ServerStats {
   ledger?: { seq: number; anchored: number };
 }
 
+/** jemalloc, as ./scripts/start and the image run the daemon (docs/OPERATIONS.md); `--malloc libc` to compare. */
+function jemallocPath(): string | undefined {
+  if (argv.malloc === 'libc') return undefined;
+  try {
+    return execFileSync(join(ROOT, 'scripts/lib/jemalloc-path'), { encoding: 'utf8' }).trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}
+const JEMALLOC = jemallocPath();
+
 const serverEnv = (extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv => {
-  const env: NodeJS.ProcessEnv = { ...process.env, BKV_HSM_WORKERS: String(O.threads), ...extra };
+  const preload = JEMALLOC ? { LD_PRELOAD: [JEMALLOC, process.env.LD_PRELOAD].filter(Boolean).join(':') } : {};
+  const env: NodeJS.ProcessEnv = { ...process.env, ...preload, BKV_HSM_WORKERS: String(O.threads), ...extra };
   delete env.SOFTHSM2_CONF;
   for (const [k, v] of Object.entries(extra)) if (v === undefined) delete env[k];
   return env;
@@ -117,7 +131,8 @@ async function startVault(name: string, dataDir: string, opts: { init?: boolean;
 
 async function startPeer(dataDir: string): Promise<Server> {
   const t0 = performance.now();
-  const p = spawnJson(script('peer'), ['--data', dataDir]);
+  // The same allocator as the vault: like for like.
+  const p = spawnJson(script('peer'), ['--data', dataDir], serverEnv());
   const ready = await p.next((m) => m.event === 'ready', 60_000);
   return {
     name: 'peer',
@@ -211,6 +226,7 @@ async function main(): Promise<void> {
     memGiB: round(totalmem() / 2 ** 30, 1),
     node: process.version,
     softhsm: softhsmVersion(),
+    malloc: JEMALLOC ? 'jemalloc' : 'libc',
     loadAvgAtStart: (await import('node:os')).loadavg().map((x) => round(x, 2)),
   };
   const R: Record<string, unknown> = { started: started.toISOString(), options: { ...O, skip: [...O.skip], quick }, machine, kdf: BENCH_KDF };
@@ -500,7 +516,7 @@ function report(R: Any): string {
   const m = R.machine;
   out.push(`## Benchmark ${R.started}${R.options.quick ? ' (quick)' : ''}`);
   out.push('');
-  out.push(`Machine: ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Node ${m.node}, SoftHSM ${m.softhsm}; load average at start ${m.loadAvgAtStart.join(' / ')}, at end ${R.loadAvgAtEnd.join(' / ')}.`);
+  out.push(`Machine: ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Node ${m.node}, SoftHSM ${m.softhsm}, servers on ${m.malloc ?? 'libc'} malloc; load average at start ${m.loadAvgAtStart.join(' / ')}, at end ${R.loadAvgAtEnd.join(' / ')}.`);
   out.push(`HSM threads: ${R.options.threads}. Client Argon2id (SDK/peer): m=${R.kdf.m} KiB, t=${R.kdf.t}, p=${R.kdf.p}. ` +
     `${R.options.reps} interleaved round(s) of ${R.options.seconds} s per throughput figure (median), closed loop with ${R.options.concurrency} flows in flight.`);
   out.push('');

@@ -97,6 +97,19 @@ export interface Daemon {
   stop(): Promise<void>;
 }
 
+/**
+ * Which malloc this process runs on. With glibc's, RSS saws up through each HSM library
+ * recycle and settles higher; jemalloc (the image and ./scripts/start preload it) keeps it
+ * flat (docs/OPERATIONS.md, docs/PERFORMANCE.md).
+ */
+function malloc(): 'jemalloc' | 'libc' {
+  try {
+    return readFileSync('/proc/self/maps', 'utf8').includes('libjemalloc') ? 'jemalloc' : 'libc';
+  } catch {
+    return 'libc';
+  }
+}
+
 async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<Vault> {
   // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
   const raw = await openServingKeys(tokenConfig(c), log);
@@ -184,7 +197,15 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
   sweep.unref();
   const startedAt = Date.now();
   log.info(
-    { event: 'vault.start', vaultId: toHex(vault.vaultId), epoch: vault.keys.currentEpoch(), anchorSeq: vault.ledger.status().anchored, pid: process.pid, version: VERSION },
+    {
+      event: 'vault.start',
+      vaultId: toHex(vault.vaultId),
+      epoch: vault.keys.currentEpoch(),
+      anchorSeq: vault.ledger.status().anchored,
+      pid: process.pid,
+      version: VERSION,
+      malloc: malloc(),
+    },
     'vault open',
   );
   log.info(
