@@ -16,7 +16,7 @@
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
 import type { AnchorState, VaultKeys } from '../hsm/vault-keys.js';
-import type { BucketLeaf, RecordStore, StoredRecord } from '../store/records.js';
+import type { RecordStore, StoredRecord } from '../store/records.js';
 import { BucketTree, bucketHash, bucketOf, leafHash } from '../protocol/state-hash.js';
 import { equalBytes, toHex } from '../protocol/bytes.js';
 import { userRef } from './user-ref.js';
@@ -39,12 +39,6 @@ export class Ledger {
   private waiters: { res: () => void; rej: (e: unknown) => void }[] = [];
   /** Bucket hashes changed by the transaction in progress, to restore if it aborts. */
   private touched: Map<number, Uint8Array> | undefined;
-  /**
-   * Leaves of the buckets read or written by the transaction in progress, as stored: put()
-   * rehashes from them instead of reading the bucket again (at 1 M records a bucket holds
-   * ~15 leaves and a read costs ~35 µs; docs/PERFORMANCE.md).
-   */
-  private txLeaves: Map<number, BucketLeaf[]> | undefined;
   /** The batch's SQLite transaction is open (group commit): bucket hashes as of its start. */
   private batchTx: Map<number, Uint8Array> | undefined;
   /** `dirty` when the batch transaction opened, restored if its commit fails. */
@@ -125,7 +119,7 @@ export class Ledger {
    */
   get(userId: string): StoredRecord | undefined {
     const b = bucketOf(userId);
-    const leaves = this.txLeaves?.get(b) ?? this.records.bucketLeaves(b);
+    const leaves = this.records.bucketLeaves(b);
     const mine = leaves.find((l) => l.userId === userId);
     const rec = this.records.get(userId);
     const trusted =
@@ -139,7 +133,6 @@ export class Ledger {
         'the stored record does not match the anchored state (restored or altered); refusing to serve it',
       );
     }
-    this.txLeaves?.set(b, leaves);
     return rec;
   }
 
@@ -153,7 +146,6 @@ export class Ledger {
     const opened = !this.batchTx;
     const batchTx = this.openBatch();
     this.touched = new Map();
-    this.txLeaves = new Map();
     try {
       return this.records.transaction(fn);
     } catch (e) {
@@ -162,7 +154,6 @@ export class Ledger {
     } finally {
       for (const [b, h] of this.touched) if (!batchTx.has(b)) batchTx.set(b, h);
       this.touched = undefined;
-      this.txLeaves = undefined;
       // Nothing written: do not hold the write lock until the flush (a read-only commit costs no fsync).
       if (opened && batchTx.size === 0 && this.batchTx === batchTx) this.commitBatch();
     }
@@ -210,10 +201,7 @@ export class Ledger {
     this.records.put(rec);
     const b = bucketOf(rec.userId);
     if (!this.touched.has(b)) this.touched.set(b, this.tree.bucket(b));
-    const known = this.txLeaves?.get(b);
-    const leaves = known ? withLeaf(known, rec.userId, leafHash(rec)) : this.records.bucketLeaves(b);
-    this.txLeaves?.set(b, leaves);
-    const h = bucketHash(leaves.map((l) => l.leaf ?? new Uint8Array(0)));
+    const h = hashBucket(this.records, b);
     this.records.putBucket(b, h);
     this.tree.set(b, h);
   }
@@ -280,24 +268,6 @@ export class Ledger {
     this.undoObsolete = seq;
     waiters.forEach((w) => w.res());
   }
-}
-
-/**
- * The bucket's leaves after `userId`'s row was written with `leaf`: replaced in place, or
- * inserted where SQLite orders it (BINARY collation: the UTF-8 bytes, which is not the
- * order of JavaScript's string comparison beyond the BMP).
- */
-function withLeaf(leaves: BucketLeaf[], userId: string, leaf: Uint8Array): BucketLeaf[] {
-  const out = leaves.slice();
-  const i = out.findIndex((l) => l.userId === userId);
-  if (i >= 0) {
-    out[i] = { userId, leaf };
-    return out;
-  }
-  const key = Buffer.from(userId, 'utf8');
-  const at = out.findIndex((l) => Buffer.compare(Buffer.from(l.userId, 'utf8'), key) > 0);
-  out.splice(at < 0 ? out.length : at, 0, { userId, leaf });
-  return out;
 }
 
 /** A bucket's hash from its rows' stored leaf hashes (each written from the row it stands for). */
