@@ -8,7 +8,8 @@
 // fsync at every checkpoint and on close. A crash can therefore lose at most
 // the lines since the last fsync, and may leave a half-written last line,
 // which the next start cuts off and records as `audit.recovered`.
-import { closeSync, existsSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { VaultError, ErrorCodes } from '../errors.js';
 import { toHex } from '../protocol/bytes.js';
 import { CHECKPOINT_EVENT, GENESIS, checkpointDigest, encodeLine, lineHash, type AuditFields } from './chain.js';
@@ -148,7 +149,9 @@ export class AuditLog {
         // Lines that arrived while the HSM signed still count toward the next checkpoint.
         this.sinceCheckpoint = Math.max(0, this.sinceCheckpoint - pending);
         this.signedThrough = headSeq;
-        fsyncSync(this.fd);
+        // On libuv's pool, not the event loop: a synchronous fsync here stalled every request
+        // in flight for as long as the disk took (docs/PERFORMANCE.md, latency).
+        await fsyncAsync(this.fd);
         this.o.onCheckpoint?.();
         ok = true;
       } catch (e) {
@@ -222,3 +225,5 @@ function readTail(fd: number, file: string): { seq: number; hash: string; validL
     return { seq: obj.seq, hash: obj.hash, validLength, size };
   }
 }
+
+const fsyncAsync = promisify(fsync);
