@@ -8,6 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ADMIN } from './helpers/daemon.js';
 import { loadConfig } from '../vault/config.js';
+import { hsmWorkerSettings } from '../vault/core/open.js';
+import { ErrorCodes } from '../vault/errors.js';
 
 let dir: string;
 beforeAll(() => {
@@ -113,5 +115,22 @@ describe('configuration validation', () => {
     expect(r.stdout).toContain('http://127.0.0.1:18788');
     expect(r.stdout).toContain('PIN from BKV_HSM_PIN');
     expect(r.stdout + r.stderr).not.toContain('pin-must-not-show');
+  });
+});
+
+describe('HSM pool settings from the environment', () => {
+  it('reads the thread count, queue, recycle interval and control thread, and refuses nonsense', () => {
+    expect(hsmWorkerSettings(true, {})).toEqual({});
+    expect(hsmWorkerSettings(true, { BKV_HSM_WORKERS: 'off' })).toBe(false);
+    expect(hsmWorkerSettings(false, { BKV_HSM_WORKERS: '3', BKV_HSM_QUEUE: '64', BKV_HSM_RECYCLE: '0', BKV_HSM_CONTROL: '0' })).toEqual({
+      threads: 3,
+      maxQueue: 64,
+      recycleAfter: 0,
+      controlThread: false,
+    });
+    expect(hsmWorkerSettings(true, { BKV_HSM_CONTROL: '1' })).toEqual({ controlThread: true });
+    for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_QUEUE: '0' }]) {
+      expect(() => hsmWorkerSettings(true, env)).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
+    }
   });
 });

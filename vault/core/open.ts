@@ -28,8 +28,9 @@ export interface OpenOptions {
 /**
  * How the HSM is driven, from BKV_HSM_WORKERS (`0`/`off`: on the main thread;
  * `N`: N worker threads; `auto`/`on`: one per core), BKV_HSM_QUEUE (ECDH jobs
- * that may wait before OVERLOADED) and BKV_HSM_RECYCLE (derives between
- * library recycles, 0 = never), falling back to `fallback`.
+ * that may wait before OVERLOADED), BKV_HSM_RECYCLE (derives between
+ * library recycles, 0 = never) and BKV_HSM_CONTROL (`0`: no thread of its own
+ * for anchor writes), falling back to `fallback`.
  */
 export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: NodeJS.ProcessEnv = process.env): false | WorkerPoolOptions {
   const base: false | WorkerPoolOptions = fallback === true ? {} : fallback;
@@ -54,14 +55,22 @@ export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: No
   };
   const maxQueue = int('BKV_HSM_QUEUE', 1);
   const recycleAfter = int('BKV_HSM_RECYCLE', 0);
-  return { ...out, ...(maxQueue !== undefined ? { maxQueue } : {}), ...(recycleAfter !== undefined ? { recycleAfter } : {}) };
+  const control = int('BKV_HSM_CONTROL', 0);
+  if (control !== undefined && control > 1) throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_HSM_CONTROL must be 0 or 1');
+  return {
+    ...out,
+    ...(maxQueue !== undefined ? { maxQueue } : {}),
+    ...(recycleAfter !== undefined ? { recycleAfter } : {}),
+    ...(control !== undefined ? { controlThread: control === 1 } : {}),
+  };
 }
 
 /** The key set on worker threads, resolved (and with createKeys, made) under hsm-policy. */
 export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<WorkerVaultKeys> {
   const keys = await WorkerVaultKeys.open(hsm, { ...pool, create: createKeys, log });
   if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
-  log.info({ event: 'hsm.pool', threads: keys.stats().threads }, 'HSM calls run on worker threads');
+  const st = keys.stats();
+  log.info({ event: 'hsm.pool', threads: st.threads, controlThread: st.control }, 'HSM calls run on worker threads');
   return keys;
 }
 

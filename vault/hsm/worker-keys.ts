@@ -6,6 +6,10 @@
 //   queue      three lanes, served in order: control (anchor, epochs, ping),
 //              work in progress (OPRF evaluation, verifier, seal/unseal, ...),
 //              new channels (the channel-key ECDH of a handshake).
+//   control    one more worker, with its own session, serves only the control
+//              lane. Every answer waits for an anchor write, and behind two
+//              batches of ECDH on a busy worker that write waited up to 15 ms;
+//              on its own thread it waits for nothing (docs/PERFORMANCE.md).
 //   admission  only ECDH jobs — the first HSM call of a channel or of an
 //              enrol/recover begin, made before any state changes — are
 //              bounded. Past `maxQueue` waiting derives they fail at once with
@@ -56,10 +60,15 @@ export interface WorkerPoolOptions {
   depth?: number;
   /** Compiled hsm-worker.js; found next to this file or under dist/ by default. */
   workerUrl?: URL;
+  /** One extra worker for the control lane (anchor writes). Default true. */
+  controlThread?: boolean;
 }
 
 export interface PoolStats {
+  /** Live workers serving HSM work (not counting the control thread). */
   threads: number;
+  /** The control thread is alive. */
+  control: boolean;
   queued: number;
   waitingDerives: number;
   inFlight: number;
@@ -87,6 +96,8 @@ type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K>
 interface Slot {
   worker: Worker;
   index: number;
+  /** Serves only the control lane. */
+  controlOnly: boolean;
   inflight: Map<number, Queued[]>;
   control: Map<number, (m: Extract<FromWorker, { type: 'ack' }>) => void>;
   alive: boolean;
@@ -165,7 +176,7 @@ export class WorkerVaultKeys implements VaultKeys {
   /** Set when a recycle failed: nothing is served on handles that may be stale. */
   private broken: 'retry' | 'fatal' | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
-  private readonly opts: Required<Omit<WorkerPoolOptions, 'workerUrl'>>;
+  private readonly opts: Required<Omit<WorkerPoolOptions, 'workerUrl' | 'controlThread'>>;
   private readonly counters = { jobs: 0, batches: 0, derives: 0, sinceRecycle: 0, recycles: 0, recycleMsTotal: 0, recycleMsMax: 0, overloaded: 0 };
   private unpin: (() => void) | undefined;
   private shutdownPromise: Promise<void> | undefined;
@@ -173,7 +184,7 @@ export class WorkerVaultKeys implements VaultKeys {
   private constructor(
     private readonly slots: Slot[],
     keys: WireKeys,
-    opts: Required<Omit<WorkerPoolOptions, 'workerUrl'>>,
+    opts: Required<Omit<WorkerPoolOptions, 'workerUrl' | 'controlThread'>>,
     private readonly log: Logger | undefined,
     unpin: () => void,
   ) {
@@ -211,7 +222,7 @@ export class WorkerVaultKeys implements VaultKeys {
     const unpin = pinLibrary(cfg.modulePath);
     const slots: Slot[] = [];
     try {
-      const spawn = async (index: number, resolveKeys: boolean): Promise<{ slot: Slot; keys?: WireKeys }> => {
+      const spawn = async (index: number, resolveKeys: boolean, controlOnly = false): Promise<{ slot: Slot; keys?: WireKeys }> => {
         const init: WorkerInit = {
           modulePath: cfg.modulePath,
           tokenLabel: cfg.tokenLabel,
@@ -219,8 +230,8 @@ export class WorkerVaultKeys implements VaultKeys {
           resolve: resolveKeys,
           create: !!o.create,
         };
-        const worker = new Worker(url, { workerData: init, env: process.env, name: `bkv-hsm-${index}` });
-        const slot: Slot = { worker, index, inflight: new Map(), control: new Map(), alive: true };
+        const worker = new Worker(url, { workerData: init, env: process.env, name: controlOnly ? 'bkv-hsm-control' : `bkv-hsm-${index}` });
+        const slot: Slot = { worker, index, controlOnly, inflight: new Map(), control: new Map(), alive: true };
         slots.push(slot);
         const ready = await new Promise<FromWorker>((res, rej) => {
           worker.once('message', res);
@@ -237,6 +248,7 @@ export class WorkerVaultKeys implements VaultKeys {
       const first = await spawn(0, true);
       const keys = first.keys!;
       for (let i = 1; i < threads; i++) await spawn(i, false);
+      if (o.controlThread ?? true) await spawn(threads, false, true);
       return new WorkerVaultKeys(slots, keys, opts, o.log, unpin);
     } catch (e) {
       await Promise.all(slots.map((s) => s.worker.terminate().catch(() => undefined)));
@@ -386,7 +398,8 @@ export class WorkerVaultKeys implements VaultKeys {
     let inFlight = 0;
     for (const s of this.slots) for (const b of s.inflight.values()) inFlight += b.length;
     return {
-      threads: this.slots.filter((s) => s.alive).length,
+      threads: this.slots.filter((s) => s.alive && !s.controlOnly).length,
+      control: this.slots.some((s) => s.alive && s.controlOnly),
       queued: this.lanes[0].length + this.lanes[1].length + this.lanes[2].length,
       waitingDerives: this.waitingDerives,
       inFlight,
@@ -464,14 +477,6 @@ export class WorkerVaultKeys implements VaultKeys {
     });
   }
 
-  private queued(): number {
-    return this.lanes[0].length + this.lanes[1].length + this.lanes[2].length;
-  }
-
-  private take(): Queued | undefined {
-    return this.lanes[0].shift() ?? this.lanes[1].shift() ?? this.lanes[2].shift();
-  }
-
   private pump(): void {
     if (this.recycling) return;
     if (this.recycleWanted) {
@@ -484,19 +489,33 @@ export class WorkerVaultKeys implements VaultKeys {
       this.waitingDerives = 0;
       return;
     }
+    const control = alive.find((s) => s.controlOnly);
+    const workers = alive.filter((s) => !s.controlOnly);
+    // The control lane on its own thread; if that thread is gone, first in line on the others.
+    if (control && workers.length > 0) {
+      if (!this.fill([control], [this.lanes[0]])) return;
+      this.fill(workers, [this.lanes[1], this.lanes[2]]);
+    } else {
+      this.fill(workers.length > 0 ? workers : alive, this.lanes);
+    }
+  }
+
+  /** Send batches from `lanes` (in order) to the least busy of `slots` until they are empty or every slot is at depth. False once a recycle is due. */
+  private fill(slots: Slot[], lanes: Fifo<Queued>[]): boolean {
     for (;;) {
-      const n = this.queued();
-      if (n === 0) return;
-      // The least busy worker; stop when all are at depth.
+      let n = 0;
+      for (const l of lanes) n += l.length;
+      if (n === 0) return true;
       let slot: Slot | undefined;
-      for (const s of alive) if (s.inflight.size < this.opts.depth && (!slot || s.inflight.size < slot.inflight.size)) slot = s;
-      if (!slot) return;
-      const size = Math.min(this.opts.maxBatch, Math.max(1, Math.ceil(n / alive.length)));
+      for (const s of slots) if (s.inflight.size < this.opts.depth && (!slot || s.inflight.size < slot.inflight.size)) slot = s;
+      if (!slot) return true;
+      const size = Math.min(this.opts.maxBatch, Math.max(1, Math.ceil(n / slots.length)));
       const batch: Queued[] = [];
       const jobs: Job[] = [];
       let derives = 0;
       while (batch.length < size) {
-        const q = this.take();
+        let q: Queued | undefined;
+        for (const l of lanes) if ((q = l.shift())) break;
         if (!q) break;
         if (q.derive) {
           this.waitingDerives--;
@@ -522,7 +541,7 @@ export class WorkerVaultKeys implements VaultKeys {
       slot.worker.postMessage({ type: 'batch', id, jobs } satisfies ToWorker);
       if (this.opts.recycleAfter > 0 && this.counters.sinceRecycle >= this.opts.recycleAfter) {
         this.recycleWanted = true;
-        return;
+        return false;
       }
     }
   }
