@@ -9,7 +9,7 @@
 // (no coordinated omission). A flow is a whole recovery, enrolment or login
 // (two round trips each). The first `warmupSec` are not counted.
 import { createPublicKey } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import * as opaque from '@serenity-kit/opaque';
 import { RpcPool, type Rpc } from './lib/rpc.js';
 import { codeOf, enrollOnce, fetchVault, LeanChannel, recoverOnce, syntheticUser, type FlowContext } from './lib/vault-client.js';
@@ -36,6 +36,8 @@ export interface Spec {
   progressEvery?: number;
   /** Argon2id of SDK clients and OPAQUE clients. */
   kdf?: { m: number; t: number; p: number };
+  /** Write every counted flow as a JSON line [arrival (epoch ms), latency ms] here, to find where a tail comes from. */
+  timelineFile?: string;
 }
 
 type Flow = (i: number) => Promise<void>;
@@ -119,6 +121,7 @@ async function main(): Promise<void> {
   };
   const warmupMs = (spec.warmupSec ?? (spec.load.type === 'open' ? 1 : 1)) * 1000;
   const samples: number[] = [];
+  const arrivals: number[] = [];
   const errors: Record<string, number> = {};
   let done = 0;
   let counted = 0;
@@ -136,6 +139,7 @@ async function main(): Promise<void> {
       const end = performance.now();
       if (scheduled >= measureStart && measureStart > 0 && (measureEnd === 0 || end <= measureEnd)) {
         samples.push(end - scheduled);
+        if (spec.timelineFile) arrivals.push(performance.timeOrigin + scheduled);
         counted++;
       }
       done++;
@@ -190,6 +194,7 @@ async function main(): Promise<void> {
     measureEnd = stopAt;
   }
   const cpu = process.cpuUsage(cpu0);
+  if (spec.timelineFile) writeFileSync(spec.timelineFile, arrivals.map((a, i) => `[${round(a, 2)},${round(samples[i]!, 2)}]\n`).join(''));
   const seconds = (measureEnd - measureStart) / 1000;
   close();
   emit({

@@ -96,10 +96,13 @@ async function main(): Promise<void> {
   eld.enable();
   let gcMs = 0;
   let gcMaxMs = 0;
+  // Pauses worth lining up against a latency timeline: [start (epoch ms), duration ms].
+  const pauses: [number, number][] = [];
   new PerformanceObserver((list) => {
     for (const e of list.getEntries()) {
       gcMs += e.duration;
       gcMaxMs = Math.max(gcMaxMs, e.duration);
+      if (e.duration >= 2 && pauses.length < 10_000) pauses.push([performance.timeOrigin + e.startTime, e.duration]);
     }
   }).observe({ entryTypes: ['gc'] });
   serveCommands(async (cmd) => {
@@ -115,6 +118,7 @@ async function main(): Promise<void> {
           delayMaxMs: eld.max / 1e6,
           gcMs: Math.round(gcMs),
           gcMaxMs: Math.round(gcMaxMs * 10) / 10,
+          ...(cmd.pauses ? { gcPauses: pauses.splice(0) } : {}),
         };
         if (cmd.resetCpu) {
           eld.reset();
