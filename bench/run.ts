@@ -86,6 +86,7 @@ interface ServerStats {
   pool?: { recycles: number; recycleMsMax: number; recycleMsTotal: number; derives: number; overloaded: number; jobs: number; batches: number };
   loop?: { delayP50Ms: number; delayP99Ms: number; delayMaxMs: number; gcMs: number; gcMaxMs: number };
   ledger?: { seq: number; anchored: number };
+  stepMs?: Record<string, Latency>;
 }
 
 /** jemalloc, as ./scripts/start and the image run the daemon (docs/OPERATIONS.md); `--malloc libc` to compare. */
@@ -163,6 +164,8 @@ interface LoadResult {
   /** The daemon's event-loop delay and GC pauses during the run. */
   serverLoop?: ServerStats['loop'];
   recyclesDuring?: number;
+  /** Time in the daemon per request (frame in → answer sent), by method. */
+  daemonStepMs?: Record<string, Latency>;
 }
 
 async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (n: number) => void): Promise<LoadResult> {
@@ -175,6 +178,7 @@ async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (
   // Group commit: HSM anchor writes (= ledger batches) per flow.
   if (st.ledger && st0.ledger) r.anchorsPerOp = round((st.ledger.seq - st0.ledger.seq) / Math.max(1, r.total), 3);
   if (st.loop) r.serverLoop = st.loop;
+  if (st.stepMs) r.daemonStepMs = st.stepMs;
   if (st.pool && st0.pool) r.recyclesDuring = st.pool.recycles - st0.pool.recycles;
   const errs = Object.entries(r.errors);
   if (errs.length) log(`  ${s.name}: errors ${errs.map(([k, v]) => `${k}×${v}`).join(' ')}`);
@@ -548,10 +552,20 @@ function report(R: Any): string {
       if (!l) continue;
       const v = l.vault as LoadResult;
       const loop = (x: LoadResult) => (x.serverLoop ? `${round(x.serverLoop.delayP99Ms, 1)} / ${round(x.serverLoop.delayMaxMs, 1)} / ${x.serverLoop.gcMaxMs}` : '');
-      rows.push([`${p} %`, l.rate, 'vault (workers)', v.rate, v.latencyMs.p50, v.latencyMs.p99, v.latencyMs.p999, errs(v.errors), loop(v)]);
-      if (l.direct) rows.push(['', '', 'HSM on main thread', l.direct.rate, l.direct.latencyMs.p50, l.direct.latencyMs.p99, l.direct.latencyMs.p999, errs(l.direct.errors), loop(l.direct)]);
+      const steps = (x: LoadResult) =>
+        ['recover.begin', 'recover.finish']
+          .map((m) => x.daemonStepMs?.[m])
+          .map((q) => (q ? `${q.p50} / ${q.p99}` : '–'))
+          .join(', ');
+      rows.push([`${p} %`, l.rate, 'vault (workers)', v.rate, v.latencyMs.p50, v.latencyMs.p99, v.latencyMs.p999, errs(v.errors), steps(v), loop(v)]);
+      if (l.direct) rows.push(['', '', 'HSM on main thread', l.direct.rate, l.direct.latencyMs.p50, l.direct.latencyMs.p99, l.direct.latencyMs.p999, errs(l.direct.errors), steps(l.direct), loop(l.direct)]);
     }
-    out.push(table(['load', 'offered /s', 'daemon', 'achieved /s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'errors', 'event-loop delay p99 / max, longest GC (ms)'], rows));
+    out.push(
+      table(
+        ['load', 'offered /s', 'daemon', 'achieved /s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'errors', 'in the daemon p50 / p99 ms: begin, finish', 'event-loop delay p99 / max, longest GC (ms)'],
+        rows,
+      ),
+    );
     out.push('');
   }
   const extra: (string | number)[][] = [];

@@ -21,6 +21,7 @@ import type { AnchorState, VaultKeys } from '../vault/hsm/vault-keys.js';
 import { WorkerVaultKeys } from '../vault/hsm/worker-keys.js';
 import { emit, serveCommands } from './lib/proc.js';
 import { BENCH_CONFIG } from './lib/config.js';
+import { latency } from './lib/stats.js';
 
 
 class NoAnchorKeys implements VaultKeys {
@@ -67,9 +68,16 @@ async function main(): Promise<void> {
   if (values.init && !existsSync(join(c.dataDir, 'vault-key.pub'))) await initVault(c, log);
   const t0 = performance.now();
   let raw: VaultKeys | undefined;
+  // Time each request spent in the daemon (frame in → answer sent), per method, since the last reset:
+  // what the load generator's latency includes besides its own work and the loopback.
+  let steps = new Map<string, number[]>();
   const d: Daemon = await startDaemon(c, log, {
     metrics,
     audit,
+    onRequest: (e) => {
+      const a = steps.get(e.method) ?? steps.set(e.method, []).get(e.method)!;
+      if (a.length < 1_000_000) a.push(e.ms);
+    },
     wrapKeys: (k) => {
       raw = k;
       return values['no-anchor'] ? new NoAnchorKeys(k) : k;
@@ -120,13 +128,16 @@ async function main(): Promise<void> {
           gcMaxMs: Math.round(gcMaxMs * 10) / 10,
           ...(cmd.pauses ? { gcPauses: pauses.splice(0) } : {}),
         };
+        const stepMs = Object.fromEntries([...steps].map(([m, a]) => [m, latency(a)]));
         if (cmd.resetCpu) {
+          steps = new Map();
           eld.reset();
           gcMs = 0;
           gcMaxMs = 0;
         }
         return {
           loop,
+          stepMs,
           rss: m.rss,
           heapUsed: m.heapUsed,
           external: m.external,
