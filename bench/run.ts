@@ -75,7 +75,8 @@ interface Server {
   dataDir: string;
   ready: Record<string, unknown>;
   spawnToReadyMs: number;
-  stats(reset?: boolean): Promise<ServerStats>;
+  /** `steps`: start or stop timing requests inside the daemon (bench/server.ts). */
+  stats(reset?: boolean, steps?: 'start' | 'stop'): Promise<ServerStats>;
   stop(): Promise<void>;
 }
 
@@ -122,7 +123,7 @@ async function startVault(name: string, dataDir: string, opts: { init?: boolean;
     dataDir,
     ready,
     spawnToReadyMs,
-    stats: (reset = false) => p.ask<ServerStats>({ cmd: 'stats', resetCpu: reset }),
+    stats: (reset = false, steps?: 'start' | 'stop') => p.ask<ServerStats>({ cmd: 'stats', resetCpu: reset, ...(steps ? { steps } : {}) }),
     async stop() {
       await p.ask({ cmd: 'stop' }, 60_000).catch(() => undefined);
       await p.exited;
@@ -168,12 +169,12 @@ interface LoadResult {
   daemonStepMs?: Record<string, Latency>;
 }
 
-async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (n: number) => void): Promise<LoadResult> {
-  const st0 = await s.stats(true);
+async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (n: number) => void, timeSteps = true): Promise<LoadResult> {
+  const st0 = await s.stats(true, timeSteps ? 'start' : undefined);
   const p = spawnJson(script('loadgen'), [JSON.stringify({ ...spec, url: s.url, token: s.token })]);
   if (onProgress) p.onMessage((m) => typeof m.progress === 'number' && onProgress(m.progress));
   const r = (await p.next<{ result: LoadResult }>((m) => 'result' in m, 3_600_000)).result;
-  const st = await s.stats();
+  const st = await s.stats(false, timeSteps ? 'stop' : undefined);
   r.serverCpuUsPerOp = Math.round(((st.cpuUserMs + st.cpuSystemMs) * 1000) / Math.max(1, r.total));
   // Group commit: HSM anchor writes (= ledger batches) per flow.
   if (st.ledger && st0.ledger) r.anchorsPerOp = round((st.ledger.seq - st0.ledger.seq) / Math.max(1, r.total), 3);
@@ -458,7 +459,8 @@ async function rssRun(s: Server, n: number, label: string): Promise<Record<strin
   // heaps and the allocator's arenas reach their working size during the first few.
   const warm = Math.min(100_000, Math.round(n / 10));
   const before = await s.stats();
-  await load(s, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'closed', concurrency: O.concurrency, count: warm }, connections: conns(O.concurrency) });
+  // No per-request timing here (load's timeSteps): its samples would be memory the daemon does not use.
+  await load(s, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'closed', concurrency: O.concurrency, count: warm }, connections: conns(O.concurrency) }, undefined, false);
   const afterWarm = await s.stats();
   const samples: { recoveries: number; rssMiB: number; t: number }[] = [];
   let done = 0;
@@ -473,7 +475,7 @@ async function rssRun(s: Server, n: number, label: string): Promise<Record<strin
       lastLog = performance.now();
       log(`  ${k}/${n}`);
     }
-  });
+  }, false);
   clearInterval(timer);
   const end = await s.stats();
   const mib = (b: number) => round(b / 2 ** 20, 1);

@@ -68,15 +68,17 @@ async function main(): Promise<void> {
   if (values.init && !existsSync(join(c.dataDir, 'vault-key.pub'))) await initVault(c, log);
   const t0 = performance.now();
   let raw: VaultKeys | undefined;
-  // Time each request spent in the daemon (frame in → answer sent), per method, since the last reset:
-  // what the load generator's latency includes besides its own work and the loopback.
-  let steps = new Map<string, number[]>();
+  // Time each request spent in the daemon (frame in → answer sent), per method, between a stats
+  // call with steps: 'start' and one with steps: 'stop': what the load generator's latency includes
+  // besides its own work and the loopback. Off otherwise, so the memory phase measures the daemon only.
+  let steps: Map<string, number[]> | undefined;
   const d: Daemon = await startDaemon(c, log, {
     metrics,
     audit,
     onRequest: (e) => {
+      if (!steps) return;
       const a = steps.get(e.method) ?? steps.set(e.method, []).get(e.method)!;
-      if (a.length < 1_000_000) a.push(e.ms);
+      if (a.length < 100_000) a.push(e.ms);
     },
     wrapKeys: (k) => {
       raw = k;
@@ -128,16 +130,17 @@ async function main(): Promise<void> {
           gcMaxMs: Math.round(gcMaxMs * 10) / 10,
           ...(cmd.pauses ? { gcPauses: pauses.splice(0) } : {}),
         };
-        const stepMs = Object.fromEntries([...steps].map(([m, a]) => [m, latency(a)]));
+        const stepMs = cmd.steps === 'stop' && steps ? Object.fromEntries([...steps].map(([m, a]) => [m, latency(a)])) : undefined;
+        if (cmd.steps === 'stop') steps = undefined;
+        if (cmd.steps === 'start') steps = new Map();
         if (cmd.resetCpu) {
-          steps = new Map();
           eld.reset();
           gcMs = 0;
           gcMaxMs = 0;
         }
         return {
           loop,
-          stepMs,
+          ...(stepMs ? { stepMs } : {}),
           rss: m.rss,
           heapUsed: m.heapUsed,
           external: m.external,

@@ -190,7 +190,8 @@ describe('control thread', () => {
   it('writes the anchor without waiting for the ECDH batches in flight', async () => {
     const on = await ecdhDoneBeforeAnchor(true);
     expect(on.stats).toMatchObject({ threads: 1, control: true });
-    expect(on.before).toBeLessThan(16);
+    // Before the worker got through the two batches it holds (usually before the first).
+    expect(on.before).toBeLessThan(32);
     // Without it (BKV_HSM_CONTROL=0) the write waits for both batches the worker holds.
     const off = await ecdhDoneBeforeAnchor(false);
     expect(off.stats).toMatchObject({ threads: 1, control: false });
