@@ -246,9 +246,10 @@ describe('library recycle', () => {
     };
     const derives = 20_000;
     const growth = async (recycleAfter: number): Promise<number> => {
-      // No control thread: with a third, idle thread in the process glibc's arena accounting
-      // moved this reading by several MiB either way, hiding what SoftHSM keeps. The daemon's
-      // own RSS with the control thread is what scripts/bench measures over 1 M recoveries.
+      // No control thread: with a third, idle thread in the process this reading moved by
+      // several MiB either way (cause not pinned down; glibc arenas are the likely one), hiding
+      // what SoftHSM keeps. The daemon's RSS with the control thread is what scripts/bench
+      // measures over 1 M recoveries.
       const w = await pool({ threads: 2, recycleAfter, maxQueue: 100_000, controlThread: false });
       try {
         const b = point();
