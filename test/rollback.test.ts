@@ -175,7 +175,8 @@ describe('users sharing a state bucket', () => {
   it('are all served, before and after a restart, whatever order they enrolled in', async () => {
     // SQLite orders a bucket's leaves by UTF-8 bytes: a < ｡ (EF BD A1) < 😀 (F0 9F 98 80), while
     // JavaScript's string order puts 😀 (a surrogate pair, D83D) before ｡ (FF61). Ledger.put
-    // rehashes a bucket in memory, so it has to place a new leaf exactly where SQLite does.
+    // rehashes the bucket from SQLite's rows today; any in-memory rehash (tried once, see
+    // docs/PERFORMANCE.md, Scale) has to place a new leaf exactly where SQLite does.
     const [emoji, ascii, halfwidth] = sharingABucket(['\u{1F600}', 'a', '\uFF61']);
     const t = await vault();
     for (const id of [emoji!, ascii!, halfwidth!]) await enroll(t.vault, id, `pw-${id}`, key());
