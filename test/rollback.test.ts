@@ -1,6 +1,6 @@
 // Rollback protection and crypto-shredding against a real SoftHSM2 token and
 // real SQLite files: the HSM anchor, not the disk, decides what is current.
-import { describe, it, expect, afterEach } from 'vitest';
+import { describe, it, expect, afterEach, vi } from 'vitest';
 import { copyFileSync, existsSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
@@ -175,8 +175,8 @@ describe('users sharing a state bucket', () => {
   it('are all served, before and after a restart, whatever order they enrolled in', async () => {
     // SQLite orders a bucket's leaves by UTF-8 bytes: a < ｡ (EF BD A1) < 😀 (F0 9F 98 80), while
     // JavaScript's string order puts 😀 (a surrogate pair, D83D) before ｡ (FF61). Ledger.put
-    // rehashes the bucket from SQLite's rows today; any in-memory rehash (tried once, see
-    // docs/PERFORMANCE.md, Scale) has to place a new leaf exactly where SQLite does.
+    // rehashes the bucket from its cached leaves (core/bucket-cache.ts), so it has to place a
+    // new leaf exactly where SQLite does, or the restart's first read refuses the bucket.
     const [emoji, ascii, halfwidth] = sharingABucket(['\u{1F600}', 'a', '\uFF61']);
     const t = await vault();
     for (const id of [emoji!, ascii!, halfwidth!]) await enroll(t.vault, id, `pw-${id}`, key());
@@ -184,6 +184,32 @@ describe('users sharing a state bucket', () => {
     expect(await recover(t.vault, ascii!, 'wrong')).toMatchObject({ outcome: 'wrong-password' });
     await t.reopen();
     for (const id of [halfwidth!, ascii!, emoji!]) expect((await recover(t.vault, id, `pw-${id}`)).outcome).toBe('ok');
+  });
+});
+
+describe('checked leaves kept in memory (core/bucket-cache.ts)', () => {
+  it('a recovery reads its bucket from SQLite once, not at every step', async () => {
+    const t = await vault();
+    await enroll(t.vault, 'kim', 'pw-kim', key());
+    await t.reopen(); // start with nothing cached
+    const reads = vi.spyOn(t.vault.store.records, 'bucketLeaves');
+    expect((await recover(t.vault, 'kim', 'pw-kim')).outcome).toBe('ok');
+    expect(await recover(t.vault, 'kim', 'wrong')).toMatchObject({ outcome: 'wrong-password' });
+    expect(reads.mock.calls.map(([b]) => b)).toEqual([bucketOf('kim')]);
+  });
+
+  it('a row restored while the vault runs is refused, though its bucket is cached', async () => {
+    const t = await vault();
+    await enroll(t.vault, 'lea', 'pw-lea', key());
+    const fresh = readRow(t.dbPath, 'lea');
+    for (let i = 0; i < 4; i++) await recover(t.vault, 'lea', 'wrong');
+    // Old row and its own leaf, written by another connection under the running vault.
+    const db = new Database(t.dbPath);
+    db.pragma('busy_timeout = 5000');
+    db.prepare('UPDATE records SET attempts = ?, leaf = ? WHERE user_id = ?').run(fresh.attempts, fresh.leaf, 'lea');
+    db.close();
+    expect(await codeOf(recover(t.vault, 'lea', 'pw-lea'))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+    expect(await codeOf(Promise.resolve().then(() => t.vault.status('lea')))).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
   });
 });
 

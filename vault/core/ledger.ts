@@ -20,6 +20,7 @@ import type { RecordStore, StoredRecord } from '../store/records.js';
 import { BucketTree, bucketHash, bucketOf, leafHash } from '../protocol/state-hash.js';
 import { equalBytes, toHex } from '../protocol/bytes.js';
 import { userRef } from './user-ref.js';
+import { BucketCache, verifiedLeaves, withLeaf } from './bucket-cache.js';
 
 export interface LedgerStatus {
   /** Batch number of the newest committed change. */
@@ -45,6 +46,8 @@ export class Ledger {
   private dirtyBeforeTx = false;
   /** Undo entries up to this batch are obsolete; deleted with the next write (inside a batch). */
   private undoObsolete: number | undefined;
+  /** Leaves already checked against the tree, so a recovery reads its bucket once. */
+  private readonly leaves = new BucketCache();
 
   private constructor(
     private readonly records: RecordStore,
@@ -115,17 +118,20 @@ export class Ledger {
    * A record, only if it matches the trusted state. The bucket's leaf hashes come from the
    * index and must hash to the trusted bucket hash; the row itself must hash to its leaf
    * among them. So one leaf hash per read, however full the bucket, and a row restored
-   * from an older copy (or a leaf column edited to match it) is still refused.
+   * from an older copy (or a leaf column edited to match it) is still refused. Leaves
+   * checked once are kept while the tree still holds their hash (core/bucket-cache.ts).
    */
   get(userId: string): StoredRecord | undefined {
     const b = bucketOf(userId);
-    const leaves = this.records.bucketLeaves(b);
-    const mine = leaves.find((l) => l.userId === userId);
+    const hash = this.tree.bucket(b);
+    let leaves = this.leaves.get(b, hash);
+    if (!leaves) {
+      leaves = verifiedLeaves(this.records.bucketLeaves(b), hash);
+      if (leaves) this.leaves.set(b, hash, leaves);
+    }
+    const mine = leaves?.find((l) => l.userId === userId);
     const rec = this.records.get(userId);
-    const trusted =
-      leaves.every((l) => l.leaf !== null) &&
-      equalBytes(bucketHash(leaves.map((l) => l.leaf!)), this.tree.bucket(b)) &&
-      (mine ? !!rec && equalBytes(leafHash(rec), mine.leaf!) : !rec);
+    const trusted = !!leaves && (mine ? !!rec && equalBytes(leafHash(rec), mine.leaf) : !rec);
     if (!trusted) {
       this.log.error({ event: 'state.rollback', user: userRef(userId), bucket: b }, 'stored record does not match the anchored state');
       throw new VaultError(
@@ -198,10 +204,16 @@ export class Ledger {
       this.undoObsolete = undefined;
     }
     this.records.addUndo(this.batch, rec.userId, this.records.get(rec.userId));
-    this.records.put(rec);
+    const leaf = this.records.put(rec);
     const b = bucketOf(rec.userId);
-    if (!this.touched.has(b)) this.touched.set(b, this.tree.bucket(b));
-    const h = hashBucket(this.records, b);
+    const before = this.tree.bucket(b);
+    if (!this.touched.has(b)) this.touched.set(b, before);
+    // The leaves as checked by this transaction's get(), with the new one in SQLite's place;
+    // without them (no get() first), the index as it now stands, as before the cache.
+    const cached = this.leaves.get(b, before);
+    const after = cached && withLeaf(cached, rec.userId, leaf);
+    const h = after ? bucketHash(after.map((l) => l.leaf)) : hashBucket(this.records, b);
+    if (after) this.leaves.set(b, h, after);
     this.records.putBucket(b, h);
     this.tree.set(b, h);
   }

@@ -135,8 +135,11 @@ export class RecordStore {
     return row ? fromRow(row) : undefined;
   }
 
-  put(rec: StoredRecord): void {
-    this.guard(() => this.putStmt.run(toRow(rec)));
+  /** Insert or replace a record; returns the leaf hash written beside it. */
+  put(rec: StoredRecord): Uint8Array {
+    const row = toRow(rec);
+    this.guard(() => this.putStmt.run(row));
+    return new Uint8Array(row.leaf!);
   }
 
   /** Runs `fn` as one atomic, durable SQLite transaction (nothing async may happen inside). Nested in begin(): a savepoint. */
