@@ -40,6 +40,8 @@ export class Ledger {
   private waiters: { res: () => void; rej: (e: unknown) => void }[] = [];
   /** Bucket hashes changed by the transaction in progress, to restore if it aborts. */
   private touched: Map<number, Uint8Array> | undefined;
+  /** Rows as the transaction in progress read or wrote them: put()'s undo entry needs no second read. */
+  private rows: Map<string, StoredRecord | undefined> | undefined;
   /** The batch's SQLite transaction is open (group commit): bucket hashes as of its start. */
   private batchTx: Map<number, Uint8Array> | undefined;
   /** `dirty` when the batch transaction opened, restored if its commit fails. */
@@ -139,6 +141,7 @@ export class Ledger {
         'the stored record does not match the anchored state (restored or altered); refusing to serve it',
       );
     }
+    this.rows?.set(userId, rec);
     return rec;
   }
 
@@ -152,6 +155,7 @@ export class Ledger {
     const opened = !this.batchTx;
     const batchTx = this.openBatch();
     this.touched = new Map();
+    this.rows = new Map();
     try {
       return this.records.transaction(fn);
     } catch (e) {
@@ -160,6 +164,7 @@ export class Ledger {
     } finally {
       for (const [b, h] of this.touched) if (!batchTx.has(b)) batchTx.set(b, h);
       this.touched = undefined;
+      this.rows = undefined;
       // Nothing written: do not hold the write lock until the flush (a read-only commit costs no fsync).
       if (opened && batchTx.size === 0 && this.batchTx === batchTx) this.commitBatch();
     }
@@ -203,8 +208,10 @@ export class Ledger {
       this.records.clearUndo(this.undoObsolete);
       this.undoObsolete = undefined;
     }
-    this.records.addUndo(this.batch, rec.userId, this.records.get(rec.userId));
+    const rows = this.rows!;
+    this.records.addUndo(this.batch, rec.userId, rows.has(rec.userId) ? rows.get(rec.userId) : this.records.get(rec.userId));
     const leaf = this.records.put(rec);
+    rows.set(rec.userId, rec);
     const b = bucketOf(rec.userId);
     const before = this.tree.bucket(b);
     if (!this.touched.has(b)) this.touched.set(b, before);
