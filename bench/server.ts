@@ -148,6 +148,7 @@ async function main(): Promise<void> {
           cpuSystemMs: cpu.system / 1000,
           pool: raw instanceof WorkerVaultKeys ? raw.stats() : undefined,
           ledger: d.vault.ledger.status(),
+          checkpoints: d.vault.store.records.checkpoints(),
         };
       }
       case 'stop':

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ADMIN } from './helpers/daemon.js';
 import { loadConfig } from '../vault/config.js';
-import { hsmWorkerSettings } from '../vault/core/open.js';
+import { checkpointWorkerSetting, hsmWorkerSettings } from '../vault/core/open.js';
 import { ErrorCodes } from '../vault/errors.js';
 
 let dir: string;
@@ -131,6 +131,15 @@ describe('HSM pool settings from the environment', () => {
     expect(hsmWorkerSettings(true, { BKV_HSM_CONTROL: '1' })).toEqual({ controlThread: true });
     for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_QUEUE: '0' }]) {
       expect(() => hsmWorkerSettings(true, env)).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
+    }
+  });
+
+  it('BKV_CHECKPOINT_WORKER turns the WAL checkpoint thread off or on, and nothing else', () => {
+    expect(checkpointWorkerSetting({})).toBe(true);
+    expect(checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: '1' })).toBe(true);
+    expect(checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: '0' })).toBe(false);
+    for (const v of ['off', '2', 'true']) {
+      expect(() => checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: v })).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
     }
   });
 });

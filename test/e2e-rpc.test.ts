@@ -102,6 +102,13 @@ describe('authentication', () => {
   });
 });
 
+describe('the daemon process', () => {
+  it('runs its SQLite checkpoints on a thread of their own (docs/PERFORMANCE.md)', () => {
+    const start = d.logs.find((l) => l.includes('"event":"vault.start"'));
+    expect(start).toContain('"checkpointWorker":true');
+  });
+});
+
 describe('what the relay can do', () => {
   it('sees no secret in any frame it carries', async () => {
     const relay = new Relay();

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pino, { type Logger, type StreamEntry } from 'pino';
-import { openServingKeys, selfTest } from './core/open.js';
+import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
 import { ChannelTable } from './rpc/channels.js';
@@ -112,12 +112,18 @@ function malloc(): 'jemalloc' | 'libc' {
 
 async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<Vault> {
   // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
+  const checkpointWorker = checkpointWorkerSetting();
   const raw = await openServingKeys(tokenConfig(c), log);
   let store: Store | undefined;
   try {
     const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);
     await selfTest(keys);
-    store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
+    store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'), {
+      // WAL checkpoints off the event loop; a failure here only moves them back onto it.
+      ...(checkpointWorker
+        ? { checkpointWorker: { onFailure: (code) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed') } }
+        : {}),
+    });
     return await Vault.open(keys, store, log, {
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
@@ -205,6 +211,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       pid: process.pid,
       version: VERSION,
       malloc: malloc(),
+      checkpointWorker: !!vault.store.records.checkpoints(),
     },
     'vault open',
   );

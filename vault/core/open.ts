@@ -23,6 +23,8 @@ export interface OpenOptions {
    * with workers (openServingKeys). BKV_HSM_WORKERS overrides either way.
    */
   hsmWorkers?: boolean | WorkerPoolOptions;
+  /** WAL checkpoints on a thread of their own (store/checkpointer.ts); the daemon always does. */
+  checkpointWorker?: boolean;
 }
 
 /**
@@ -113,6 +115,17 @@ export async function selfTest(keys: VaultKeys): Promise<void> {
   if (!ok) throw new VaultError(ErrorCodes.HSM_ERROR, 'HSM self-test failed: a vault key does not round-trip');
 }
 
+/**
+ * Whether the serving daemon runs SQLite's WAL checkpoints on a thread of their own
+ * (store/checkpointer.ts): BKV_CHECKPOINT_WORKER `1` (default) or `0`.
+ */
+export function checkpointWorkerSetting(env: NodeJS.ProcessEnv = process.env): boolean {
+  const v = env.BKV_CHECKPOINT_WORKER?.trim();
+  if (v === undefined || v === '' || v === '1') return true;
+  if (v === '0') return false;
+  throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_CHECKPOINT_WORKER must be 0 or 1');
+}
+
 export async function openVault(opts: OpenOptions): Promise<Vault> {
   const pool = hsmWorkerSettings(opts.hsmWorkers ?? false);
   const keys: VaultKeys = pool
@@ -121,7 +134,7 @@ export async function openVault(opts: OpenOptions): Promise<Vault> {
   let store: Store | undefined;
   try {
     await selfTest(keys);
-    store = new Store(opts.dbPath);
+    store = new Store(opts.dbPath, opts.checkpointWorker ? { checkpointWorker: {} } : {});
     return await Vault.open(keys, store, opts.log, opts.vault);
   } catch (e) {
     store?.close();

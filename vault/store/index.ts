@@ -1,15 +1,15 @@
 // One SQLite file, two tables with their own small interfaces.
 import { openDb } from './db.js';
-import { RecordStore } from './records.js';
+import { RecordStore, type RecordStoreOptions } from './records.js';
 import { TenantStore } from './tenants.js';
 
 export class Store {
   readonly records: RecordStore;
   readonly tenants: TenantStore;
 
-  constructor(path: string) {
+  constructor(path: string, opts: RecordStoreOptions = {}) {
     const db = openDb(path);
-    this.records = new RecordStore(db);
+    this.records = new RecordStore(db, opts);
     this.tenants = new TenantStore(db);
   }
 

@@ -7,6 +7,7 @@ import type { Db } from './db.js';
 import { VaultError, ErrorCodes } from '../errors.js';
 import type { KdfParams } from '../protocol/kdf.js';
 import { bucketOf, leafHash } from '../protocol/state-hash.js';
+import { Checkpointer, type CheckpointStats } from './checkpointer.js';
 
 const datasync = promisify(fdatasync);
 
@@ -67,6 +68,14 @@ export interface RecordCounts {
   deleted: number;
 }
 
+export interface RecordStoreOptions {
+  /**
+   * Run WAL checkpoints on a thread of their own (checkpointer.ts) instead of inside a
+   * COMMIT on this thread. The serving daemon does; tools and tests need not.
+   */
+  checkpointWorker?: { onFailure?: (code: string) => void };
+}
+
 export class RecordStore {
   private readonly getStmt;
   private readonly putStmt;
@@ -91,8 +100,12 @@ export class RecordStore {
   /** WAL mode: a group commit may defer its fsync to syncWal(). */
   private readonly wal: boolean;
   private walFd: number | undefined;
+  private readonly checkpointer: Checkpointer | undefined;
 
-  constructor(private readonly db: Db) {
+  constructor(
+    private readonly db: Db,
+    opts: RecordStoreOptions = {},
+  ) {
     this.getStmt = db.prepare<[string], Row>('SELECT * FROM records WHERE user_id = ?');
     this.putStmt = db.prepare(
       `INSERT INTO records (user_id, state, generation, attempts, attempt_limit, verifier, sealed, seal_epoch, kdf, created_at, updated_at, bucket, leaf)
@@ -128,6 +141,14 @@ export class RecordStore {
     this.lazyStmt = db.prepare('PRAGMA synchronous = NORMAL');
     this.fullStmt = db.prepare('PRAGMA synchronous = FULL');
     this.wal = !db.memory && !db.readonly && String(db.pragma('journal_mode', { simple: true })).toLowerCase() === 'wal';
+    if (this.wal && opts.checkpointWorker) {
+      this.checkpointer = new Checkpointer(db.name, {
+        setAutocheckpoint: (pages) => {
+          if (db.open) this.guard(() => db.pragma(`wal_autocheckpoint = ${pages}`));
+        },
+        onFailure: opts.checkpointWorker.onFailure,
+      });
+    }
   }
 
   get(userId: string): StoredRecord | undefined {
@@ -194,6 +215,7 @@ export class RecordStore {
       if (this.walFd !== undefined && fstatSync(this.walFd).nlink === 0) this.closeWal();
       this.walFd ??= openSync(`${this.db.name}-wal`, 'r+');
       await datasync(this.walFd);
+      this.checkpointer?.poke();
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code === 'ENOSPC' ? 'SQLITE_FULL' : 'SQLITE_IOERR_FSYNC';
       this.writeFailure = code;
@@ -300,7 +322,14 @@ export class RecordStore {
     }
   }
 
+  /** The checkpoint worker's counts, when there is one. */
+  checkpoints(): CheckpointStats | undefined {
+    return this.checkpointer?.stats();
+  }
+
   close(): void {
+    // The worker's connection first: the last connection to close checkpoints and removes the log.
+    this.checkpointer?.close();
     this.closeWal();
     if (this.db.open) this.db.close();
   }
