@@ -48,17 +48,18 @@ export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: No
     out = { ...(base || {}), threads: n };
   }
   if (!out) return false;
-  const int = (name: string, min: number): number | undefined => {
+  const int = (name: string, min: number, max = Infinity): number | undefined => {
     const v = env[name];
     if (v === undefined || v === '') return undefined;
     const n = Number(v);
-    if (!Number.isInteger(n) || n < min) throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer >= ${min}`);
+    if (!Number.isInteger(n) || n < min || n > max) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer ${max === Infinity ? `>= ${min}` : `from ${min} to ${max}`}`);
+    }
     return n;
   };
   const maxQueue = int('BKV_HSM_QUEUE', 1);
   const recycleAfter = int('BKV_HSM_RECYCLE', 0);
-  const control = int('BKV_HSM_CONTROL', 0);
-  if (control !== undefined && control > 1) throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_HSM_CONTROL must be 0 or 1');
+  const control = int('BKV_HSM_CONTROL', 0, 1);
   return {
     ...out,
     ...(maxQueue !== undefined ? { maxQueue } : {}),

@@ -400,7 +400,7 @@ export class WorkerVaultKeys implements VaultKeys {
     return {
       threads: this.slots.filter((s) => s.alive && !s.controlOnly).length,
       control: this.slots.some((s) => s.alive && s.controlOnly),
-      queued: this.lanes[0].length + this.lanes[1].length + this.lanes[2].length,
+      queued: this.lanes.reduce((n, lane) => n + lane.length, 0),
       waitingDerives: this.waitingDerives,
       inFlight,
       jobs: c.jobs,
