@@ -118,12 +118,9 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
   try {
     const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);
     await selfTest(keys);
-    store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'), {
-      // WAL checkpoints off the event loop; a failure here only moves them back onto it.
-      ...(checkpointWorker
-        ? { checkpointWorker: { onFailure: (code) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed') } }
-        : {}),
-    });
+    // WAL checkpoints off the event loop; a failure here only moves them back onto it.
+    const onFailure = (code: string) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed');
+    store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'), checkpointWorker ? { checkpointWorker: { onFailure } } : {});
     return await Vault.open(keys, store, log, {
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,

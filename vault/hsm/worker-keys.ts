@@ -37,8 +37,7 @@
 import { Worker } from 'node:worker_threads';
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { fileURLToPath, pathToFileURL } from 'node:url';
-import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, type ErrorCode } from '../errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
@@ -46,6 +45,7 @@ import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
 import { pinLibrary, type TokenConfig } from './token.js';
 import type { AnchorState, VaultKeys } from './vault-keys.js';
 import type { FromWorker, Job, JobResult, ToWorker, WireKeys, WorkerInit } from './hsm-worker.js';
+import { workerUrl } from '../worker-url.js';
 
 export interface WorkerPoolOptions {
   /** Worker threads, each with one HSM session. Default: the number of cores. */
@@ -135,11 +135,7 @@ class Fifo<T> {
 }
 
 export function defaultWorkerUrl(): URL {
-  const here = dirname(fileURLToPath(import.meta.url));
-  const sibling = resolve(here, 'hsm-worker.js');
-  if (existsSync(sibling)) return pathToFileURL(sibling);
-  // Running from TypeScript sources (vitest): use the compiled worker.
-  return pathToFileURL(resolve(here, '../../dist/vault/hsm/hsm-worker.js'));
+  return workerUrl(import.meta.url, 'hsm-worker.js');
 }
 
 interface Handles {

@@ -6,9 +6,7 @@
 // copy. Without the worker (it failed to start, or died) the serving
 // connection goes back to SQLite's default.
 import { Worker } from 'node:worker_threads';
-import { existsSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { workerUrl } from '../worker-url.js';
 import type { CheckpointInit, FromCheckpointWorker, ToCheckpointWorker } from './checkpoint-worker.js';
 
 /** SQLite's default auto-checkpoint threshold, in pages. */
@@ -52,7 +50,7 @@ export class Checkpointer {
   ) {
     this.intervalMs = o.intervalMs ?? 200;
     const init: CheckpointInit = { path, closed: this.closed.buffer as SharedArrayBuffer };
-    this.worker = new Worker(o.workerUrl ?? defaultWorkerUrl(), { workerData: init, name: 'bkv-sqlite-checkpoint' });
+    this.worker = new Worker(o.workerUrl ?? workerUrl(import.meta.url, 'checkpoint-worker.js'), { workerData: init, name: 'bkv-sqlite-checkpoint' });
     this.worker.unref();
     this.worker.on('message', (m: FromCheckpointWorker) => this.onMessage(m));
     this.worker.on('error', (e) => this.stop((e as { code?: string }).code ?? 'WORKER_ERROR'));
@@ -127,12 +125,4 @@ export class Checkpointer {
     this.o.setAutocheckpoint(DEFAULT_AUTOCHECKPOINT);
     this.o.onFailure?.(code);
   }
-}
-
-function defaultWorkerUrl(): URL {
-  const here = dirname(fileURLToPath(import.meta.url));
-  const sibling = resolve(here, 'checkpoint-worker.js');
-  if (existsSync(sibling)) return pathToFileURL(sibling);
-  // Running from TypeScript sources (vitest): use the compiled worker.
-  return pathToFileURL(resolve(here, '../../dist/vault/store/checkpoint-worker.js'));
 }
