@@ -11,7 +11,7 @@
 // Phases (each throughput is the median of --reps interleaved runs):
 //   1 HSM ceiling     the PKCS#11 sequence of one recovery, T threads, no network/DB
 //   2 vault e2e       recoveries/s (closed loop) over WebSocket from a separate
-//                     load-generator process; latency at 25/50/90 % of that max
+//                     load-generator process; latency at 5 (floor)/25/50/90 % of that max
 //                     (open loop); enrolments/s; the same with the anchor write
 //                     disabled and with HSM calls on the main thread
 //   3 reference peer  plain OPAQUE login server (@serenity-kit/opaque), same ws + SQLite
@@ -25,7 +25,7 @@ import { parseArgs } from 'node:util';
 import { execFileSync } from 'node:child_process';
 import Database from 'better-sqlite3';
 import { spawnJson, type JsonProc } from './lib/proc.js';
-import { median, round, slope, table, type Latency } from './lib/stats.js';
+import { coreBound, median, round, slope, table, type Latency } from './lib/stats.js';
 import { BENCH_KDF } from './lib/config.js';
 import type { Spec } from './loadgen.js';
 
@@ -186,10 +186,11 @@ async function load(s: Server, spec: Omit<Spec, 'url' | 'token'>, onProgress?: (
   return r;
 }
 
-async function ceiling(dataDir: string, threads: number, anchorEvery = 0): Promise<number> {
+/** Recoveries/s of the bare PKCS#11 sequence, and the CPU its threads spent per recovery (µs; null off Linux). */
+async function ceiling(dataDir: string, threads: number, anchorEvery = 0): Promise<{ rate: number; cpuUs: number | null }> {
   const p = spawnJson(script('hsm-ceiling'), [JSON.stringify({ dataDir, threads, seconds: O.seconds, anchorEvery })], serverEnv());
-  const r = await p.next<{ result: { recoveriesPerSec: number } }>((m) => 'result' in m, 600_000);
-  return r.result.recoveriesPerSec;
+  const r = await p.next<{ result: { recoveriesPerSec: number; cpuUsPerRecovery: number | null } }>((m) => 'result' in m, 600_000);
+  return { rate: r.result.recoveriesPerSec, cpuUs: r.result.cpuUsPerRecovery };
 }
 
 async function singleOps(dataDir: string): Promise<Record<string, number>> {
@@ -217,6 +218,8 @@ function dbBytes(dataDir: string): number {
 }
 
 const closed = (seconds: number, concurrency = O.concurrency) => ({ type: 'closed' as const, concurrency, seconds });
+/** Open-loop loads, in % of the measured maximum, at which latency is measured. */
+const LATENCY_LOADS = [5, 25, 50, 90];
 const conns = (concurrency: number) => Math.max(2, Math.ceil(concurrency / 32));
 
 // ---- the run ------------------------------------------------------------------------
@@ -280,6 +283,7 @@ async function main(): Promise<void> {
       R.hsmSingleThreadOpsPerSec = await singleOps(ceilingDir);
     }
     const reps: Record<string, number[]> = { ceiling: [], ceiling1: [], ceilingAnchor: [], vault: [], noAnchor: [], direct: [], peer: [] };
+    const ceilingCpuUs: number[] = [];
     const runs: Record<string, LoadResult[]> = { vault: [], noAnchor: [], direct: [], peer: [] };
     const recoverSpec = (from: number, to: number, concurrency = O.concurrency): Omit<Spec, 'url' | 'token'> => ({
       target: 'vault',
@@ -292,8 +296,10 @@ async function main(): Promise<void> {
     for (let r = 0; r < O.reps; r++) {
       log(`side-by-side round ${r + 1}/${O.reps}`);
       if (on('ceiling')) {
-        reps.ceiling!.push(await ceiling(ceilingDir, O.threads));
-        log(`  HSM ceiling (${O.threads} threads): ${reps.ceiling!.at(-1)} recoveries/s`);
+        const c = await ceiling(ceilingDir, O.threads);
+        reps.ceiling!.push(c.rate);
+        if (c.cpuUs !== null) ceilingCpuUs.push(c.cpuUs);
+        log(`  HSM ceiling (${O.threads} threads): ${c.rate} recoveries/s, ${c.cpuUs ?? '?'} µs CPU per recovery`);
       }
       const v = await load(vault, recoverSpec(0, O.users));
       runs.vault!.push(v);
@@ -316,15 +322,19 @@ async function main(): Promise<void> {
         log(`  OPAQUE peer: ${pr.rate} logins/s (server CPU ${pr.serverCpuUsPerOp} µs/login)`);
       }
       if (on('ceiling') && r === 0) {
-        reps.ceiling1!.push(await ceiling(ceilingDir, 1));
+        reps.ceiling1!.push((await ceiling(ceilingDir, 1)).rate);
         // Anchor writes are serialised in the vault (one per group commit); SoftHSM fails
         // concurrent C_SetAttributeValue on one object, so this variant is single-threaded.
-        reps.ceilingAnchor!.push(await ceiling(ceilingDir, 1, 1));
+        reps.ceilingAnchor!.push((await ceiling(ceilingDir, 1, 1)).rate);
         log(`  HSM ceiling 1 thread: ${reps.ceiling1![0]}/s; 1 thread with one anchor write per recovery: ${reps.ceilingAnchor![0]}/s`);
       }
     }
     const med = (k: string) => (reps[k]!.length ? median(reps[k]!) : NaN);
     const vaultMax = med('vault');
+    const perOp = (rs: LoadResult[], cpuMs: (x: LoadResult) => number) => median(rs.map((x) => Math.round((cpuMs(x) * 1000) / Math.max(1, x.total))));
+    const hsmCpuUs = median(ceilingCpuUs);
+    const vaultCpuUs = median(runs.vault!.map((x) => x.serverCpuUsPerOp ?? NaN));
+    const loadgenCpuUs = perOp(runs.vault!, (x) => x.loadgenCpuMs);
     R.sideBySide = {
       reps,
       median: Object.fromEntries(Object.keys(reps).map((k) => [k, round(med(k), 1)])),
@@ -334,19 +344,34 @@ async function main(): Promise<void> {
       vaultOverDirect: round(vaultMax / med('direct'), 3),
       vaultOverPeer: round(vaultMax / med('peer'), 3),
       serverCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, median(rs.map((x) => x.serverCpuUsPerOp ?? NaN))])),
-      loadgenCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, median(rs.map((x) => Math.round((x.loadgenCpuMs * 1000) / Math.max(1, x.total))))])),
+      loadgenCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, perOp(rs, (x) => x.loadgenCpuMs)])),
+      ceilingCpuUsPerRecovery: hsmCpuUs,
+      // How far the throughput target can be reached here at all (see coreBound).
+      bound: Number.isFinite(hsmCpuUs)
+        ? {
+            cores: availableParallelism(),
+            hsmCpuUs,
+            loadgenCpuUs,
+            daemonSelfCpuUs: Math.round(vaultCpuUs - hsmCpuUs),
+            freeDaemon: coreBound({ cores: availableParallelism(), ceilingPerSec: med('ceiling'), hsmCpuUs, loadgenCpuUs }),
+            loadgenElsewhere: coreBound({ cores: availableParallelism(), ceilingPerSec: med('ceiling'), hsmCpuUs: vaultCpuUs, loadgenCpuUs: 0 }),
+          }
+        : undefined,
       runs,
     };
 
-    // ---- latency at 25 / 50 / 90 % of the measured maximum ----
+    // ---- latency at 5 / 25 / 50 / 90 % of the measured maximum ----
+    // 5 % is the floor: the cores nearly idle, so it shows what one recovery costs
+    // with no queueing; three times as long, so its p99 rests on a few hundred flows.
     if (on('latency')) {
       const lat: Record<string, unknown> = {};
-      for (const pct of [25, 50, 90]) {
+      for (const pct of LATENCY_LOADS) {
         const rate = Math.max(1, Math.round((vaultMax * pct) / 100));
-        log(`latency at ${pct} % of max (${rate} recoveries/s, open loop)`);
-        const one = await load(vault, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'open', rate, seconds: O.seconds }, connections: 4 });
+        const seconds = pct === 5 ? 3 * O.seconds : O.seconds;
+        log(`latency at ${pct} % of max (${rate} recoveries/s, open loop, ${seconds} s)`);
+        const one = await load(vault, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'open', rate, seconds }, connections: 4 });
         const row: Record<string, unknown> = { rate, vault: one };
-        if (direct) row.direct = await load(direct, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'open', rate, seconds: O.seconds }, connections: 4 });
+        if (direct) row.direct = await load(direct, { target: 'vault', op: 'recover', from: 0, to: O.users, load: { type: 'open', rate, seconds }, connections: 4 });
         lat[pct] = row;
         log(`  p50 ${one.latencyMs.p50} p99 ${one.latencyMs.p99} p99.9 ${one.latencyMs.p999} ms`);
       }
@@ -543,13 +568,22 @@ function report(R: Any): string {
     if (sb.reps.peer.length) rows.push(['(3) OPAQUE peer logins/s', sb.median.peer, fmt(sb.median.peer / sb.median.ceiling), cpu('peer'), lat('peer'), sb.reps.peer.join(' / ')]);
     out.push(table(['throughput', 'median /s', '÷ ceiling', 'server CPU µs/op', 'p50 ms (closed loop)', 'rounds'], rows));
     out.push('');
+    if (sb.bound) {
+      const b = sb.bound;
+      out.push(
+        `Room on this machine: the ceiling's HSM calls cost ${b.hsmCpuUs} µs of CPU per recovery and the load generator ${b.loadgenCpuUs} µs, on the same ${b.cores} cores, ` +
+          `so a daemon that cost nothing else would reach at most ${b.freeDaemon.perSec}/s (${fmt(b.freeDaemon.overCeiling)} of the ceiling). ` +
+          `The vault spends ${b.daemonSelfCpuUs} µs per recovery beyond those calls; with the load generator on another machine its CPU would allow ${b.loadgenElsewhere.perSec}/s (${fmt(b.loadgenElsewhere.overCeiling)}).`,
+      );
+      out.push('');
+    }
     out.push(`Anchor cost: ${pct(sb.anchorCost)} of recover throughput. Worker threads vs main thread: ×${fmt(sb.vaultOverDirect)}. Vault recoveries vs peer logins: ×${fmt(sb.vaultOverPeer)}. ` +
       `Load generator CPU µs per flow: ${JSON.stringify(sb.loadgenCpuUsPerOp)}.`);
     out.push('');
   }
   if (R.latency) {
     const rows: (string | number)[][] = [];
-    for (const p of ['25', '50', '90']) {
+    for (const p of LATENCY_LOADS.map(String)) {
       const l = R.latency[p];
       if (!l) continue;
       const v = l.vault as LoadResult;
@@ -559,7 +593,7 @@ function report(R: Any): string {
           .map((m) => x.daemonStepMs?.[m])
           .map((q) => (q ? `${q.p50} / ${q.p99}` : '–'))
           .join(', ');
-      rows.push([`${p} %`, l.rate, 'vault (workers)', v.rate, v.latencyMs.p50, v.latencyMs.p99, v.latencyMs.p999, errs(v.errors), steps(v), loop(v)]);
+      rows.push([p === '5' ? '5 % (floor)' : `${p} %`, l.rate, 'vault (workers)', v.rate, v.latencyMs.p50, v.latencyMs.p99, v.latencyMs.p999, errs(v.errors), steps(v), loop(v)]);
       if (l.direct) rows.push(['', '', 'HSM on main thread', l.direct.rate, l.direct.latencyMs.p50, l.direct.latencyMs.p99, l.direct.latencyMs.p999, errs(l.direct.errors), steps(l.direct), loop(l.direct)]);
     }
     out.push(

@@ -52,6 +52,18 @@ export function slope(points: { x: number; y: number }[]): number {
   return den === 0 ? NaN : num / den;
 }
 
+/**
+ * What share of the HSM ceiling this machine leaves room for, when the HSM is software
+ * on the same cores (SoftHSM) and the load generator runs here too (the issue asks for
+ * one run on one machine). Each recovery needs the ceiling's own HSM work and the load
+ * generator's work; even a daemon that added no CPU of its own could not go faster
+ * than the cores fit those two. `selfUs` adds the daemon's own CPU beyond the HSM calls.
+ */
+export function coreBound(o: { cores: number; ceilingPerSec: number; hsmCpuUs: number; loadgenCpuUs: number; selfUs?: number }): { perSec: number; overCeiling: number } {
+  const perSec = Math.min(o.ceilingPerSec, (o.cores * 1e6) / (o.hsmCpuUs + o.loadgenCpuUs + (o.selfUs ?? 0)));
+  return { perSec: round(perSec, 1), overCeiling: round(perSec / o.ceilingPerSec, 3) };
+}
+
 export const round = (x: number, d = 2): number => (Number.isFinite(x) ? Math.round(x * 10 ** d) / 10 ** d : x);
 
 export function table(headers: string[], rows: (string | number)[][]): string {
