@@ -335,6 +335,7 @@ async function main(): Promise<void> {
     const hsmCpuUs = median(ceilingCpuUs);
     const vaultCpuUs = median(runs.vault!.map((x) => x.serverCpuUsPerOp ?? NaN));
     const loadgenCpuUs = perOp(runs.vault!, (x) => x.loadgenCpuMs);
+    const cores = availableParallelism();
     R.sideBySide = {
       reps,
       median: Object.fromEntries(Object.keys(reps).map((k) => [k, round(med(k), 1)])),
@@ -346,15 +347,17 @@ async function main(): Promise<void> {
       serverCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, median(rs.map((x) => x.serverCpuUsPerOp ?? NaN))])),
       loadgenCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, perOp(rs, (x) => x.loadgenCpuMs)])),
       ceilingCpuUsPerRecovery: hsmCpuUs,
-      // How far the throughput target can be reached here at all (see coreBound).
+      // How far the throughput target can be reached on this machine at all (see coreBound).
       bound: Number.isFinite(hsmCpuUs)
         ? {
-            cores: availableParallelism(),
+            cores,
             hsmCpuUs,
             loadgenCpuUs,
             daemonSelfCpuUs: Math.round(vaultCpuUs - hsmCpuUs),
-            freeDaemon: coreBound({ cores: availableParallelism(), ceilingPerSec: med('ceiling'), hsmCpuUs, loadgenCpuUs }),
-            loadgenElsewhere: coreBound({ cores: availableParallelism(), ceilingPerSec: med('ceiling'), hsmCpuUs: vaultCpuUs, loadgenCpuUs: 0 }),
+            // a daemon that added no CPU to its HSM calls, with this load generator beside it
+            freeDaemon: coreBound({ cores, ceilingPerSec: med('ceiling'), cpuUs: hsmCpuUs + loadgenCpuUs }),
+            // this daemon, with the load generator on another machine
+            loadgenElsewhere: coreBound({ cores, ceilingPerSec: med('ceiling'), cpuUs: vaultCpuUs }),
           }
         : undefined,
       runs,

@@ -53,14 +53,13 @@ export function slope(points: { x: number; y: number }[]): number {
 }
 
 /**
- * What share of the HSM ceiling this machine leaves room for, when the HSM is software
- * on the same cores (SoftHSM) and the load generator runs here too (the issue asks for
- * one run on one machine). Each recovery needs the ceiling's own HSM work and the load
- * generator's work; even a daemon that added no CPU of its own could not go faster
- * than the cores fit those two. `selfUs` adds the daemon's own CPU beyond the HSM calls.
+ * The most recoveries/s (and share of the HSM ceiling) that `cores` allow when every
+ * recovery needs `cpuUs` of CPU on them. With SoftHSM the HSM calls run on the same
+ * cores as the daemon, and the issue asks for the load generator on the same machine
+ * too: their CPU per recovery has to fit whatever the daemon does (docs/PERFORMANCE.md).
  */
-export function coreBound(o: { cores: number; ceilingPerSec: number; hsmCpuUs: number; loadgenCpuUs: number; selfUs?: number }): { perSec: number; overCeiling: number } {
-  const perSec = Math.min(o.ceilingPerSec, (o.cores * 1e6) / (o.hsmCpuUs + o.loadgenCpuUs + (o.selfUs ?? 0)));
+export function coreBound(o: { cores: number; ceilingPerSec: number; cpuUs: number }): { perSec: number; overCeiling: number } {
+  const perSec = Math.min(o.ceilingPerSec, (o.cores * 1e6) / o.cpuUs);
   return { perSec: round(perSec, 1), overCeiling: round(perSec / o.ceilingPerSec, 3) };
 }
 
