@@ -132,6 +132,8 @@ describe('HSM pool settings from the environment', () => {
     for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_QUEUE: '0' }]) {
       expect(() => hsmWorkerSettings(true, env)).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
     }
+    // Both on/off switches refuse the same way.
+    expect(() => hsmWorkerSettings(true, { BKV_HSM_CONTROL: '2' })).toThrow('config: BKV_HSM_CONTROL must be 0 or 1');
   });
 
   it('BKV_CHECKPOINT_WORKER turns the WAL checkpoint thread off or on, and nothing else', () => {
@@ -141,5 +143,6 @@ describe('HSM pool settings from the environment', () => {
     for (const v of ['off', '2', 'true']) {
       expect(() => checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: v })).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
     }
+    expect(() => checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: 'off' })).toThrow('config: BKV_CHECKPOINT_WORKER must be 0 or 1');
   });
 });

@@ -48,23 +48,23 @@ export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: No
     out = { ...(base || {}), threads: n };
   }
   if (!out) return false;
-  const int = (name: string, min: number, max = Infinity): number | undefined => {
+  const int = (name: string, min: number): number | undefined => {
     const v = env[name];
     if (v === undefined || v === '') return undefined;
     const n = Number(v);
-    if (!Number.isInteger(n) || n < min || n > max) {
-      throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer ${max === Infinity ? `>= ${min}` : `from ${min} to ${max}`}`);
+    if (!Number.isInteger(n) || n < min) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer >= ${min}`);
     }
     return n;
   };
   const maxQueue = int('BKV_HSM_QUEUE', 1);
   const recycleAfter = int('BKV_HSM_RECYCLE', 0);
-  const control = int('BKV_HSM_CONTROL', 0, 1);
+  const control = onOff(env, 'BKV_HSM_CONTROL');
   return {
     ...out,
     ...(maxQueue !== undefined ? { maxQueue } : {}),
     ...(recycleAfter !== undefined ? { recycleAfter } : {}),
-    ...(control !== undefined ? { controlThread: control === 1 } : {}),
+    ...(control !== undefined ? { controlThread: control } : {}),
   };
 }
 
@@ -121,10 +121,15 @@ export async function selfTest(keys: VaultKeys): Promise<void> {
  * (store/checkpointer.ts): BKV_CHECKPOINT_WORKER `1` (default) or `0`.
  */
 export function checkpointWorkerSetting(env: NodeJS.ProcessEnv = process.env): boolean {
-  const v = env.BKV_CHECKPOINT_WORKER?.trim();
-  if (v === undefined || v === '' || v === '1') return true;
-  if (v === '0') return false;
-  throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_CHECKPOINT_WORKER must be 0 or 1');
+  return onOff(env, 'BKV_CHECKPOINT_WORKER') ?? true;
+}
+
+/** A `0`/`1` switch from the environment; undefined when unset or empty. */
+function onOff(env: NodeJS.ProcessEnv, name: string): boolean | undefined {
+  const v = env[name]?.trim();
+  if (v === undefined || v === '') return undefined;
+  if (v === '1' || v === '0') return v === '1';
+  throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be 0 or 1`);
 }
 
 export async function openVault(opts: OpenOptions): Promise<Vault> {
