@@ -331,10 +331,12 @@ async function main(): Promise<void> {
     }
     const med = (k: string) => (reps[k]!.length ? median(reps[k]!) : NaN);
     const vaultMax = med('vault');
-    const perOp = (rs: LoadResult[], cpuMs: (x: LoadResult) => number) => median(rs.map((x) => Math.round((cpuMs(x) * 1000) / Math.max(1, x.total))));
+    const byRun = (f: (rs: LoadResult[]) => number) => Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, f(rs)]));
+    const serverCpuUsPerOp = byRun((rs) => median(rs.map((x) => x.serverCpuUsPerOp ?? NaN)));
+    const loadgenCpuUsPerOp = byRun((rs) => median(rs.map((x) => Math.round((x.loadgenCpuMs * 1000) / Math.max(1, x.total)))));
     const hsmCpuUs = median(ceilingCpuUs);
-    const vaultCpuUs = median(runs.vault!.map((x) => x.serverCpuUsPerOp ?? NaN));
-    const loadgenCpuUs = perOp(runs.vault!, (x) => x.loadgenCpuMs);
+    const vaultCpuUs = serverCpuUsPerOp.vault!;
+    const loadgenCpuUs = loadgenCpuUsPerOp.vault!;
     const cores = availableParallelism();
     R.sideBySide = {
       reps,
@@ -344,8 +346,8 @@ async function main(): Promise<void> {
       anchorCost: round(1 - vaultMax / med('noAnchor'), 3),
       vaultOverDirect: round(vaultMax / med('direct'), 3),
       vaultOverPeer: round(vaultMax / med('peer'), 3),
-      serverCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, median(rs.map((x) => x.serverCpuUsPerOp ?? NaN))])),
-      loadgenCpuUsPerOp: Object.fromEntries(Object.entries(runs).map(([k, rs]) => [k, perOp(rs, (x) => x.loadgenCpuMs)])),
+      serverCpuUsPerOp,
+      loadgenCpuUsPerOp,
       ceilingCpuUsPerRecovery: hsmCpuUs,
       // How far the throughput target can be reached on this machine at all (see coreBound).
       bound: Number.isFinite(hsmCpuUs)
