@@ -52,9 +52,7 @@ export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: No
     const v = env[name];
     if (v === undefined || v === '') return undefined;
     const n = Number(v);
-    if (!Number.isInteger(n) || n < min) {
-      throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer >= ${min}`);
-    }
+    if (!Number.isInteger(n) || n < min) throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer >= ${min}`);
     return n;
   };
   const maxQueue = int('BKV_HSM_QUEUE', 1);
