@@ -124,6 +124,75 @@ export interface KeyAttributes {
   valueLen: number;
   /** DER OID of an EC key's curve, empty when not applicable. */
   ecParams: Buffer;
+  /** CKA_WRAP_WITH_TRUSTED: may leave the token only wrapped under a CKA_TRUSTED key. */
+  wrapWithTrusted: boolean;
+  /** CKA_LOCAL: generated on this token (false for a key unwrapped, created or cloned into it). */
+  local: boolean;
+  /** CKA_TRUSTED: the Security Officer marked this (wrapping) key trusted. */
+  trusted: boolean;
+  /** CKA_ALLOWED_MECHANISMS by name (CKM_…, or hex for a mechanism we do not name); empty: unrestricted. */
+  allowedMechanisms: string[];
+}
+
+/**
+ * How a new key may leave the token (see hsm-policy/policy.ts, "phases"). Without
+ * one, the generators make the original never-extractable key.
+ */
+export interface KeyProtection {
+  extractable: boolean;
+  wrapWithTrusted: boolean;
+  /** Must be true for CKA_EXTRACTABLE to be lowered later (the ceremony's seal). */
+  modifiable: boolean;
+  /** CKA_ALLOWED_MECHANISMS by CKM_ name: read-only once set, so widening a usage flag gains nothing. */
+  allowedMechanisms: string[];
+}
+
+/** Mechanisms the vault and its ceremony name in attributes, by their PKCS#11 names. */
+const MECHANISMS: Record<string, number> = {
+  CKM_ECDH1_DERIVE: P.CKM_ECDH1_DERIVE,
+  CKM_ECDSA: P.CKM_ECDSA,
+  CKM_SHA256_HMAC: P.CKM_SHA256_HMAC,
+  CKM_AES_GCM: P.CKM_AES_GCM,
+  CKM_RSA_PKCS_OAEP: P.CKM_RSA_PKCS_OAEP,
+  CKM_AES_KEY_WRAP_PAD: P.CKM_AES_KEY_WRAP_PAD,
+};
+
+function mechanismList(names: string[]): Buffer {
+  // CK_MECHANISM_TYPE is a CK_ULONG: 8 bytes on the 64-bit platforms we run on.
+  const b = Buffer.alloc(8 * names.length);
+  names.forEach((n, i) => {
+    const m = MECHANISMS[n];
+    if (m === undefined) throw new VaultError(ErrorCodes.HSM_ERROR, `unknown mechanism ${n}`);
+    b.writeBigUInt64LE(BigInt(m), 8 * i);
+  });
+  return b;
+}
+
+function mechanismNames(v: Buffer | undefined): string[] {
+  if (!v || v.length % 8 !== 0) return [];
+  const out: string[] = [];
+  for (let i = 0; i < v.length; i += 8) {
+    const m = Number(v.readBigUInt64LE(i));
+    out.push(Object.entries(MECHANISMS).find(([, n]) => n === m)?.[0] ?? `0x${m.toString(16)}`);
+  }
+  return out;
+}
+
+function protectionTemplate(p: KeyProtection): pkcs11js.Attribute[] {
+  return [
+    { type: P.CKA_EXTRACTABLE, value: p.extractable },
+    { type: P.CKA_WRAP_WITH_TRUSTED, value: p.wrapWithTrusted },
+    { type: P.CKA_MODIFIABLE, value: p.modifiable },
+    ...(p.allowedMechanisms.length ? [{ type: P.CKA_ALLOWED_MECHANISMS, value: mechanismList(p.allowedMechanisms) }] : []),
+  ];
+}
+
+/** What a key to be unwrapped (cloned) into the token becomes. */
+export interface UnwrapTemplate {
+  label: string;
+  kind: 'ec' | 'aes' | 'generic';
+  usages: Usage[];
+  protection: KeyProtection;
 }
 
 export type Usage = 'derive' | 'sign' | 'verify' | 'encrypt' | 'decrypt';
@@ -434,6 +503,10 @@ export class Token {
           unwrap: bool(P.CKA_UNWRAP),
           valueLen: ulong(P.CKA_VALUE_LEN),
           ecParams: read(P.CKA_EC_PARAMS) ?? Buffer.alloc(0),
+          wrapWithTrusted: bool(P.CKA_WRAP_WITH_TRUSTED),
+          local: bool(P.CKA_LOCAL),
+          trusted: bool(P.CKA_TRUSTED),
+          allowedMechanisms: mechanismNames(read(P.CKA_ALLOWED_MECHANISMS)),
         };
       }),
     );
@@ -449,8 +522,12 @@ export class Token {
     );
   }
 
-  /** A fresh P-256 key pair held on the token: private half non-extractable and sensitive. */
-  generateEcKeyPair(label: string, usages: Usage[]): { priv: Handle; pub: Handle } {
+  /**
+   * A fresh P-256 key pair held on the token, private half sensitive. Without
+   * `protection` it is never extractable (the original key set); with one, as
+   * the policy's phase says (hsm-policy/policy.ts).
+   */
+  generateEcKeyPair(label: string, usages: Usage[], protection?: KeyProtection): { priv: Handle; pub: Handle } {
     const flags = usageTemplate(usages, 'private');
     return this.guard('C_GenerateKeyPair', () =>
       this.run('C_GenerateKeyPair', (s) => {
@@ -469,8 +546,7 @@ export class Token {
             { type: P.CKA_TOKEN, value: true },
             { type: P.CKA_PRIVATE, value: true },
             { type: P.CKA_SENSITIVE, value: true },
-            { type: P.CKA_EXTRACTABLE, value: false },
-            { type: P.CKA_MODIFIABLE, value: false },
+            ...(protection ? protectionTemplate(protection) : [{ type: P.CKA_EXTRACTABLE, value: false }, { type: P.CKA_MODIFIABLE, value: false }]),
             { type: P.CKA_LABEL, value: label },
             ...flags,
           ],
@@ -480,8 +556,8 @@ export class Token {
     );
   }
 
-  /** A fresh secret key held on the token, non-extractable and sensitive. */
-  generateSecretKey(label: string, kind: 'aes' | 'generic', bytes: number, usages: Usage[]): Handle {
+  /** A fresh secret key held on the token, sensitive; never extractable unless `protection` says otherwise. */
+  generateSecretKey(label: string, kind: 'aes' | 'generic', bytes: number, usages: Usage[], protection?: KeyProtection): Handle {
     return this.guard('C_GenerateKey', () =>
       this.run('C_GenerateKey', (s) =>
         this.p11.C_GenerateKey(s, { mechanism: kind === 'aes' ? P.CKM_AES_KEY_GEN : P.CKM_GENERIC_SECRET_KEY_GEN }, [
@@ -490,8 +566,7 @@ export class Token {
           { type: P.CKA_TOKEN, value: true },
           { type: P.CKA_PRIVATE, value: true },
           { type: P.CKA_SENSITIVE, value: true },
-          { type: P.CKA_EXTRACTABLE, value: false },
-          { type: P.CKA_MODIFIABLE, value: false },
+          ...(protection ? protectionTemplate(protection) : [{ type: P.CKA_EXTRACTABLE, value: false }, { type: P.CKA_MODIFIABLE, value: false }]),
           { type: P.CKA_LABEL, value: label },
           { type: P.CKA_VALUE_LEN, value: bytes },
           ...usageTemplate(usages, 'secret'),
@@ -677,14 +752,14 @@ export class Token {
   }
 
   /**
-   * Try to export `key` wrapped under `wrapping` (AES key wrap). Used by the
+   * Try to export `key` wrapped under `wrapping` (AES key wrap, or RSA-OAEP under a public key). Used by the
    * policy self-test to prove long-term keys cannot leave the token: it returns
    * the CKR code of the refusal, or 0 if the token let the key out.
    */
-  tryWrap(wrapping: Handle, key: Handle): number {
+  tryWrap(wrapping: Handle, key: Handle, mechanism: 'aes-key-wrap-pad' | 'rsa-oaep' = 'aes-key-wrap-pad'): number {
     try {
       this.run('C_WrapKey', (s) =>
-        this.p11.C_WrapKey(s, { mechanism: P.CKM_AES_KEY_WRAP_PAD }, wrapping, key, Buffer.alloc(4096)),
+        this.p11.C_WrapKey(s, mechanism === 'rsa-oaep' ? OAEP : { mechanism: P.CKM_AES_KEY_WRAP_PAD }, wrapping, key, Buffer.alloc(4096)),
       );
       return 0;
     } catch (e) {
@@ -706,6 +781,178 @@ export class Token {
     );
   }
 
+  // ---- key ceremony (vault/ceremony) ----------------------------------------
+
+  /**
+   * An RSA key pair whose private half can do exactly one thing: unwrap with
+   * OAEP. A clone target makes it; the source wraps the vault keys under its
+   * public half, so whatever leaves the source opens only inside this token.
+   */
+  generateRsaUnwrapKeyPair(label: string, bits: number): { priv: Handle; pub: Handle } {
+    return this.guard('C_GenerateKeyPair', () =>
+      this.run('C_GenerateKeyPair', (s) => {
+        const kp = this.p11.C_GenerateKeyPair(
+          s,
+          { mechanism: P.CKM_RSA_PKCS_KEY_PAIR_GEN },
+          [
+            { type: P.CKA_TOKEN, value: true },
+            { type: P.CKA_PRIVATE, value: false },
+            { type: P.CKA_LABEL, value: label },
+            { type: P.CKA_MODULUS_BITS, value: bits },
+            { type: P.CKA_PUBLIC_EXPONENT, value: Buffer.from([1, 0, 1]) },
+            { type: P.CKA_WRAP, value: false },
+            { type: P.CKA_ENCRYPT, value: false },
+            { type: P.CKA_VERIFY, value: false },
+            { type: P.CKA_MODIFIABLE, value: false },
+          ],
+          [
+            { type: P.CKA_TOKEN, value: true },
+            { type: P.CKA_PRIVATE, value: true },
+            { type: P.CKA_SENSITIVE, value: true },
+            { type: P.CKA_EXTRACTABLE, value: false },
+            { type: P.CKA_MODIFIABLE, value: false },
+            { type: P.CKA_LABEL, value: label },
+            { type: P.CKA_UNWRAP, value: true },
+            { type: P.CKA_DECRYPT, value: false },
+            { type: P.CKA_SIGN, value: false },
+            { type: P.CKA_DERIVE, value: false },
+            { type: P.CKA_ALLOWED_MECHANISMS, value: mechanismList(['CKM_RSA_PKCS_OAEP']) },
+          ],
+        );
+        return { priv: kp.privateKey as Handle, pub: kp.publicKey as Handle };
+      }),
+    );
+  }
+
+  /** Modulus and public exponent of an RSA key object (either half carries them). */
+  rsaPublic(h: Handle): { modulus: Buffer; exponent: Buffer } {
+    return this.guard('C_GetAttributeValue', () =>
+      this.run('C_GetAttributeValue', (s) => {
+        const [m, e] = this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_MODULUS }, { type: P.CKA_PUBLIC_EXPONENT }]);
+        return { modulus: Buffer.from(m?.value ?? Buffer.alloc(0)), exponent: Buffer.from(e?.value ?? Buffer.alloc(0)) };
+      }),
+    );
+  }
+
+  /** `key` (a secret key) wrapped under an RSA public key with OAEP. */
+  wrapOaep(wrapping: Handle, key: Handle): Buffer {
+    return this.guard('C_WrapKey', () => this.run('C_WrapKey', (s) => Buffer.from(this.p11.C_WrapKey(s, OAEP, wrapping, key, Buffer.alloc(2048)))));
+  }
+
+  /** `key` (an EC private key: OAEP cannot carry it) wrapped under an AES key with CKM_AES_KEY_WRAP_PAD. */
+  wrapAesPad(wrapping: Handle, key: Handle): Buffer {
+    return this.guard('C_WrapKey', () =>
+      this.run('C_WrapKey', (s) => Buffer.from(this.p11.C_WrapKey(s, { mechanism: P.CKM_AES_KEY_WRAP_PAD }, wrapping, key, Buffer.alloc(4096)))),
+    );
+  }
+
+  /** An OAEP-wrapped secret key, unwrapped into a token key as `t` says. */
+  unwrapOaep(unwrapping: Handle, wrapped: Uint8Array, t: UnwrapTemplate): Handle {
+    return this.guard('C_UnwrapKey', () =>
+      this.run('C_UnwrapKey', (s) => this.p11.C_UnwrapKey(s, OAEP, unwrapping, Buffer.from(wrapped), unwrapTemplate(t)) as Handle),
+    );
+  }
+
+  /** An OAEP-wrapped AES transport key, unwrapped into a session object that can only unwrap. */
+  unwrapTransportKey(unwrapping: Handle, wrapped: Uint8Array): Handle {
+    return this.guard('C_UnwrapKey', () =>
+      this.run('C_UnwrapKey', (s) =>
+        this.p11.C_UnwrapKey(s, OAEP, unwrapping, Buffer.from(wrapped), [
+          { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
+          { type: P.CKA_KEY_TYPE, value: P.CKK_AES },
+          { type: P.CKA_TOKEN, value: false },
+          { type: P.CKA_PRIVATE, value: true },
+          { type: P.CKA_SENSITIVE, value: true },
+          { type: P.CKA_EXTRACTABLE, value: false },
+          { type: P.CKA_UNWRAP, value: true },
+          { type: P.CKA_WRAP, value: false },
+          { type: P.CKA_ENCRYPT, value: false },
+          { type: P.CKA_DECRYPT, value: false },
+        ]) as Handle,
+      ),
+    );
+  }
+
+  /** An AES_KEY_WRAP_PAD-wrapped EC private key, unwrapped into a token key as `t` says. */
+  unwrapAesPad(unwrapping: Handle, wrapped: Uint8Array, t: UnwrapTemplate): Handle {
+    return this.guard('C_UnwrapKey', () =>
+      this.run('C_UnwrapKey', (s) =>
+        this.p11.C_UnwrapKey(s, { mechanism: P.CKM_AES_KEY_WRAP_PAD }, unwrapping, Buffer.from(wrapped), unwrapTemplate(t)) as Handle,
+      ),
+    );
+  }
+
+  /** A token P-256 public key object for a point made elsewhere (a clone's public half), as generateEcKeyPair makes it. */
+  createEcPublicKey(label: string, point: Uint8Array, usages: Usage[]): Handle {
+    return this.guard('C_CreateObject', () =>
+      this.run('C_CreateObject', (s) =>
+        this.p11.C_CreateObject(s, [
+          { type: P.CKA_CLASS, value: P.CKO_PUBLIC_KEY },
+          { type: P.CKA_KEY_TYPE, value: P.CKK_EC },
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_PRIVATE, value: false },
+          { type: P.CKA_LABEL, value: label },
+          { type: P.CKA_EC_PARAMS, value: P256_OID },
+          // DER OCTET STRING around the SEC1 point, as SoftHSM stores it for generated keys.
+          { type: P.CKA_EC_POINT, value: Buffer.concat([Buffer.from([0x04, point.length]), Buffer.from(point)]) },
+          { type: P.CKA_VERIFY, value: usages.includes('sign') },
+          { type: P.CKA_MODIFIABLE, value: false },
+        ]) as Handle,
+      ),
+    );
+  }
+
+  /** CKA_EXTRACTABLE true → false, the only direction PKCS#11 allows: afterwards the key cannot leave the token at all. */
+  makeUnextractable(h: Handle): void {
+    this.guard('C_SetAttributeValue', () =>
+      this.run('C_SetAttributeValue', (s) => this.p11.C_SetAttributeValue(s, h, [{ type: P.CKA_EXTRACTABLE, value: false }])),
+    );
+  }
+
+  /** Every token object, by class and label: what a refused ceremony step must leave exactly as it was. */
+  objects(): { cls: KeyClass | 'other'; label: string; handle: Handle }[] {
+    return this.guard('C_FindObjects', () =>
+      this.run('C_FindObjects', (s) => {
+        this.p11.C_FindObjectsInit(s, [{ type: P.CKA_TOKEN, value: true }]);
+        const found: Handle[] = [];
+        try {
+          for (;;) {
+            const batch = this.p11.C_FindObjects(s, 64) as Handle[];
+            if (batch.length === 0) break;
+            found.push(...batch);
+          }
+        } finally {
+          this.p11.C_FindObjectsFinal(s);
+        }
+        return found.map((h) => {
+          const [c, l] = this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_CLASS }, { type: P.CKA_LABEL }]);
+          const n = c?.value && c.value.length >= 4 ? (c.value.length >= 8 ? Number(c.value.readBigUInt64LE(0)) : c.value.readUInt32LE(0)) : -1;
+          const cls = (Object.entries(CLASS).find(([, v]) => v === n)?.[0] ?? 'other') as KeyClass | 'other';
+          return { cls, label: l?.value?.toString('utf8') ?? '', handle: h };
+        });
+      }),
+    );
+  }
+
+  /** Token objects the Security Officer marked CKA_TRUSTED: every exit a CKA_WRAP_WITH_TRUSTED key has. */
+  trustedKeys(): { label: string; handle: Handle }[] {
+    return this.guard('C_FindObjects', () =>
+      this.run('C_FindObjects', (s) => {
+        this.p11.C_FindObjectsInit(s, [
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_TRUSTED, value: true },
+        ]);
+        let found: Handle[];
+        try {
+          found = this.p11.C_FindObjects(s, 64) as Handle[];
+        } finally {
+          this.p11.C_FindObjectsFinal(s);
+        }
+        return found.map((h) => ({ label: this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_LABEL }])[0]?.value?.toString('utf8') ?? '', handle: h }));
+      }),
+    );
+  }
+
   /** Supported mechanisms, for the start-up capability check. */
   mechanisms(): Set<number> {
     return this.guard('C_GetMechanismList', () => new Set(this.p11.C_GetMechanismList(this.slot)));
@@ -718,6 +965,153 @@ export class Token {
       throw toVaultError(e, op);
     }
   }
+}
+
+/**
+ * A Security Officer session, for the one thing the key ceremony needs the SO
+ * for: marking a wrapping key CKA_TRUSTED (only the SO may, and only when the
+ * object is created). Login state is per process and token, so no user Token of
+ * this process may be open on the token meanwhile; the session is logged out
+ * and closed before `run` returns. A wrong SO PIN fails at once and is never
+ * retried: HSMs lock the SO after a few.
+ */
+export class SecurityOfficer {
+  private constructor(
+    private readonly p11: pkcs11js.PKCS11,
+    private readonly s: Handle,
+  ) {}
+
+  static run<T>(cfg: { modulePath: string; tokenLabel: string }, soPin: string, fn: (so: SecurityOfficer) => T): T {
+    const p11 = acquireLibrary(cfg.modulePath);
+    let s: Handle | undefined;
+    try {
+      const slot = findSlot(p11, cfg.tokenLabel);
+      s = p11.C_OpenSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION) as Handle;
+      try {
+        p11.C_Login(s, P.CKU_SO, soPin);
+      } catch (e) {
+        const ckr = ckrOf(e);
+        if (ckr === CKR.PIN_INCORRECT || ckr === CKR.PIN_LOCKED) {
+          throw new VaultError(ErrorCodes.HSM_PIN_INCORRECT, `HSM refused the Security Officer PIN (0x${ckr.toString(16)}); not retrying`);
+        }
+        if (ckr === CKR.USER_ANOTHER_ALREADY_LOGGED_IN) {
+          throw new VaultError(ErrorCodes.HSM_ERROR, 'the Security Officer cannot log in while a user session of this process is logged in to the token');
+        }
+        throw e;
+      }
+      try {
+        return fn(new SecurityOfficer(p11, s));
+      } finally {
+        try {
+          p11.C_Logout(s);
+        } catch {
+          /* the session is closed below anyway */
+        }
+      }
+    } catch (e) {
+      throw toVaultError(e, 'Security Officer session');
+    } finally {
+      if (s) {
+        try {
+          p11.C_CloseSession(s);
+        } catch {
+          /* already gone */
+        }
+      }
+      releaseLibrary(cfg.modulePath);
+    }
+  }
+
+  /** An RSA public key (a clone target's) as a public token object marked trusted, able only to wrap with OAEP. */
+  createTrustedRsaPublicKey(label: string, modulus: Uint8Array, exponent: Uint8Array): Handle {
+    return this.p11.C_CreateObject(this.s, [
+      { type: P.CKA_CLASS, value: P.CKO_PUBLIC_KEY },
+      { type: P.CKA_KEY_TYPE, value: P.CKK_RSA },
+      { type: P.CKA_TOKEN, value: true },
+      { type: P.CKA_PRIVATE, value: false },
+      { type: P.CKA_LABEL, value: label },
+      { type: P.CKA_MODULUS, value: Buffer.from(modulus) },
+      { type: P.CKA_PUBLIC_EXPONENT, value: Buffer.from(exponent) },
+      { type: P.CKA_TRUSTED, value: true },
+      { type: P.CKA_WRAP, value: true },
+      { type: P.CKA_ENCRYPT, value: false },
+      { type: P.CKA_VERIFY, value: false },
+      { type: P.CKA_MODIFIABLE, value: false },
+      { type: P.CKA_ALLOWED_MECHANISMS, value: mechanismList(['CKM_RSA_PKCS_OAEP']) },
+    ]) as Handle;
+  }
+
+  /**
+   * A trusted AES-256 key generated inside the token that can only wrap (AES key
+   * wrap with padding): the EC private keys leave under it, because OAEP cannot
+   * carry them. Itself extractable only under a trusted key, i.e. under the
+   * target's public key.
+   */
+  generateTrustedTransportKey(label: string): Handle {
+    return this.p11.C_GenerateKey(this.s, { mechanism: P.CKM_AES_KEY_GEN }, [
+      { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
+      { type: P.CKA_KEY_TYPE, value: P.CKK_AES },
+      { type: P.CKA_TOKEN, value: true },
+      // The SO cannot create private objects (CKR_USER_NOT_LOGGED_IN).
+      { type: P.CKA_PRIVATE, value: false },
+      { type: P.CKA_LABEL, value: label },
+      { type: P.CKA_VALUE_LEN, value: 32 },
+      { type: P.CKA_TRUSTED, value: true },
+      { type: P.CKA_WRAP, value: true },
+      { type: P.CKA_UNWRAP, value: false },
+      { type: P.CKA_ENCRYPT, value: false },
+      { type: P.CKA_DECRYPT, value: false },
+      { type: P.CKA_SIGN, value: false },
+      { type: P.CKA_VERIFY, value: false },
+      { type: P.CKA_DERIVE, value: false },
+      { type: P.CKA_SENSITIVE, value: true },
+      { type: P.CKA_EXTRACTABLE, value: true },
+      { type: P.CKA_WRAP_WITH_TRUSTED, value: true },
+      { type: P.CKA_MODIFIABLE, value: false },
+      { type: P.CKA_ALLOWED_MECHANISMS, value: mechanismList(['CKM_AES_KEY_WRAP_PAD']) },
+    ]) as Handle;
+  }
+
+  /** Public token objects with this label (the SO sees no private ones). */
+  find(label: string): Handle[] {
+    this.p11.C_FindObjectsInit(this.s, [
+      { type: P.CKA_TOKEN, value: true },
+      { type: P.CKA_LABEL, value: label },
+    ]);
+    try {
+      return this.p11.C_FindObjects(this.s, 16) as Handle[];
+    } finally {
+      this.p11.C_FindObjectsFinal(this.s);
+    }
+  }
+
+  destroy(h: Handle): void {
+    this.p11.C_DestroyObject(this.s, h);
+  }
+}
+
+/**
+ * RSA-OAEP as SoftHSM 2.6.1 accepts it for wrapping: SHA-1 and MGF1-SHA-1
+ * (SHA-256 parameters give CKR_ARGUMENTS_BAD). OAEP's security does not rest on
+ * SHA-1's collision resistance.
+ */
+const OAEP: pkcs11js.Mechanism = {
+  mechanism: P.CKM_RSA_PKCS_OAEP,
+  parameter: { type: P.CK_PARAMS_RSA_OAEP, hashAlg: P.CKM_SHA_1, mgf: P.CKG_MGF1_SHA1, source: 1 } as pkcs11js.RsaOAEP,
+};
+
+function unwrapTemplate(t: UnwrapTemplate): pkcs11js.Attribute[] {
+  const ec = t.kind === 'ec';
+  return [
+    { type: P.CKA_CLASS, value: ec ? P.CKO_PRIVATE_KEY : P.CKO_SECRET_KEY },
+    { type: P.CKA_KEY_TYPE, value: ec ? P.CKK_EC : t.kind === 'aes' ? P.CKK_AES : P.CKK_GENERIC_SECRET },
+    { type: P.CKA_TOKEN, value: true },
+    { type: P.CKA_PRIVATE, value: true },
+    { type: P.CKA_SENSITIVE, value: true },
+    { type: P.CKA_LABEL, value: t.label },
+    ...protectionTemplate(t.protection),
+    ...usageTemplate(t.usages, ec ? 'private' : 'secret'),
+  ];
 }
 
 /**
