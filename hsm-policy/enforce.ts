@@ -5,8 +5,21 @@
 import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import { VaultError, ErrorCodes } from '../vault/errors.js';
-import { P256_OID, type Handle, type KeyAttributes, type Token } from '../vault/hsm/token.js';
-import { ANCHOR, KEY_SET, REQUIRED_ATTRIBUTES, epochOfLabel, sealLabel, type KeySpec, type KeyUsage } from './policy.js';
+import { P256_OID, type Handle, type KeyAttributes, type KeyProtection, type Token } from '../vault/hsm/token.js';
+import {
+  ANCHOR,
+  CREATE_PHASE,
+  CREATE_PROTECTION,
+  KEY_SET,
+  PHASE_RULES,
+  REQUIRED_ATTRIBUTES,
+  epochOfLabel,
+  sealLabel,
+  type KeySpec,
+  type KeyUsage,
+  type Phase,
+  type PhaseRule,
+} from './policy.js';
 import { BucketTree, anchorLabel } from '../vault/protocol/state-hash.js';
 
 export interface EcKey {
@@ -29,30 +42,87 @@ export interface ResolvedKeys {
   seals: Map<number, Handle>;
   /** Labels of the objects this call created (empty on a second run: init is idempotent). */
   created: string[];
+  /** The key set's phase (policy.ts), or 'mixed' while keys disagree (e.g. an interrupted seal). */
+  phase: Phase | 'mixed';
+  /** Each private or secret key's phase and the policy row it matched. */
+  phases: KeyPhase[];
+}
+
+export interface KeyPhase {
+  label: string;
+  phase: Phase;
+  origin: string;
 }
 
 const USAGES: KeyUsage[] = ['derive', 'sign', 'verify', 'encrypt', 'decrypt'];
+
+const attrName = (k: string): string => `CKA_${k.replace(/[A-Z]/g, (c) => '_' + c).toUpperCase()}`;
+
+const PROTECTION_FIELDS = ['extractable', 'wrapWithTrusted', 'alwaysSensitive', 'neverExtractable', 'local', 'modifiable'] as const;
+
+/** How `attrs` differs from one phase rule (empty: it matches). */
+function ruleMismatches(spec: KeySpec, rule: PhaseRule, attrs: KeyAttributes): string[] {
+  const out: string[] = [];
+  for (const k of PROTECTION_FIELDS) {
+    const want = rule[k];
+    if (want !== undefined && attrs[k] !== want) out.push(`${attrs.label}: ${attrName(k)} is ${attrs[k]}, policy requires ${want}`);
+  }
+  if (rule.allowedMechanisms === 'own' && attrs.allowedMechanisms.join(',') !== spec.mechanism) {
+    out.push(`${attrs.label}: CKA_ALLOWED_MECHANISMS is [${attrs.allowedMechanisms.join(', ')}], policy requires [${spec.mechanism}]`);
+  }
+  return out;
+}
+
+/** The policy row (and so the phase) a key's protection attributes match, if any. */
+export function phaseOf(spec: KeySpec, attrs: KeyAttributes): PhaseRule | undefined {
+  return PHASE_RULES.find((r) => ruleMismatches(spec, r, attrs).length === 0);
+}
 
 /** Why `attrs` does not satisfy `spec`; empty when it does. */
 export function violations(spec: KeySpec, attrs: KeyAttributes): string[] {
   const out: string[] = [];
   for (const [k, want] of Object.entries(REQUIRED_ATTRIBUTES)) {
     const got = attrs[k as keyof typeof REQUIRED_ATTRIBUTES];
-    if (got !== want) out.push(`${attrs.label}: CKA_${k.replace(/[A-Z]/g, (c) => '_' + c).toUpperCase()} is ${got}, policy requires ${want}`);
+    if (got !== want) out.push(`${attrs.label}: ${attrName(k)} is ${got}, policy requires ${want}`);
+  }
+  if (!phaseOf(spec, attrs)) {
+    // Name the differences from the nearest phase: what would make this key acceptable.
+    const nearest = PHASE_RULES.map((r) => ({ r, m: ruleMismatches(spec, r, attrs) })).reduce((a, b) => (b.m.length < a.m.length ? b : a));
+    out.push(...nearest.m.map((m) => `${m} (nearest phase: ${nearest.r.phase}, ${nearest.r.origin})`));
   }
   for (const u of USAGES) {
     // Public-key-only flags (verify on an EC private key) read as false, which is what we want.
     const want = spec.usages.includes(u);
     if (attrs[u] !== want) out.push(`${attrs.label}: CKA_${u.toUpperCase()} is ${attrs[u]}, policy requires ${want}`);
   }
+  // SoftHSM 2.6.1 records no CKA_VALUE_LEN (reads 0) for a key it unwrapped, and refuses one in
+  // the unwrap template (measured); such a key came in through the ceremony, whose known answers
+  // proved it equal to the source's 32-byte key.
+  const len32 = attrs.valueLen === 32 || (attrs.valueLen === 0 && !attrs.local);
   const kindOk =
     spec.kind === 'ec-p256'
       ? attrs.keyType === 'ec' && Buffer.from(attrs.ecParams).equals(P256_OID)
       : spec.kind === 'aes-256'
-        ? attrs.keyType === 'aes' && attrs.valueLen === 32
-        : attrs.keyType === 'generic' && attrs.valueLen === 32;
+        ? attrs.keyType === 'aes' && len32
+        : attrs.keyType === 'generic' && len32;
   if (!kindOk) out.push(`${attrs.label}: key type is not ${spec.kind}`);
   return out;
+}
+
+/**
+ * What a new key of `spec` is created (or unwrapped) with in `phase`; undefined
+ * for never-extractable keys, which the token layer makes as it always has.
+ */
+export function protectionFor(spec: KeySpec, phase: Phase): KeyProtection | undefined {
+  const p = CREATE_PROTECTION[CREATE_PHASE[phase]];
+  if (!p.extractable && !p.wrapWithTrusted) return undefined;
+  return { extractable: p.extractable, wrapWithTrusted: p.wrapWithTrusted, modifiable: p.modifiable, allowedMechanisms: p.ownMechanism ? [spec.mechanism] : [] };
+}
+
+/** One phase for a key set: theirs if they agree, else 'mixed'. */
+export function setPhase(phases: readonly { phase: Phase }[]): Phase | 'mixed' {
+  const distinct = new Set(phases.map((p) => p.phase));
+  return distinct.size === 1 ? [...distinct][0]! : 'mixed';
 }
 
 function one(token: Token, cls: 'private' | 'public' | 'secret', label: string): Handle | undefined {
@@ -63,15 +133,23 @@ function one(token: Token, cls: 'private' | 'public' | 'secret', label: string):
   return found[0];
 }
 
-function ecKey(token: Token, spec: KeySpec, create: boolean, created: string[]): EcKey {
+interface Making {
+  create: boolean;
+  /** Phase new keys are made in. */
+  phase: Phase;
+  created: string[];
+  phases: KeyPhase[];
+}
+
+function ecKey(token: Token, spec: KeySpec, m: Making): EcKey {
   let priv = one(token, 'private', spec.label);
   let pub = one(token, 'public', spec.label);
-  if (!priv && !pub && create) {
-    ({ priv, pub } = token.generateEcKeyPair(spec.label, spec.usages));
-    created.push(spec.label);
+  if (!priv && !pub && m.create) {
+    ({ priv, pub } = token.generateEcKeyPair(spec.label, spec.usages, protectionFor(spec, m.phase)));
+    m.created.push(spec.label);
   }
   if (!priv || !pub) throw missing(spec.label);
-  check(spec, token.attributes(priv));
+  m.phases.push(check(spec, token.attributes(priv)));
   const point = token.ecPoint(pub);
   if (!pairMatches(token, spec, priv, point)) {
     throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `${spec.label}: public key object does not belong to the private key`);
@@ -95,20 +173,39 @@ function pairMatches(token: Token, spec: KeySpec, priv: Handle, point: Uint8Arra
   }
 }
 
-function secretKey(token: Token, spec: KeySpec, label: string, create: boolean, created: string[]): Handle {
+function secretKey(token: Token, spec: KeySpec, label: string, m: Making): Handle {
   let h = one(token, 'secret', label);
-  if (!h && create) {
-    h = token.generateSecretKey(label, spec.kind === 'aes-256' ? 'aes' : 'generic', 32, spec.usages);
-    created.push(label);
+  if (!h && m.create) {
+    h = token.generateSecretKey(label, spec.kind === 'aes-256' ? 'aes' : 'generic', 32, spec.usages, protectionFor(spec, m.phase));
+    m.created.push(label);
   }
   if (!h) throw missing(label);
-  check(spec, token.attributes(h));
+  m.phases.push(check(spec, token.attributes(h)));
   return h;
 }
 
-function check(spec: KeySpec, attrs: KeyAttributes): void {
+function check(spec: KeySpec, attrs: KeyAttributes): KeyPhase {
   const v = violations(spec, attrs);
   if (v.length) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `HSM key policy violated: ${v.join('; ')}`);
+  const rule = phaseOf(spec, attrs)!;
+  return { label: attrs.label, phase: rule.phase, origin: rule.origin };
+}
+
+/**
+ * The phase keys missing from a partial set are made in: the phase the keys
+ * already there agree on, else open for cloning (a new vault).
+ */
+function creationPhase(token: Token): Phase {
+  const seen: Phase[] = [];
+  for (const s of KEY_SET) {
+    const found = s.perEpoch ? token.listLabels('secret', s.label).map((o) => o.handle) : token.find(s.kind === 'ec-p256' ? 'private' : 'secret', s.label);
+    for (const h of found) {
+      const rule = phaseOf(s, token.attributes(h));
+      if (rule) seen.push(rule.phase);
+    }
+  }
+  const p = setPhase(seen.map((phase) => ({ phase })));
+  return seen.length === 0 || p === 'mixed' ? 'open' : p;
 }
 
 function missing(label: string): VaultError {
@@ -125,24 +222,35 @@ const spec = (name: KeySpec['name']): KeySpec => KEY_SET.find((k) => k.name === 
  * `create: false` a missing key is an error: a running vault never silently
  * mints a new OPRF key, which would make every existing record unrecoverable.
  */
-export function enforcePolicy(token: Token, opts: { create: boolean }): ResolvedKeys {
-  const created: string[] = [];
-  const kx = ecKey(token, spec('kx'), opts.create, created);
-  const sig = ecKey(token, spec('sig'), opts.create, created);
-  const oprf = ecKey(token, spec('oprf'), opts.create, created);
-  const verifier = secretKey(token, spec('verifier'), spec('verifier').label, opts.create, created);
-  const tenant = secretKey(token, spec('tenant'), spec('tenant').label, opts.create, created);
+export function enforcePolicy(token: Token, opts: { create: boolean; phase?: Phase }): ResolvedKeys {
+  const m: Making = { create: opts.create, phase: opts.phase ?? (opts.create ? creationPhase(token) : 'open'), created: [], phases: [] };
+  const kx = ecKey(token, spec('kx'), m);
+  const sig = ecKey(token, spec('sig'), m);
+  const oprf = ecKey(token, spec('oprf'), m);
+  const verifier = secretKey(token, spec('verifier'), spec('verifier').label, m);
+  const tenant = secretKey(token, spec('tenant'), spec('tenant').label, m);
   const seals = new Map<number, Handle>();
   for (const { label } of token.listLabels('secret', spec('seal').label)) {
     const epoch = epochOfLabel(label);
     if (epoch === undefined) {
       throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected seal key label "${label}" (want bkv.seal.NNNNNN)`);
     }
-    seals.set(epoch, secretKey(token, spec('seal'), label, false, created));
+    seals.set(epoch, secretKey(token, spec('seal'), label, { ...m, create: false }));
   }
-  if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), opts.create, created));
-  const anchors = anchorSlots(token, opts.create, created);
-  return { kx, sig, oprf, verifier, tenant, anchors, seals, created };
+  if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), m));
+  const anchors = anchorSlots(token, opts.create, m.created);
+  return { kx, sig, oprf, verifier, tenant, anchors, seals, created: m.created, phase: setPhase(m.phases), phases: m.phases };
+}
+
+/**
+ * The protection a new seal epoch key gets: the phase of the current epoch's
+ * key, so a rotation keeps the vault in its phase (an open vault's new epoch
+ * can be cloned to the cohort; a sealed vault's never leaves).
+ */
+export function epochProtection(token: Token, currentSealKey: Handle): KeyProtection | undefined {
+  const s = spec('seal');
+  const rule = phaseOf(s, token.attributes(currentSealKey));
+  return protectionFor(s, rule?.phase ?? 'open');
 }
 
 /** Root of the empty state: what a fresh token's anchor starts at. */

@@ -1,6 +1,8 @@
 // The HSM key policy (hsm-policy/) against a real SoftHSM2 token: what init
-// creates, that every long-term key is locked in the token, and that a key set
-// someone weakened or duplicated is refused instead of used.
+// creates, how each long-term key may leave the token (its phase: open for
+// cloning, sealed, not cloneable), and that a key set someone weakened or
+// duplicated is refused instead of used. The phases themselves are checked as
+// data at the end.
 //
 // SoftHSM pitfall: a process that has the library initialised does not see
 // objects another process (pkcs11-tool) adds until C_Finalize. Token.close()
@@ -11,9 +13,9 @@ import { execFileSync } from 'node:child_process';
 import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { Token, type Handle, type KeyAttributes } from '../vault/hsm/token.js';
 import { CKR } from '../vault/hsm/ckr.js';
-import { emptyRoot, enforcePolicy, type EcKey, type ResolvedKeys } from '../hsm-policy/enforce.js';
+import { emptyRoot, enforcePolicy, phaseOf, protectionFor, violations, type EcKey, type ResolvedKeys } from '../hsm-policy/enforce.js';
 import { anchorLabel } from '../vault/protocol/state-hash.js';
-import { ANCHOR, KEY_SET, sealLabel, type KeySpec, type KeyUsage } from '../hsm-policy/policy.js';
+import { ANCHOR, KEY_SET, PHASE_RULES, sealLabel, type KeySpec, type KeyUsage, type Phase } from '../hsm-policy/policy.js';
 import { VaultError, ErrorCodes, type ErrorCode } from '../vault/errors.js';
 
 const PKCS11_TOOL = '/usr/bin/pkcs11-tool';
@@ -205,11 +207,41 @@ describe('enforcePolicy creates and resolves the key set', () => {
   });
 });
 
-describe('long-term keys never leave the token', () => {
-  it('every private/secret key refuses C_WrapKey with CKR_KEY_UNEXTRACTABLE and carries exactly the policy attributes', () => {
+/** The protection attributes of a key, for comparing with what a phase demands. */
+function protection(a: KeyAttributes) {
+  return {
+    label: a.label,
+    token: a.token,
+    private: a.private,
+    sensitive: a.sensitive,
+    extractable: a.extractable,
+    wrapWithTrusted: a.wrapWithTrusted,
+    neverExtractable: a.neverExtractable,
+    alwaysSensitive: a.alwaysSensitive,
+    local: a.local,
+    modifiable: a.modifiable,
+    allowedMechanisms: a.allowedMechanisms,
+    wrap: a.wrap,
+    unwrap: a.unwrap,
+  };
+}
+
+/** Usages and key type exactly as the policy lists them. */
+function expectUsagesAndKind(a: KeyAttributes, s: KeySpec): void {
+  const label = a.label;
+  const usages = ALL_USAGES.filter((u) => a[u]);
+  expect({ label, usages }).toEqual({ label, usages: ALL_USAGES.filter((u) => s.usages.includes(u)) });
+  const kind = a.keyType === 'ec' ? 'ec-p256' : a.keyType === 'aes' ? 'aes-256' : a.keyType === 'generic' ? 'hmac-256' : 'other';
+  expect({ label, kind }).toEqual({ label, kind: s.kind });
+  if (s.kind !== 'ec-p256') expect({ label, valueLen: a.valueLen }).toEqual({ label, valueLen: 32 });
+}
+
+describe('how long-term keys may leave the token', () => {
+  it('a new vault\'s keys are open for cloning: refused under an untrusted wrapping key, and exactly the open phase\'s attributes', () => {
     const t = fresh();
     const tok = open(t);
     const keys = enforcePolicy(tok, { create: true });
+    expect(keys.phase).toBe('open');
     const wrapping = tok.sessionWrappingKey();
     const checked = longTermKeys(keys);
     // Every key of the policy (the anchor is a data object, not a key).
@@ -217,40 +249,60 @@ describe('long-term keys never leave the token', () => {
     expect(checked.map((k) => k.label)).toEqual(expect.arrayContaining(['bkv.kx', 'bkv.sig', 'bkv.oprf', 'bkv.verifier', 'bkv.seal.000001']));
 
     for (const { label, spec: s, handle } of checked) {
-      // SoftHSM checks CKA_EXTRACTABLE of the target key and answers 0x6a.
-      expect({ label, ckr: tok.tryWrap(wrapping, handle) }).toEqual({ label, ckr: CKR.KEY_UNEXTRACTABLE });
-
-      const a: KeyAttributes = tok.attributes(handle);
-      expect(a.label).toBe(label);
-      expect({
-        label: a.label,
-        token: a.token,
-        private: a.private,
-        sensitive: a.sensitive,
-        extractable: a.extractable,
-        neverExtractable: a.neverExtractable,
-        alwaysSensitive: a.alwaysSensitive,
-        wrap: a.wrap,
-        unwrap: a.unwrap,
-      }).toEqual({
+      // CKA_WRAP_WITH_TRUSTED: SoftHSM refuses any wrapping key the SO did not mark trusted (0x69).
+      expect({ label, ckr: tok.tryWrap(wrapping, handle) }).toEqual({ label, ckr: CKR.KEY_NOT_WRAPPABLE });
+      const a = tok.attributes(handle);
+      expect(protection(a)).toEqual({
         label,
         token: true,
         private: true,
         sensitive: true,
-        extractable: false,
-        neverExtractable: true,
+        extractable: true,
+        wrapWithTrusted: true,
+        neverExtractable: false,
         alwaysSensitive: true,
+        local: true,
+        // Needed to lower CKA_EXTRACTABLE at the seal; CKA_ALLOWED_MECHANISMS (read-only) keeps a widened usage flag useless.
+        modifiable: true,
+        allowedMechanisms: [s.mechanism],
         wrap: false,
         unwrap: false,
       });
-      // Exactly the usages the policy lists, every other usage off.
-      const usages = ALL_USAGES.filter((u) => a[u]);
-      expect({ label, usages }).toEqual({ label, usages: ALL_USAGES.filter((u) => s.usages.includes(u)) });
-      // And the key type the policy names.
-      const kind = a.keyType === 'ec' ? 'ec-p256' : a.keyType === 'aes' ? 'aes-256' : a.keyType === 'generic' ? 'hmac-256' : 'other';
-      expect({ label, kind }).toEqual({ label, kind: s.kind });
-      if (s.kind !== 'ec-p256') expect({ label, valueLen: a.valueLen }).toEqual({ label, valueLen: 32 });
+      expectUsagesAndKind(a, s);
     }
+    expect(keys.phases.map((p) => p.phase)).toEqual(checked.map(() => 'open'));
+  });
+
+  it('a key set made the old way is "not cloneable": every key refuses C_WrapKey with CKR_KEY_UNEXTRACTABLE, and it still resolves', () => {
+    const t = fresh();
+    const tok = open(t);
+    createKeys(tok, []);
+    const keys = enforcePolicy(tok, { create: true });
+    // Only the anchor was missing: the keys stay as they were made.
+    expect(keys.created).toEqual([ANCHOR.application]);
+    expect(keys.phase).toBe('not-cloneable');
+    const wrapping = tok.sessionWrappingKey();
+    for (const { label, spec: s, handle } of longTermKeys(keys)) {
+      expect({ label, ckr: tok.tryWrap(wrapping, handle) }).toEqual({ label, ckr: CKR.KEY_UNEXTRACTABLE });
+      const a = tok.attributes(handle);
+      expect({ label, extractable: a.extractable, neverExtractable: a.neverExtractable, alwaysSensitive: a.alwaysSensitive, modifiable: a.modifiable }).toEqual({
+        label,
+        extractable: false,
+        neverExtractable: true,
+        alwaysSensitive: true,
+        modifiable: false,
+      });
+      expectUsagesAndKind(a, s);
+    }
+  });
+
+  it('a key missing from an old-way set is made in the set\'s phase, not open', () => {
+    const t = fresh();
+    const tok = open(t);
+    createKeys(tok, ['verifier']);
+    const keys = enforcePolicy(tok, { create: true });
+    expect(keys.created).toEqual(['bkv.verifier', ANCHOR.application]);
+    expect(keys.phase).toBe('not-cloneable');
   });
 
   it('tryWrap really detects an extractable key (control: an extractable key is wrapped, and the policy refuses it)', () => {
@@ -268,8 +320,9 @@ describe('long-term keys never leave the token', () => {
 
     const err = vaultErrorOf(() => enforcePolicy(tok, { create: false }));
     expect(err.code).toBe(ErrorCodes.HSM_POLICY_VIOLATION);
-    expect(err.message).toContain('bkv.verifier: CKA_EXTRACTABLE is true, policy requires false');
-    expect(err.message).toContain('bkv.verifier: CKA_NEVER_EXTRACTABLE is false, policy requires true');
+    // Extractable without CKA_WRAP_WITH_TRUSTED matches no phase; the nearest one says what is missing.
+    expect(err.message).toContain('bkv.verifier: CKA_WRAP_WITH_TRUSTED is false, policy requires true (nearest phase: open');
+    expect(err.message).toContain('bkv.verifier: CKA_ALLOWED_MECHANISMS is [], policy requires [CKM_SHA256_HMAC]');
   });
 });
 
@@ -392,5 +445,90 @@ describe('opening the token', () => {
     const t = fresh();
     open(t);
     expect(codeOf(() => open(t, t.pin + 'x'))).toBe(ErrorCodes.HSM_PIN_INCORRECT);
+  });
+});
+
+describe('the phases are data: which protection a key may have (table-driven, no HSM)', () => {
+  const verifier = spec('verifier');
+  /** The verifier's attributes with the given protection; usages and type as the policy wants. */
+  const key = (p: Partial<KeyAttributes>): KeyAttributes => ({
+    label: 'bkv.verifier',
+    keyType: 'generic',
+    token: true,
+    private: true,
+    sensitive: true,
+    extractable: false,
+    alwaysSensitive: true,
+    neverExtractable: true,
+    modifiable: false,
+    derive: false,
+    sign: true,
+    verify: true,
+    encrypt: false,
+    decrypt: false,
+    wrap: false,
+    unwrap: false,
+    valueLen: 32,
+    ecParams: Buffer.alloc(0),
+    wrapWithTrusted: false,
+    local: true,
+    trusted: false,
+    allowedMechanisms: [],
+    ...p,
+  });
+  const own = ['CKM_SHA256_HMAC'];
+  const open = { extractable: true, wrapWithTrusted: true, neverExtractable: false, modifiable: true, allowedMechanisms: own };
+  const clone = { alwaysSensitive: false, neverExtractable: false, local: false };
+
+  const accepted: [string, Partial<KeyAttributes>, Phase, number][] = [
+    ['generated never extractable (vaults made before the ceremony): not-cloneable', {}, 'not-cloneable', 0],
+    ['the same, with CKA_WRAP_WITH_TRUSTED set (irrelevant when never extractable)', { wrapWithTrusted: true }, 'not-cloneable', 0],
+    ['generated open for cloning', open, 'open', 1],
+    ['unwrapped by the ceremony (a clone), open', { ...open, ...clone }, 'open', 2],
+    ['generated open, then sealed', { ...open, extractable: false }, 'sealed', 3],
+    ['generated sealed (a rotation after the seal)', { ...open, extractable: false, neverExtractable: true }, 'sealed', 4],
+    ['a clone, then sealed', { ...open, ...clone, extractable: false }, 'sealed', 5],
+    ['cloned by the HSM vendor from a never-extractable key', { ...clone }, 'vendor-clone', 6],
+    ['a vendor clone of an open key is an open clone', { ...open, ...clone }, 'open', 2],
+  ];
+  it.each(accepted)('accepts a key %s', (_name, p, phase, row) => {
+    const a = key(p);
+    expect(violations(verifier, a)).toEqual([]);
+    expect(phaseOf(verifier, a)).toBe(PHASE_RULES[row]);
+    expect(phaseOf(verifier, a)!.phase).toBe(phase);
+  });
+
+  it('every row of PHASE_RULES is reachable (the table above covers the whole policy)', () => {
+    expect(new Set(accepted.map((r) => r[3]))).toEqual(new Set(PHASE_RULES.map((_r, i) => i)));
+  });
+
+  const refused: [string, Partial<KeyAttributes>, string][] = [
+    ['extractable without CKA_WRAP_WITH_TRUSTED (leaves under any key)', { ...open, wrapWithTrusted: false }, 'CKA_WRAP_WITH_TRUSTED is false, policy requires true'],
+    ['open and modifiable without CKA_ALLOWED_MECHANISMS (a widened usage would work)', { ...open, allowedMechanisms: [] }, 'CKA_ALLOWED_MECHANISMS is [], policy requires [CKM_SHA256_HMAC]'],
+    ['open with a second allowed mechanism', { ...open, allowedMechanisms: ['CKM_SHA256_HMAC', 'CKM_AES_GCM'] }, 'CKA_ALLOWED_MECHANISMS is [CKM_SHA256_HMAC, CKM_AES_GCM]'],
+    ['open but not modifiable (it could never be sealed)', { ...open, modifiable: false }, 'CKA_MODIFIABLE is false, policy requires true'],
+    ['never extractable but modifiable (the old template, weakened)', { modifiable: true }, 'CKA_MODIFIABLE is true, policy requires false'],
+    ['generated here, but once not sensitive (seen in the clear)', { ...open, alwaysSensitive: false }, 'CKA_ALWAYS_SENSITIVE is false, policy requires true'],
+    ['a vendor clone that may leave the token', { ...clone, extractable: true }, 'CKA_EXTRACTABLE is true, policy requires false'],
+    ['not sensitive, whatever the phase', { ...open, sensitive: false }, 'CKA_SENSITIVE is false, policy requires true'],
+    ['a wrapping key', { ...open, wrap: true }, 'CKA_WRAP is true, policy requires false'],
+  ];
+  it.each(refused)('refuses %s', (_name, p, message) => {
+    const a = key(p);
+    expect(violations(verifier, a).join('; ')).toContain(`bkv.verifier: ${message}`);
+    if (!('sensitive' in p) && !('wrap' in p)) expect(phaseOf(verifier, a)).toBeUndefined();
+  });
+
+  it('what a phase creates keys with is what that phase accepts (create ↔ check agree)', () => {
+    const generated = { local: true, alwaysSensitive: true };
+    for (const phase of ['open', 'sealed', 'not-cloneable'] as const) {
+      const p = protectionFor(verifier, phase);
+      const a = p
+        ? key({ ...generated, extractable: p.extractable, wrapWithTrusted: p.wrapWithTrusted, modifiable: p.modifiable, allowedMechanisms: p.allowedMechanisms, neverExtractable: !p.extractable })
+        : key(generated);
+      expect({ phase, got: phaseOf(verifier, a)?.phase }).toEqual({ phase, got: phase });
+    }
+    // A vendor clone's vault makes new keys (a rotation) the old way: never extractable.
+    expect(protectionFor(verifier, 'vendor-clone')).toBeUndefined();
   });
 });

@@ -5,7 +5,7 @@
 // update the pool's copy. Started by worker-keys.ts, never imported elsewhere.
 import { parentPort, workerData } from 'node:worker_threads';
 import { Token, pinLibrary, type Handle } from './token.js';
-import { enforcePolicy, type ResolvedKeys } from '../../hsm-policy/enforce.js';
+import { enforcePolicy, epochProtection, type ResolvedKeys } from '../../hsm-policy/enforce.js';
 import { VaultError, ErrorCodes } from '../errors.js';
 
 export interface WorkerInit {
@@ -41,7 +41,8 @@ export type Job =
   | { op: 'random'; n: number }
   | { op: 'readLabel'; key: Uint8Array }
   | { op: 'setLabel'; key: Uint8Array; label: string }
-  | { op: 'genSeal'; label: string }
+  /** A new seal epoch key, in the phase of `key`, the current epoch's key. */
+  | { op: 'genSeal'; label: string; key: Uint8Array }
   | { op: 'destroy'; key: Uint8Array }
   | { op: 'ping' };
 
@@ -103,7 +104,7 @@ function run(token: Token, j: Job): Uint8Array | boolean | string | null {
       token.setLabel(h(j.key), j.label);
       return null;
     case 'genSeal':
-      return token.generateSecretKey(j.label, 'aes', 32, ['encrypt', 'decrypt']);
+      return token.generateSecretKey(j.label, 'aes', 32, ['encrypt', 'decrypt'], epochProtection(token, h(j.key)));
     case 'destroy':
       token.destroy(h(j.key));
       return null;

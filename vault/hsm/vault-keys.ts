@@ -3,6 +3,7 @@
 // whether a call runs on this thread or in an HSM worker.
 import { VaultError, ErrorCodes } from '../errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
+import { epochProtection } from '../../hsm-policy/enforce.js';
 import type { Handle, Token } from './token.js';
 import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
 
@@ -189,7 +190,11 @@ export class TokenVaultKeys implements VaultKeys {
 
   async addEpoch(epoch: number): Promise<void> {
     if (this.keys.seals.has(epoch)) return;
-    this.keys.seals.set(epoch, this.token.generateSecretKey(sealLabel(epoch), 'aes', 32, ['encrypt', 'decrypt']));
+    // In the phase of the current epoch's key: an open vault's new epoch can be cloned to its cohort.
+    const h = await this.fresh(() =>
+      this.token.generateSecretKey(sealLabel(epoch), 'aes', 32, ['encrypt', 'decrypt'], epochProtection(this.token, this.sealKey(this.currentEpoch()))),
+    );
+    this.keys.seals.set(epoch, h);
   }
 
   async destroyEpoch(epoch: number): Promise<void> {

@@ -326,7 +326,8 @@ export class WorkerVaultKeys implements VaultKeys {
 
   async addEpoch(epoch: number): Promise<void> {
     if (this.handles.seals.has(epoch)) return;
-    const h = await this.bytes(this.submit({ op: 'genSeal', label: sealLabel(epoch) }, 0));
+    // In the phase of the current epoch's key: an open vault's new epoch can be cloned to its cohort.
+    const h = await this.bytes(this.submit({ op: 'genSeal', label: sealLabel(epoch), key: { seal: this.currentEpoch() } }, 0));
     this.handles.seals.set(epoch, h);
   }
 
