@@ -20,12 +20,13 @@ import { vaultIdOf } from './protocol/descriptor.js';
 import { Metrics } from './metrics.js';
 import { logTap, openAudit } from './daemon.js';
 import { acquireLock } from './admin/lock.js';
-import { offlineStatus, type StatusReport } from './admin/status.js';
+import { offlineStatus, phaseLines, type StatusReport } from './admin/status.js';
 import { AdminCallError, adminCall, adminStream, findDaemon, ping, type DaemonEndpoint } from './admin/client.js';
 import { publicKeyFromText, verifyAudit } from './audit/chain.js';
 import { isLoopback } from './admin/server.js';
 import type { AuditLog } from './audit/log.js';
 import type { VaultKeys } from './hsm/vault-keys.js';
+import { registerCeremony } from './ceremony/cli.js';
 
 export const EXIT = {
   OK: 0,
@@ -35,6 +36,7 @@ export const EXIT = {
   NOT_CONFORM: 4,
   NOT_FOUND: 5,
   UNAVAILABLE: 6,
+  CEREMONY_REFUSED: 7,
 } as const;
 
 class CliError extends Error {
@@ -103,6 +105,7 @@ function printStatus(s: StatusReport): void {
   out(`HSM      ${s.hsm.embedded ? 'embedded SoftHSM2' : 'external'} module ${s.hsm.module}, token "${s.hsm.tokenLabel}", answering: ${yes(s.hsm.up)}`);
   out(`keys     policy-conform: ${yes(s.policy.conform)}${s.policy.problem ? `\n         ${s.policy.problem}` : ''}`);
   for (const k of s.policy.keys) out(`         ${k.label.padEnd(18)} ${k.purpose}`);
+  if (s.policy.phase) out(phaseLines(s.policy));
   if (s.currentEpoch !== undefined) out(`epoch    ${s.currentEpoch} (seal keys present: ${s.policy.epochs.join(', ') || '?'})`);
   if (s.records) out(`records  ${s.records.active} active, ${s.records.locked} locked, ${s.records.deleted} deleted`);
   if (s.tenants) out(`tenants  ${s.tenants.active} active${s.tenants.names.length ? ` (${s.tenants.names.join(', ')})` : ''}, ${s.tenants.revoked} revoked`);
@@ -149,7 +152,7 @@ Exit codes:
   0 ok                               4 keys not policy-conform, or state inconsistent
   1 any other error                  5 not found (tenant, data folder)
   2 usage error or invalid config    6 daemon or HSM unavailable
-  3 audit log verification failed
+  3 audit log verification failed    7 key ceremony step refused (CEREMONY_* code)
 
 Environment: BKV_CONFIG, BKV_DATA and every BKV_* override of bkv-vault.`,
   );
@@ -515,6 +518,7 @@ common(program.command('health'))
 function exitCodeOf(e: unknown): number {
   if (e instanceof CliError) return e.exit;
   const code = e instanceof VaultError || e instanceof AdminCallError ? e.code : undefined;
+  if (code?.startsWith('CEREMONY_')) return EXIT.CEREMONY_REFUSED;
   switch (code) {
     case ErrorCodes.BAD_REQUEST:
       return EXIT.USAGE;
@@ -532,6 +536,8 @@ function exitCodeOf(e: unknown): number {
       return EXIT.FAILED;
   }
 }
+
+registerCeremony(program);
 
 program.parseAsync().catch((e: unknown) => {
   const code = e instanceof VaultError || e instanceof AdminCallError ? `${e.code}: ` : '';

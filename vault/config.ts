@@ -24,6 +24,8 @@ const Schema = z
         module: z.string().min(1).optional(),
         tokenLabel: z.string().min(1).max(32),
         pinFile: z.string().min(1).optional(),
+        /** Security Officer PIN, for the key ceremony's trust step only (bkv-admin ceremony); the daemon never reads it. */
+        soPinFile: z.string().min(1).optional(),
       })
       .strict(),
     dbPath: z.string().min(1).optional(),
@@ -112,7 +114,7 @@ function fromEnv(env: NodeJS.ProcessEnv): Json {
     dataDir: env.BKV_DATA,
     listen: env.BKV_LISTEN ? parseListen(env.BKV_LISTEN) : undefined,
     tls: env.BKV_TLS_CERT || env.BKV_TLS_KEY ? { certFile: env.BKV_TLS_CERT, keyFile: env.BKV_TLS_KEY } : undefined,
-    hsm: { module: env.BKV_HSM_MODULE, tokenLabel: env.BKV_HSM_TOKEN, pinFile: env.BKV_HSM_PIN_FILE },
+    hsm: { module: env.BKV_HSM_MODULE, tokenLabel: env.BKV_HSM_TOKEN, pinFile: env.BKV_HSM_PIN_FILE, soPinFile: env.BKV_HSM_SO_PIN_FILE },
     dbPath: env.BKV_DB,
     vault: { attemptLimit: num(env.BKV_ATTEMPT_LIMIT, 'BKV_ATTEMPT_LIMIT') },
     log: { level: env.BKV_LOG_LEVEL },
@@ -153,6 +155,8 @@ export interface HsmSettings {
   modulePath: string;
   tokenLabel: string;
   pinFile: string;
+  /** The Security Officer's PIN file (hsm.soPinFile; embedded: <data>/hsm-so-pin), if any. */
+  soPinFile?: string;
   /** Set when the vault runs its own SoftHSM2 token under dataDir. */
   embedded?: { conf: string; tokenDir: string; soPinFile: string };
 }
@@ -162,7 +166,7 @@ export function hsmSettings(c: Config): HsmSettings {
     if (!c.hsm.pinFile && !process.env.BKV_HSM_PIN) {
       throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: hsm.pinFile (or BKV_HSM_PIN) is required with an external hsm.module');
     }
-    return { modulePath: c.hsm.module, tokenLabel: c.hsm.tokenLabel, pinFile: c.hsm.pinFile ?? '' };
+    return { modulePath: c.hsm.module, tokenLabel: c.hsm.tokenLabel, pinFile: c.hsm.pinFile ?? '', ...(c.hsm.soPinFile ? { soPinFile: c.hsm.soPinFile } : {}) };
   }
   const modulePath = SOFTHSM_CANDIDATES.find((p) => existsSync(p));
   if (!modulePath) {
@@ -172,6 +176,7 @@ export function hsmSettings(c: Config): HsmSettings {
     modulePath,
     tokenLabel: c.hsm.tokenLabel,
     pinFile: c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'),
+    soPinFile: c.hsm.soPinFile ?? join(c.dataDir, 'hsm-so-pin'),
     embedded: { conf: join(c.dataDir, 'softhsm2.conf'), tokenDir: join(c.dataDir, 'tokens'), soPinFile: join(c.dataDir, 'hsm-so-pin') },
   };
 }
@@ -182,4 +187,23 @@ export function readPin(s: HsmSettings): string {
   if (fromEnv) return fromEnv;
   if (!existsSync(s.pinFile)) throw new VaultError(ErrorCodes.BAD_REQUEST, `HSM PIN file ${s.pinFile} does not exist; run init first`);
   return readFileSync(s.pinFile, 'utf8').trim();
+}
+
+/**
+ * The Security Officer PIN, for the key ceremony's trust step: BKV_HSM_SO_PIN or
+ * the SO PIN file (hsm.soPinFile, BKV_HSM_SO_PIN_FILE; the embedded token keeps
+ * it in <data>/hsm-so-pin). Never from argv. Missing: CEREMONY_SO_PIN_MISSING.
+ */
+export function readSoPin(s: HsmSettings): string {
+  const fromEnv = process.env.BKV_HSM_SO_PIN;
+  if (fromEnv) return fromEnv;
+  if (!s.soPinFile || !existsSync(s.soPinFile)) {
+    throw new VaultError(
+      ErrorCodes.CEREMONY_SO_PIN_MISSING,
+      `this step needs the HSM Security Officer PIN: ${s.soPinFile ? `${s.soPinFile} does not exist; ` : ''}set hsm.soPinFile (or BKV_HSM_SO_PIN_FILE), or BKV_HSM_SO_PIN for this command only`,
+    );
+  }
+  const pin = readFileSync(s.soPinFile, 'utf8').trim();
+  if (!pin) throw new VaultError(ErrorCodes.CEREMONY_SO_PIN_MISSING, `the Security Officer PIN file ${s.soPinFile} is empty`);
+  return pin;
 }

@@ -24,6 +24,7 @@ import { auditEventOf, eventOf } from './audit/events.js';
 import { readiness, type Readiness } from './admin/health.js';
 import { daemonStatus } from './admin/status.js';
 import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
+import { exportInDaemon } from './ceremony/steps.js';
 
 const LEVELS = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60 } as const;
 
@@ -297,6 +298,14 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
       const checkpointed = (await d.audit?.checkpoint()) ?? false;
       const s = d.audit?.status();
       return { checkpointed, seq: s?.seq ?? 0, signedThrough: s?.signedThrough ?? 0 };
+    },
+    async ceremonyExport(target, epoch) {
+      try {
+        return exportInDaemon(tokenConfig(c), target, epoch, log);
+      } catch (e) {
+        if (e instanceof VaultError) log.info({ event: 'ceremony.refused', step: 'export', code: e.code }, 'ceremony export refused');
+        throw e;
+      }
     },
   };
 }

@@ -52,24 +52,32 @@ export interface InitResult {
   publicKeyFile: string;
 }
 
-export async function initVault(c: Config, log: Logger): Promise<InitResult> {
+/**
+ * Create the embedded SoftHSM2 token (random user and SO PINs in the data
+ * folder) unless it exists or the vault uses an external module. No keys:
+ * `init` makes a new vault's, the key ceremony's target-init waits for a clone's.
+ */
+export function ensureEmbeddedToken(c: Config, log: Logger): boolean {
   mkdirSync(c.dataDir, { recursive: true, mode: 0o700 });
   const s = hsmSettings(c);
   prepareEmbedded(s);
-  let createdToken = false;
-  if (s.embedded && !existsSync(s.pinFile)) {
-    const pin = randomBytes(16).toString('hex');
-    const soPin = randomBytes(16).toString('hex');
-    try {
-      initToken(s.modulePath, s.tokenLabel, soPin, pin);
-    } catch (e) {
-      throw new VaultError(ErrorCodes.HSM_ERROR, `could not create the embedded token: ${(e as Error).message}`);
-    }
-    writeSecret(s.embedded.soPinFile, soPin);
-    writeSecret(s.pinFile, pin);
-    createdToken = true;
-    log.info({ event: 'hsm.token.created', label: s.tokenLabel }, 'created embedded SoftHSM2 token');
+  if (!s.embedded || existsSync(s.pinFile)) return false;
+  const pin = randomBytes(16).toString('hex');
+  const soPin = randomBytes(16).toString('hex');
+  try {
+    initToken(s.modulePath, s.tokenLabel, soPin, pin);
+  } catch (e) {
+    throw new VaultError(ErrorCodes.HSM_ERROR, `could not create the embedded token: ${(e as Error).message}`);
   }
+  writeSecret(s.embedded.soPinFile, soPin);
+  writeSecret(s.pinFile, pin);
+  log.info({ event: 'hsm.token.created', label: s.tokenLabel }, 'created embedded SoftHSM2 token');
+  return true;
+}
+
+export async function initVault(c: Config, log: Logger): Promise<InitResult> {
+  const createdToken = ensureEmbeddedToken(c, log);
+  const s = hsmSettings(c);
   const keys = openKeys({ modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) }, true, log);
   try {
     await selfTest(keys);

@@ -10,7 +10,8 @@
 //   POST /admin/tenants           │ a random value the daemon writes at every start
 //   POST /admin/tenants/revoke    │ (mode 0600), so only who can read the data folder
 //   POST /admin/tenants/token     │ can act. Served only when the listener is on
-//   POST /admin/audit/checkpoint  ┘ loopback: over a network the token would travel in clear.
+//   POST /admin/audit/checkpoint  │ loopback: over a network the token would travel in clear.
+//   POST /admin/ceremony/export   ┘ (key ceremony: a bundle for a trusted target, vault/ceremony/)
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { timingSafeEqual } from 'node:crypto';
 import type { Logger } from 'pino';
@@ -27,6 +28,7 @@ export interface AdminActions {
   revokeTenant(name: string): { name: string; revoked: number };
   mintTenantToken(name: string, ttlSec: number, sub?: string): Promise<{ name: string; version: number; token: string; expiresAt: string }>;
   checkpoint(): Promise<{ checkpointed: boolean; seq: number; signedThrough: number }>;
+  ceremonyExport(targetFile: string, epoch: number | undefined): Promise<{ bundle: string; kind: string; labels: string[] }>;
 }
 
 export interface AdminServerDeps {
@@ -64,7 +66,8 @@ function send(res: ServerResponse, status: number, body: unknown, type = 'applic
 
 function sendError(res: ServerResponse, e: unknown): void {
   const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');
-  send(res, STATUS[err.code] ?? 500, { error: { code: err.code, message: err.message } });
+  // A refused ceremony step is the request's fault, not the daemon's.
+  send(res, STATUS[err.code] ?? (err.code.startsWith('CEREMONY_') ? 409 : 500), { error: { code: err.code, message: err.message } });
 }
 
 async function readJson(req: IncomingMessage, limit = 64 * 1024): Promise<Record<string, unknown>> {
@@ -149,6 +152,14 @@ export async function startAdminServer(deps: AdminServerDeps, opts: { host: stri
           }
           case 'POST /admin/audit/checkpoint':
             return send(res, 200, await a.checkpoint());
+          case 'POST /admin/ceremony/export': {
+            const b = await readJson(req);
+            if (typeof b.target !== 'string' || b.target.length === 0 || b.target.length > 16_384) {
+              throw new VaultError(ErrorCodes.BAD_REQUEST, 'target must be the text of the target file ceremony target-init wrote');
+            }
+            const epoch = b.epoch === undefined ? undefined : int(b.epoch, 'epoch', 1, 999_999);
+            return send(res, 200, await a.ceremonyExport(b.target, epoch));
+          }
           case 'POST /admin/rotate': {
             const b = await readJson(req);
             const resume = b.resume === true;

@@ -9,7 +9,8 @@ import { VaultError, ErrorCodes } from '../errors.js';
 import { Token, type TokenConfig } from '../hsm/token.js';
 import { TokenVaultKeys } from '../hsm/vault-keys.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
-import { ANCHOR, KEY_SET, sealLabel } from '../../hsm-policy/policy.js';
+import { ANCHOR, KEY_SET, PHASE_TEXT, sealLabel, type Phase } from '../../hsm-policy/policy.js';
+import { ceremonyObjects, type CeremonyObjects } from '../ceremony/steps.js';
 import { openDb } from '../store/db.js';
 import { RecordStore } from '../store/records.js';
 import { TenantStore, type Tenant } from '../store/tenants.js';
@@ -26,6 +27,11 @@ export interface PolicyReport {
   problem?: string;
   keys: { name: string; label: string; purpose: string }[];
   epochs: number[];
+  /** How the keys may leave the HSM (hsm-policy/policy.ts): not-cloneable, open, sealed, vendor-clone, or mixed. */
+  phase?: Phase | 'mixed';
+  keyPhases?: { label: string; phase: Phase; origin: string }[];
+  /** The key ceremony's objects on the token: trusted targets, transport keys, a target's unwrap key. */
+  ceremony?: CeremonyObjects;
 }
 
 export interface StatusReport {
@@ -49,7 +55,7 @@ export function checkPolicy(token: Token): PolicyReport & { resolved?: ReturnTyp
     const epochs = [...resolved.seals.keys()].sort((a, b) => a - b);
     for (const e of epochs) keys.push({ name: 'seal', label: sealLabel(e), purpose: KEY_SET.find((k) => k.name === 'seal')!.purpose });
     keys.push({ name: 'anchor', label: ANCHOR.application, purpose: ANCHOR.purpose });
-    return { conform: true, keys, epochs, resolved };
+    return { conform: true, keys, epochs, phase: resolved.phase, keyPhases: resolved.phases, ceremony: ceremonyObjects(token), resolved };
   } catch (e) {
     if (e instanceof VaultError && e.code === ErrorCodes.HSM_POLICY_VIOLATION) return { conform: false, problem: e.message, keys, epochs: [] };
     throw e;
@@ -65,6 +71,18 @@ export function livePolicy(hsm: TokenConfig): PolicyReport {
   } finally {
     token.close();
   }
+}
+
+/** The status lines about the phase and the ceremony's objects. */
+export function phaseLines(p: PolicyReport): string {
+  const lines = [
+    `phase    ${p.phase === 'mixed' ? 'mixed: some keys are open, others not (an interrupted seal? run "bkv-admin ceremony seal")' : PHASE_TEXT[p.phase!]}`,
+  ];
+  const c = p.ceremony;
+  if (c?.trusted.length) lines.push(`         trusted ceremony targets: ${c.trusted.join(', ')}${c.transport.length ? ` (transport keys ready for: ${c.transport.join(', ')})` : ''}`);
+  if (c?.unwrapKey) lines.push(`         ceremony unwrap key (this HSM is a clone target): ${c.unwrapKey}`);
+  if (c?.otherTrusted.length) lines.push(`         other trusted objects, exits for open keys: ${c.otherTrusted.join(', ')}`);
+  return lines.join('\n');
 }
 
 function tenantSummary(list: Tenant[]): StatusReport['tenants'] {

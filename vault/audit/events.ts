@@ -22,6 +22,13 @@ export const AUDITED: Readonly<Record<string, readonly string[]>> = {
   'rotate.start': ['epoch'],
   'rotate.done': ['epoch', 'resealed', 'unreadable', 'destroyedEpochs'],
   'rotate.unreadable': ['user'],
+  // key ceremony (vault/ceremony/): fingerprints, labels and counts, never key material
+  'ceremony.target-init': ['fingerprint', 'created'],
+  'ceremony.trust': ['fingerprint', 'labels'],
+  'ceremony.export': ['fingerprint', 'kind', 'labels', 'anchorSeq'],
+  'ceremony.import': ['vaultId', 'fingerprint', 'kind', 'labels', 'anchorSeq', 'already'],
+  'ceremony.seal': ['sealed', 'removed', 'phase'],
+  'ceremony.refused': ['step', 'code'],
   // tenants and operators
   'tenant.add': ['tenant', 'version'],
   'tenant.revoke': ['tenant', 'revoked'],
