@@ -132,6 +132,12 @@ describe('bkv-admin --help', () => {
     ['config'],
     ['config', 'check'],
     ['health'],
+    ['ceremony'],
+    ['ceremony', 'target-init'],
+    ['ceremony', 'trust'],
+    ['ceremony', 'export'],
+    ['ceremony', 'import'],
+    ['ceremony', 'seal'],
   ];
   it.each(commands.map((c) => [c.join(' ') || '(top)', c] as const))('%s', (_name, cmd) => {
     const r = admin(...cmd, '--help');
