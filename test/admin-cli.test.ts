@@ -137,6 +137,7 @@ describe('bkv-admin --help', () => {
     ['ceremony', 'trust'],
     ['ceremony', 'export'],
     ['ceremony', 'import'],
+    ['ceremony', 'reanchor'],
     ['ceremony', 'seal'],
   ];
   it.each(commands.map((c) => [c.join(' ') || '(top)', c] as const))('%s', (_name, cmd) => {

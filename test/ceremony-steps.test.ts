@@ -15,6 +15,12 @@ import { enforcePolicy, protectionFor } from '../hsm-policy/enforce.js';
 import { KEY_SET, sealLabel } from '../hsm-policy/policy.js';
 import { bundleDigest, parseBundle, parseTarget, serializeBundle, type Bundle, type Target } from '../vault/ceremony/bundle.js';
 import { exportBundle, importBundle, labelledKeys, targetInit, trust } from '../vault/ceremony/steps.js';
+import { reanchor } from '../vault/ceremony/reanchor.js';
+import { openVault } from '../vault/core/open.js';
+import { tempVault, TEST_KDF } from './helpers/vault.js';
+import { enroll, recover } from './helpers/flows.js';
+import { copyFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { VaultError, ErrorCodes } from '../vault/errors.js';
 import { fromHex, utf8 } from '../vault/protocol/bytes.js';
 
@@ -152,6 +158,59 @@ describe('a new seal epoch, cloned alone (what a cohort does after a rotation)',
     const e = withToken(A, (tok) => refusal(() => exportBundle(tok, target, { epoch: 7, includeAnchor: false }, log)));
     expect(e.code).toBe(ErrorCodes.RECORD_NOT_FOUND);
     expect(e.message).toContain('epochs: 1, 2');
+  });
+});
+
+describe('replacing a dead HSM with a standby clone made earlier', () => {
+  it('reanchor moves the clone\'s anchor forward to the live database (never back); then the clone serves every record', async () => {
+    const tv = await tempVault();
+    tokens.push(tv.token);
+    const k1 = randomBytes(32);
+    await enroll(tv.vault, 'early', 'pw early', k1);
+    tv.stop();
+    // The standby: a clone made while the vault was stopped, anchor and database as they stood.
+    const S = makeToken();
+    tokens.push(S);
+    const standby = parseTarget(JSON.stringify(withToken(S, (tok) => targetInit(tok, log)).target));
+    trust(cfg(tv.token), tv.token.soPin, standby, log);
+    const b = parseBundle(withToken(tv.token, (tok) => exportBundle(tok, standby, { includeAnchor: true }, log)).text);
+    withToken(S, (tok) => importBundle(tok, b, { expectVaultId: b.vaultId }, log));
+    const oldCopy = `${tv.dbPath}.at-export`;
+    copyFileSync(tv.dbPath, oldCopy);
+
+    // The vault lives on: more batches, then its HSM dies. The live database is ahead of the standby's anchor.
+    await tv.reopen();
+    const k2 = randomBytes(32);
+    await enroll(tv.vault, 'late', 'pw late', k2);
+    expect((await recover(tv.vault, 'early', 'wrong')).outcome).toBe('wrong-password');
+    tv.stop();
+
+    // Forward to the live database; again: nothing to do; to the copy taken at export: that would be back, refused.
+    const r = withToken(S, (tok) => reanchor(tok, tv.dbPath, log));
+    expect(r.already).toBe(false);
+    expect(r.toSeq).toBeGreaterThan(r.fromSeq);
+    expect(r.fromSeq).toBe(b.anchor!.seq);
+    expect(withToken(S, (tok) => reanchor(tok, tv.dbPath, log)).already).toBe(true);
+    const back = withToken(S, (tok) => refusal(() => reanchor(tok, oldCopy, log)));
+    expect(back.code).toBe(ErrorCodes.STATE_ROLLBACK_DETECTED);
+    // Another vault's database: refused before anything is written.
+    const other = await tempVault();
+    tokens.push(other.token);
+    other.stop();
+    expect(withToken(S, (tok) => refusal(() => reanchor(tok, other.dbPath, log))).code).toBe(ErrorCodes.CEREMONY_VAULT_MISMATCH);
+
+    // The standby serves the live database: both users, with the attempt spent on the dead HSM still counted.
+    const v = await openVault({ hsm: cfg(S), dbPath: tv.dbPath, log, vault: { kdfFloor: TEST_KDF } });
+    try {
+      expect(v.status('early')).toMatchObject({ attemptsLeft: 9 });
+      const late = await recover(v, 'late', 'pw late');
+      expect(late.outcome).toBe('ok');
+      expect(Buffer.from((late as { key: Uint8Array }).key)).toEqual(k2);
+    } finally {
+      v.close();
+      v.store.close();
+      v.keys.close();
+    }
   });
 });
 

@@ -28,6 +28,7 @@ export const AUDITED: Readonly<Record<string, readonly string[]>> = {
   'ceremony.export': ['fingerprint', 'kind', 'labels', 'anchorSeq'],
   'ceremony.import': ['vaultId', 'fingerprint', 'kind', 'labels', 'anchorSeq', 'already'],
   'ceremony.seal': ['sealed', 'removed', 'phase'],
+  'ceremony.reanchor': ['fromSeq', 'toSeq', 'already'],
   'ceremony.refused': ['step', 'code'],
   // tenants and operators
   'tenant.add': ['tenant', 'version'],

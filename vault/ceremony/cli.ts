@@ -28,6 +28,7 @@ import { ensureEmbeddedToken, publicKeyPem, tokenConfig } from '../setup.js';
 import type { AuditLog } from '../audit/log.js';
 import { groupFingerprint, normalFingerprint, parseBundle, parseTarget } from './bundle.js';
 import { exportBundle, importBundle, seal, targetInit, trust } from './steps.js';
+import { reanchor } from './reanchor.js';
 
 interface Common {
   config?: string;
@@ -127,6 +128,7 @@ The flow (docs/OPERATIONS.md, "Key ceremony"); files travel between the hosts:
   new HSM   bkv-admin ceremony import --bundle B --vault-id ID
   each HSM  bkv-admin ceremony seal                               (nothing can leave afterwards)
 After a rotation: export --epoch N on the rotated HSM, import on the others.
+A clone kept as a standby replaces a dead HSM after "ceremony reanchor" (live database).
 The SO PIN comes from hsm.soPinFile, BKV_HSM_SO_PIN_FILE or BKV_HSM_SO_PIN (embedded
 token: <data>/hsm-so-pin), never from a flag.`,
     );
@@ -247,6 +249,25 @@ token: <data>/hsm-so-pin), never from a flag.`,
         );
         out(`public key    ${join(c.dataDir, 'vault-key.pub')} (the same key clients already pin)`);
       }
+    });
+
+  common(cer.command('reanchor'))
+    .description(
+      'on a REPLACEMENT HSM (a clone made earlier): move its state anchor forward to the live database; the witnesses vouch that it is the live one (daemon stopped)',
+    )
+    .action(async (o: Common) => {
+      const c = config(o);
+      const dbPath = c.dbPath ?? join(c.dataDir, 'vault.db');
+      if (!existsSync(dbPath)) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no database at ${dbPath}`);
+      const r = await offline(c, 'reanchor', (log, audit) =>
+        withToken(c, async (token) => {
+          const res = reanchor(token, dbPath, log);
+          await signAudit(audit, token);
+          return res;
+        }),
+      );
+      out(r.already ? `anchor        already at the database's batch ${r.toSeq}: nothing to do` : `anchor        moved from batch ${r.fromSeq} to the database's batch ${r.toSeq}`);
+      out('Start the daemon; "bkv-admin status" must show consistent: yes.');
     });
 
   common(cer.command('seal'))
