@@ -180,10 +180,7 @@ export function exportBundle(token: Token, target: Target, opts: { epoch?: numbe
     }
     keys = [{ label: sealLabel(opts.epoch), handle: h }];
   } else keys = all;
-  requireOpen(
-    r,
-    keys.map((k) => k.label),
-  );
+  requireOpen(r, keys.map((k) => k.label));
   const have = trustedFor(token, target);
   if (!have.pub) {
     throw new VaultError(
