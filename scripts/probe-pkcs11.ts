@@ -1286,12 +1286,13 @@ async function probe(target: Target): Promise<{ info: Record<string, string> }> 
 
 // ---- output ----------------------------------------------------------------------
 
-const cell = (v: string): string => v.replace(/\|/g, '\\|').replace(/\n/g, ' ');
+// Some modules pad labels and models with NULs; no control character belongs in a table.
+const cell = (v: string): string => v.replace(/[\u0000-\u001f]+/g, ' ').replace(/\|/g, '\\|');
 
 function printTable(info: Record<string, string>, target: Target): void {
   console.log(`## ${target.module}`);
   if (target.params) console.log(`\nlibrary parameters: \`${target.params}\``);
-  for (const [k, v] of Object.entries(info)) console.log(`\n${k}: ${v}`);
+  for (const [k, v] of Object.entries(info)) console.log(`\n${k}: ${cell(v)}`);
   console.log('\n| id | call | template / mechanism | result | notes |\n|---|---|---|---|---|');
   for (const r of rows) console.log(`| ${r.id} | ${cell(r.call)} | ${cell(r.detail)} | ${cell(r.result)} | ${cell(r.notes)} |`);
 }
