@@ -114,6 +114,8 @@ interface ProcessNss {
   max: number;
   parameters: string;
   next: number;
+  /** Tokens made and not yet cleaned up. */
+  live: number;
   p11?: pkcs11js.PKCS11;
 }
 
@@ -137,11 +139,12 @@ function processNss(): ProcessNss {
   const root = checkPath(mkdtempSync(join(tmpdir(), 'bkv-nss-')));
   // 64 by default: test/rollback.test.ts, the busiest file, makes 16 today. NSS allows ids 4..100.
   const max = Math.min(97, Math.max(1, Number(process.env.BKV_NSS_TOKENS ?? 64) || 64));
-  const s: ProcessNss = { root, modulePath, prefix: randomBytes(4).toString('hex'), max, parameters: '', next: 0 };
+  const s: ProcessNss = { root, modulePath, prefix: randomBytes(4).toString('hex'), max, parameters: '', next: 0, live: 0 };
   const slots = Array.from({ length: max }, (_, i) => slotSpec(s, i)).join(' ');
   s.parameters =
     `configdir='sql:${root}' certPrefix='' keyPrefix='' secmod='secmod.db' flags= ` +
     `tokens=<0x01=[flags=noCertDB,noKeyDB] ${slots}>`;
+  // Also removed when the last token is cleaned up: a test worker can end without 'exit'.
   process.once('exit', () => rmSync(root, { recursive: true, force: true }));
   return (state = s);
 }
@@ -201,6 +204,7 @@ export function makeNssToken(): NssTestToken {
   const dir = slotDir(s, i);
   const label = slotLabel(s, i);
   const pin = randomBytes(6).toString('hex');
+  mkdirSync(s.root, { recursive: true });
   mkdirSync(dir);
   // certutil sets the PIN from a file; the file lives only as long as the call.
   const pwFile = join(s.root, `.pw-${i}`);
@@ -215,6 +219,7 @@ export function makeNssToken(): NssTestToken {
   } finally {
     rmSync(pwFile, { force: true });
   }
+  s.live++;
   const slotId = FIRST_SLOT + i;
   // Already up in this process: the slot was opened empty, load the new database into it.
   const p11 = library(s);
@@ -230,7 +235,10 @@ export function makeNssToken(): NssTestToken {
     slotId,
     env: { ...process.env },
     cleanup: () => {
+      if (!existsSync(dir)) return;
       rmSync(dir, { recursive: true, force: true });
+      // The process folder holds nothing else; NSS needs only the token folders (forceOpen).
+      if (--s.live === 0) rmSync(s.root, { recursive: true, force: true });
       // When the library is up, reload the slot from the now missing folder: NSS closes
       // its sessions and shows the slot empty again, as after a fresh C_Initialize. A
       // DELSLOT would be worse: C_GetSlotList(true) keeps listing a deleted slot and
