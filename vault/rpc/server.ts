@@ -7,7 +7,7 @@ import { createServer as createHttps } from 'node:https';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, RETRYABLE, type ErrorCode } from '../errors.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, errorSpec } from '../errors.js';
 import { userRef } from '../core/vault.js';
 import type { Authenticator, TenantIdentity } from './auth.js';
 import type { RateLimiter } from './ratelimit.js';
@@ -51,41 +51,22 @@ export interface ServerDeps {
   onRequest?: (e: RequestEvent) => void;
 }
 
-const JSONRPC: Partial<Record<ErrorCode, number>> = {
-  BAD_REQUEST: -32602,
-  INVALID_POINT: -32602,
-  INVALID_LENGTH: -32602,
-  INVALID_USER_ID: -32602,
-  INVALID_KDF_PARAMS: -32602,
-  PAYLOAD_TOO_LARGE: -32600,
-  UNAUTHENTICATED: -32001,
-  FORBIDDEN: -32001,
-  DECRYPT_FAILED: -32002,
-  REPLAY: -32002,
-  OUT_OF_ORDER: -32002,
-  SESSION_NOT_FOUND: -32002,
-  SESSION_EXPIRED: -32002,
-  STALE_MESSAGE: -32002,
-  RATE_LIMITED: -32003,
-  OVERLOADED: -32003,
-  HSM_UNAVAILABLE: -32003,
-  STORE_UNAVAILABLE: -32003,
-  RECORD_NOT_FOUND: -32004,
-  RECORD_EXISTS: -32004,
-  LOCKED: -32004,
-  RECORD_CORRUPT: -32004,
-  STATE_ROLLBACK_DETECTED: -32004,
-};
-
-function errorBody(id: unknown, e: unknown) {
+/**
+ * The JSON-RPC error answer for `e`. The integer and `retryable` come from the
+ * error table (vault/errors.ts); `framing` overrides the integer with one of
+ * JSON-RPC's own codes. The error's detail sits beside `code` and `retryable`
+ * in `data` (e.g. STALE_MESSAGE's `data.now`) and cannot overwrite them.
+ */
+function errorBody(id: unknown, e: unknown, framing?: number) {
   const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');
+  const spec = errorSpec(err.code) ?? ERRORS.INTERNAL;
   return {
     jsonrpc: '2.0',
     id: id ?? null,
     error: {
-      code: JSONRPC[err.code] ?? -32603,
+      code: framing ?? spec.jsonrpc,
       message: err.message,
-      data: { code: err.code, retryable: RETRYABLE.has(err.code), ...(err.detail ?? {}) },
+      data: { ...(err.detail ?? {}), code: err.code, retryable: spec.retryable },
     },
   };
 }
@@ -175,9 +156,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
         req = JSON.parse(data.toString());
       } catch (e) {
         const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.BAD_REQUEST, 'frame is not JSON');
-        const body = errorBody(null, err);
-        if (!(e instanceof VaultError)) body.error.code = -32700;
-        send(body);
+        send(errorBody(null, err, e instanceof VaultError ? undefined : JSONRPC_FRAMING.PARSE_ERROR));
         return done('(unparsed)', err.code);
       }
       if (typeof req !== 'object' || req === null || Array.isArray(req) || req.jsonrpc !== '2.0' || typeof req.method !== 'string' ||
@@ -194,9 +173,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
         done(method, body.error.data.code, userId);
       };
       if (!handler) {
-        const body = errorBody(reqId, new VaultError(ErrorCodes.BAD_REQUEST, `unknown method ${method.slice(0, 64)}`));
-        body.error.code = -32601;
-        send(body);
+        send(errorBody(reqId, new VaultError(ErrorCodes.BAD_REQUEST, `unknown method ${method.slice(0, 64)}`), JSONRPC_FRAMING.METHOD_NOT_FOUND));
         return done('(unknown)', ErrorCodes.BAD_REQUEST);
       }
       if (closing) return fail(new VaultError(ErrorCodes.OVERLOADED, 'vault is shutting down; retry on another connection'));
