@@ -8,7 +8,7 @@ import WebSocket from 'ws';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport, type Transport } from '../client/transport.js';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, type ErrorCode } from '../vault/errors.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { codeOf } from './helpers/codes.js';
 
@@ -240,6 +240,76 @@ describe('what the relay can do', () => {
     other.set(p256.getPublicKey(p256.utils.randomSecretKey(), false));
     const c = new VaultClient({ transport: new Relay(), pinnedKey: other, kdf: TEST_KDF });
     expect(await codeOf(c.recoverWithPassword('rhea', 'x'))).toBe(ErrorCodes.FORBIDDEN);
+  });
+});
+
+type Answer = { jsonrpc: string; id: unknown; result?: unknown; error?: { code: number; message: string; data: { code: string; retryable: boolean } & Record<string, unknown> } };
+
+/** One authenticated socket that sends raw frames and returns the next answer, parsed. */
+async function rawSocket(path = ''): Promise<{ ask(frame: string | Buffer, binary?: boolean): Promise<Answer>; close(): void }> {
+  const ws = new WebSocket(d.url + path, { headers: { authorization: `Bearer ${d.token}` } });
+  await new Promise((r, j) => {
+    ws.once('open', r);
+    ws.once('error', j);
+  });
+  return {
+    ask: (frame, binary = false) =>
+      new Promise<Answer>((resolve) => {
+        ws.once('message', (m) => resolve(JSON.parse(m.toString())));
+        ws.send(frame, { binary });
+      }),
+    close: () => ws.close(),
+  };
+}
+
+/** The error an answer carries, checked against the error table: its integer and retryable are the code's. */
+function tableError(a: Answer, code: ErrorCode, framing?: number): Answer['error'] & object {
+  expect(a.jsonrpc).toBe('2.0');
+  expect(a.error, JSON.stringify(a)).toBeDefined();
+  expect({ code: a.error!.code, data: { code: a.error!.data.code, retryable: a.error!.data.retryable } }).toEqual({
+    code: framing ?? ERRORS[code].jsonrpc,
+    data: { code, retryable: ERRORS[code].retryable },
+  });
+  return a.error!;
+}
+
+describe('the wire contract of docs/RPC.md', () => {
+  it('a frame that is not one JSON-RPC 2.0 request object is -32600 Invalid Request; its id is echoed only when readable', async () => {
+    const s = await rawSocket();
+    const invalid = JSONRPC_FRAMING.INVALID_REQUEST;
+    try {
+      const cases: [string, string, unknown][] = [
+        ['a batch', JSON.stringify([{ jsonrpc: '2.0', id: 1, method: 'health', params: {} }]), null],
+        ['an empty batch', '[]', null],
+        ['no "jsonrpc"', JSON.stringify({ id: 2, method: 'health', params: {} }), 2],
+        ['"jsonrpc": "1.0"', JSON.stringify({ jsonrpc: '1.0', id: 3, method: 'health', params: {} }), 3],
+        ['a notification (no id)', JSON.stringify({ jsonrpc: '2.0', method: 'health', params: {} }), null],
+        ['an object as id', JSON.stringify({ jsonrpc: '2.0', id: { n: 4 }, method: 'health', params: {} }), null],
+        ['a number as method', JSON.stringify({ jsonrpc: '2.0', id: 'five', method: 5, params: {} }), 'five'],
+        ['a string as params', JSON.stringify({ jsonrpc: '2.0', id: 6, method: 'health', params: 'x' }), 6],
+        ['null as params', JSON.stringify({ jsonrpc: '2.0', id: 7, method: 'health', params: null }), 7],
+        ['a JSON string', '"health"', null],
+      ];
+      // All cases in one comparison, so a failure shows every case that differs.
+      const got: unknown[] = [];
+      const want: unknown[] = [];
+      const answer = (a: Answer) => ({ id: a.id, code: a.error?.code, data: { code: a.error?.data.code, retryable: a.error?.data.retryable } });
+      for (const [name, frame, id] of cases) {
+        got.push([name, answer(await s.ask(frame))]);
+        want.push([name, { id, code: invalid, data: { code: ErrorCodes.BAD_REQUEST, retryable: false } }]);
+      }
+      got.push(['a binary frame', answer(await s.ask(Buffer.from(JSON.stringify({ jsonrpc: '2.0', id: 8, method: 'health', params: {} })), true))]);
+      want.push(['a binary frame', { id: null, code: invalid, data: { code: ErrorCodes.BAD_REQUEST, retryable: false } }]);
+      expect(got).toEqual(want);
+      // JSON-RPC's other two, and a method's own params check, for contrast.
+      tableError(await s.ask('{"jsonrpc":"2.0",'), ErrorCodes.BAD_REQUEST, JSONRPC_FRAMING.PARSE_ERROR);
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 9, method: 'vault.rotate', params: {} })), ErrorCodes.BAD_REQUEST, JSONRPC_FRAMING.METHOD_NOT_FOUND);
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 10, method: 'health', params: [] })), ErrorCodes.BAD_REQUEST);
+      // Nothing of that closed the connection, and params may be left out where a method takes none.
+      expect((await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 11, method: 'health' }))).result).toMatchObject({ status: 'ok' });
+    } finally {
+      s.close();
+    }
   });
 });
 

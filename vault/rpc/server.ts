@@ -71,6 +71,24 @@ function errorBody(id: unknown, e: unknown, framing?: number) {
   };
 }
 
+/** A JSON-RPC id we can echo: JSON-RPC 2.0 answers null when the id cannot be read. */
+const readableId = (v: unknown): string | number | null => (typeof v === 'string' || typeof v === 'number' ? v : null);
+
+/**
+ * Why `req` is not one JSON-RPC 2.0 request object this server serves, or
+ * undefined when it is. Batches (arrays) and notifications (no id) are not served.
+ */
+function invalidRequest(req: unknown): string | undefined {
+  if (Array.isArray(req)) return 'batches are not accepted: send one request object per frame';
+  if (typeof req !== 'object' || req === null) return 'not a JSON-RPC 2.0 request object';
+  const r = req as { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: unknown };
+  if (r.jsonrpc !== '2.0') return 'the "jsonrpc" member must be "2.0"';
+  if (typeof r.method !== 'string') return 'the "method" member must be a string';
+  if (typeof r.id !== 'string' && typeof r.id !== 'number') return 'the "id" member must be a string or a number (notifications are not served)';
+  if (r.params !== undefined && (typeof r.params !== 'object' || r.params === null)) return 'the "params" member must be an object when present';
+  return undefined;
+}
+
 export interface RunningServer {
   port: number;
   server: Server;
@@ -137,7 +155,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
       clearTimeout(idle);
       idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
       const started = performance.now();
-      let req: { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: unknown };
+      let req: unknown;
       const send = (body: object) => {
         if (ws.readyState !== ws.OPEN) return;
         cork();
@@ -151,17 +169,21 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
         );
         deps.onRequest?.({ method, tenant: id.tenant, outcome, ms });
       };
-      try {
-        if (isBinary) throw new VaultError(ErrorCodes.BAD_REQUEST, 'binary frames are not accepted');
-        req = JSON.parse(data.toString());
-      } catch (e) {
-        const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.BAD_REQUEST, 'frame is not JSON');
-        send(errorBody(null, err, e instanceof VaultError ? undefined : JSONRPC_FRAMING.PARSE_ERROR));
-        return done('(unparsed)', err.code);
+      // A binary frame is not a request of this protocol (text frames only): Invalid Request.
+      if (isBinary) {
+        send(errorBody(null, new VaultError(ErrorCodes.BAD_REQUEST, 'binary frames are not accepted'), JSONRPC_FRAMING.INVALID_REQUEST));
+        return done('(unparsed)', ErrorCodes.BAD_REQUEST);
       }
-      if (typeof req !== 'object' || req === null || Array.isArray(req) || req.jsonrpc !== '2.0' || typeof req.method !== 'string' ||
-        !(typeof req.id === 'number' || typeof req.id === 'string')) {
-        send({ ...errorBody(Array.isArray(req) ? null : (req as { id?: unknown })?.id, new VaultError(ErrorCodes.BAD_REQUEST, 'not a JSON-RPC 2.0 request with an id')), });
+      try {
+        req = JSON.parse(data.toString());
+      } catch {
+        send(errorBody(null, new VaultError(ErrorCodes.BAD_REQUEST, 'frame is not JSON'), JSONRPC_FRAMING.PARSE_ERROR));
+        return done('(unparsed)', ErrorCodes.BAD_REQUEST);
+      }
+      const invalid = invalidRequest(req);
+      if (invalid) {
+        const echo = typeof req === 'object' && req !== null && !Array.isArray(req) ? readableId((req as { id?: unknown }).id) : null;
+        send(errorBody(echo, new VaultError(ErrorCodes.BAD_REQUEST, invalid), JSONRPC_FRAMING.INVALID_REQUEST));
         return done('(invalid)', ErrorCodes.BAD_REQUEST);
       }
       const { id: reqId, method, params } = req as { id: number | string; method: string; params?: unknown };
