@@ -75,7 +75,12 @@ export function backupFileError(e: unknown, wrongKeyHint: string): unknown {
 
 // ---- the vault key file ------------------------------------------------------------
 
-/** `vault-key.pub` (PEM SubjectPublicKeyInfo, P-256) or 130 hex digits → 65-byte 0x04‖x‖y. */
+/**
+ * `vault-key.pub` (PEM SubjectPublicKeyInfo of a P-256 key: "-----BEGIN PUBLIC KEY-----")
+ * or the 65-byte uncompressed point as 130 hex digits → 65-byte 0x04‖x‖y (docs/RPC.md).
+ * Only a public key: a private key or a certificate is refused, though Node would
+ * derive one from either, so what is pinned is exactly what the docs describe.
+ */
 export function parseVaultKey(text: string): Uint8Array {
   const compact = text.replace(/\s+/g, '');
   if (/^[0-9a-fA-F]{130}$/.test(compact)) {
@@ -83,8 +88,11 @@ export function parseVaultKey(text: string): Uint8Array {
     if (k[0] !== 0x04) throw new Error('hex vault key must be an uncompressed point (starting 04)');
     return k;
   }
-  if (!text.includes('-----BEGIN')) throw new Error('expected a PEM public key or 130 hex digits');
-  const jwk = createPublicKey(text).export({ format: 'jwk' });
+  const pem = text.trim();
+  if (!pem.startsWith('-----BEGIN PUBLIC KEY-----') || !pem.endsWith('-----END PUBLIC KEY-----')) {
+    throw new Error('expected a PEM public key (-----BEGIN PUBLIC KEY-----) or 130 hex digits');
+  }
+  const jwk = createPublicKey({ key: pem, format: 'pem', type: 'spki' }).export({ format: 'jwk' });
   if (jwk.kty !== 'EC' || jwk.crv !== 'P-256' || !jwk.x || !jwk.y) throw new Error('vault key is not a P-256 public key');
   const x = fromB64(jwk.x);
   const y = fromB64(jwk.y);
