@@ -15,7 +15,7 @@ import { createPublicKey } from 'node:crypto';
 import { Readable, Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { Command, CommanderError } from 'commander';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes, BKV_EXIT, errorSpec } from '../vault/errors.js';
 import { fromB64, fromHex } from '../vault/protocol/bytes.js';
 import { checkKdfParams, type KdfParams } from '../vault/protocol/kdf.js';
 import { openBackup, readBackupHeader, sealBackup, HEADER_LENGTH } from './backup-format.js';
@@ -23,18 +23,8 @@ import { formatKeyCode, generateBackupKey, parseKeyCode } from './backup-code.js
 import { VaultClient } from './sdk.js';
 import { WebSocketTransport } from './transport.js';
 
-export const ExitCodes = {
-  OK: 0,
-  OTHER: 1,
-  USAGE: 2,
-  WRONG_PASSWORD: 3,
-  LOCKED: 4,
-  NO_RECORD: 5,
-  UNAVAILABLE: 6,
-  WRONG_KEY: 7,
-  CORRUPTED: 8,
-  UNAUTHENTICATED: 9,
-} as const;
+/** bkv's exit codes (README.md, --help); which error exits with which is the error table's (vault/errors.ts). */
+export const ExitCodes = BKV_EXIT;
 
 const DEFAULT_VAULT = 'ws://127.0.0.1:8787';
 /** Smaller files finish before a progress bar would be worth drawing. */
@@ -52,32 +42,13 @@ export class CliError extends Error {
 }
 const usage = (msg: string) => new CliError(ExitCodes.USAGE, msg);
 
-/** Vault-side codes that mean "the vault cannot serve you right now". */
-const UNAVAILABLE = new Set<string>([
-  ErrorCodes.HSM_UNAVAILABLE,
-  ErrorCodes.VAULT_UNREACHABLE,
-  ErrorCodes.STORE_UNAVAILABLE,
-  ErrorCodes.OVERLOADED,
-  ErrorCodes.RATE_LIMITED,
-  ErrorCodes.HSM_ERROR,
-  ErrorCodes.HSM_PIN_INCORRECT,
-  ErrorCodes.HSM_TOKEN_NOT_FOUND,
-  ErrorCodes.HSM_POLICY_VIOLATION,
-]);
-
 /** The documented exit code for any error main() can see. */
 export function exitCodeFor(e: unknown): number {
   if (e instanceof CliError) return e.exitCode;
   if (e instanceof CommanderError) {
     return e.exitCode === 0 ? ExitCodes.OK : ExitCodes.USAGE; // --help is 0; a bare `bkv` shows help as an error
   }
-  if (e instanceof VaultError) {
-    if (e.code === ErrorCodes.WRONG_PASSWORD) return ExitCodes.WRONG_PASSWORD;
-    if (e.code === ErrorCodes.LOCKED) return ExitCodes.LOCKED;
-    if (e.code === ErrorCodes.RECORD_NOT_FOUND) return ExitCodes.NO_RECORD;
-    if (e.code === ErrorCodes.UNAUTHENTICATED) return ExitCodes.UNAUTHENTICATED;
-    if (UNAVAILABLE.has(e.code)) return ExitCodes.UNAVAILABLE;
-  }
+  if (e instanceof VaultError) return errorSpec(e.code)?.bkv ?? ExitCodes.OTHER;
   return ExitCodes.OTHER;
 }
 
@@ -104,7 +75,12 @@ export function backupFileError(e: unknown, wrongKeyHint: string): unknown {
 
 // ---- the vault key file ------------------------------------------------------------
 
-/** `vault-key.pub` (PEM SubjectPublicKeyInfo, P-256) or 130 hex digits → 65-byte 0x04‖x‖y. */
+/**
+ * `vault-key.pub` (PEM SubjectPublicKeyInfo of a P-256 key: "-----BEGIN PUBLIC KEY-----")
+ * or the 65-byte uncompressed point as 130 hex digits → 65-byte 0x04‖x‖y (docs/RPC.md).
+ * Only a public key: a private key or a certificate is refused, though Node would
+ * derive one from either, so what is pinned is exactly what the docs describe.
+ */
 export function parseVaultKey(text: string): Uint8Array {
   const compact = text.replace(/\s+/g, '');
   if (/^[0-9a-fA-F]{130}$/.test(compact)) {
@@ -112,8 +88,11 @@ export function parseVaultKey(text: string): Uint8Array {
     if (k[0] !== 0x04) throw new Error('hex vault key must be an uncompressed point (starting 04)');
     return k;
   }
-  if (!text.includes('-----BEGIN')) throw new Error('expected a PEM public key or 130 hex digits');
-  const jwk = createPublicKey(text).export({ format: 'jwk' });
+  const pem = text.trim();
+  if (!pem.startsWith('-----BEGIN PUBLIC KEY-----') || !pem.endsWith('-----END PUBLIC KEY-----')) {
+    throw new Error('expected a PEM public key (-----BEGIN PUBLIC KEY-----) or 130 hex digits');
+  }
+  const jwk = createPublicKey({ key: pem, format: 'pem', type: 'spki' }).export({ format: 'jwk' });
   if (jwk.kty !== 'EC' || jwk.crv !== 'P-256' || !jwk.x || !jwk.y) throw new Error('vault key is not a P-256 public key');
   const x = fromB64(jwk.x);
   const y = fromB64(jwk.y);

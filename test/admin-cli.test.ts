@@ -6,6 +6,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createServer, type AddressInfo } from 'node:net';
 import { ADMIN, DAEMON } from './helpers/daemon.js';
 import { acquireLock } from '../vault/admin/lock.js';
 
@@ -86,6 +87,23 @@ describe('bkv-admin against a stopped vault', () => {
     const lock = acquireLock(data, 'test');
     lock.release();
     expect(existsSync(join(data, 'vault.lock'))).toBe(false);
+  });
+
+  it('a daemon that announced itself but does not answer is VAULT_UNREACHABLE (exit 6), and the token stays closed', async () => {
+    // Accepts connections (the kernel does, even while spawnSync blocks this process) and never answers.
+    const silent = createServer(() => {});
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', () => r()));
+    const { port } = silent.address() as AddressInfo;
+    writeFileSync(join(data, 'admin.json'), JSON.stringify({ url: `http://127.0.0.1:${port}`, pid: 1 }));
+    try {
+      const r = admin('status', '--data', data);
+      expect(r.status, r.stderr).toBe(6);
+      expect(r.stderr).toMatch(/^bkv-admin: VAULT_UNREACHABLE: a daemon announced itself .* but does not answer/);
+      expect(existsSync(join(data, 'vault.lock'))).toBe(false);
+    } finally {
+      rmSync(join(data, 'admin.json'), { force: true });
+      silent.close();
+    }
   });
 
   it('health says unavailable (exit 6) when no daemon runs; backup-db explains the refusal', () => {

@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { SOFTHSM_CANDIDATES, loadConfig, type Config } from './config.js';
-import { VaultError, ErrorCodes } from './errors.js';
+import { VaultError, ADMIN_EXIT, errorSpec } from './errors.js';
 import { initVault, tokenConfig } from './setup.js';
 import { openKeys, openVault } from './core/open.js';
 import { Store } from './store/index.js';
@@ -27,15 +27,8 @@ import { isLoopback } from './admin/server.js';
 import type { AuditLog } from './audit/log.js';
 import type { VaultKeys } from './hsm/vault-keys.js';
 
-export const EXIT = {
-  OK: 0,
-  FAILED: 1,
-  USAGE: 2,
-  AUDIT_BROKEN: 3,
-  NOT_CONFORM: 4,
-  NOT_FOUND: 5,
-  UNAVAILABLE: 6,
-} as const;
+/** bkv-admin's exit codes (its --help); which code exits with which is the error table's (vault/errors.ts). */
+export const EXIT = ADMIN_EXIT;
 
 class CliError extends Error {
   constructor(
@@ -515,22 +508,7 @@ common(program.command('health'))
 function exitCodeOf(e: unknown): number {
   if (e instanceof CliError) return e.exit;
   const code = e instanceof VaultError || e instanceof AdminCallError ? e.code : undefined;
-  switch (code) {
-    case ErrorCodes.BAD_REQUEST:
-      return EXIT.USAGE;
-    case ErrorCodes.RECORD_NOT_FOUND:
-      return EXIT.NOT_FOUND;
-    case ErrorCodes.HSM_POLICY_VIOLATION:
-    case ErrorCodes.STATE_ROLLBACK_DETECTED:
-      return EXIT.NOT_CONFORM;
-    case ErrorCodes.HSM_UNAVAILABLE:
-    case ErrorCodes.HSM_TOKEN_NOT_FOUND:
-    case ErrorCodes.STORE_UNAVAILABLE:
-    case 'DAEMON_UNRESPONSIVE':
-      return EXIT.UNAVAILABLE;
-    default:
-      return EXIT.FAILED;
-  }
+  return (code !== undefined ? errorSpec(code)?.admin : undefined) ?? EXIT.FAILED;
 }
 
 program.parseAsync().catch((e: unknown) => {

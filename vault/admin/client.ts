@@ -2,6 +2,7 @@
 // folder (<data>/admin.json), authenticate with <data>/admin-token, call it.
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { ErrorCodes } from '../errors.js';
 
 export class AdminCallError extends Error {
   constructor(
@@ -63,8 +64,9 @@ export async function findDaemon(dataDir: string): Promise<DaemonEndpoint | unde
   } catch (e) {
     const code = causeCode(e);
     if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EADDRNOTAVAIL') return undefined;
+    // VAULT_UNREACHABLE: no answer, so bkv-admin exits 6 (daemon unavailable), as bkv does.
     throw new AdminCallError(
-      'DAEMON_UNRESPONSIVE',
+      ErrorCodes.VAULT_UNREACHABLE,
       `a daemon announced itself at ${info.url} (pid ${String(info.pid)}) but does not answer (${code ?? (e as Error).name}); ` +
         'refusing to open the HSM token beside it',
       0,

@@ -14,7 +14,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { timingSafeEqual } from 'node:crypto';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, type ErrorCode } from '../errors.js';
+import { VaultError, ErrorCodes, ERRORS, errorSpec } from '../errors.js';
 import type { Metrics } from '../metrics.js';
 import type { Readiness } from './health.js';
 import type { StatusReport } from './status.js';
@@ -43,17 +43,6 @@ export interface RunningAdmin {
   close(): Promise<void>;
 }
 
-const STATUS: Partial<Record<ErrorCode, number>> = {
-  BAD_REQUEST: 400,
-  PAYLOAD_TOO_LARGE: 413,
-  UNAUTHENTICATED: 401,
-  FORBIDDEN: 403,
-  RECORD_NOT_FOUND: 404,
-  HSM_UNAVAILABLE: 503,
-  STORE_UNAVAILABLE: 503,
-  OVERLOADED: 503,
-};
-
 export const isLoopback = (host: string): boolean => host === 'localhost' || host === '::1' || /^127\./.test(host);
 
 function send(res: ServerResponse, status: number, body: unknown, type = 'application/json'): void {
@@ -64,7 +53,7 @@ function send(res: ServerResponse, status: number, body: unknown, type = 'applic
 
 function sendError(res: ServerResponse, e: unknown): void {
   const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');
-  send(res, STATUS[err.code] ?? 500, { error: { code: err.code, message: err.message } });
+  send(res, (errorSpec(err.code) ?? ERRORS.INTERNAL).http, { error: { code: err.code, message: err.message } });
 }
 
 async function readJson(req: IncomingMessage, limit = 64 * 1024): Promise<Record<string, unknown>> {
