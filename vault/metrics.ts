@@ -125,6 +125,7 @@ export class Metrics {
         break;
       case 'state.rollback':
       case 'state.mismatch':
+      case 'state.anchor.foreign':
         this.rollbacks.inc();
         break;
       case 'state.anchor.failed':
