@@ -1,5 +1,5 @@
 // Files the CLI, the daemon and bkv-admin write are never written through a
-// name someone else planted (docs/SECURITY.md F10).
+// name someone else planted (docs/SECURITY.md F10), and are private (F11).
 //
 // - bkv backup restore/create: a symlink or a file planted at OUT.partial (the
 //   old fixed temporary name) or at OUT itself is never written through; its
@@ -199,3 +199,46 @@ describe('the daemon and bkv-admin write their files safely', () => {
     expect(existsSync(join(dir, 'victim-admin-audit'))).toBe(false);
   });
 });
+
+describe('private by default', () => {
+  it('in a data folder made 0755, every file the daemon creates is 0600; the start log, status and config check name the folder', async () => {
+    const data = join(dir, 'loose');
+    mkdirSync(data, { mode: 0o755 });
+    chmodSync(data, 0o755);
+    const d = await startDaemon({ dataDir: data });
+    try {
+      const entries = readdirSync(data, { recursive: true, withFileTypes: true }).map((e) => ({ path: join(e.parentPath, e.name), dir: e.isDirectory() }));
+      // The helper's own config file is the test's, not the daemon's.
+      const loose = entries
+        .filter((e) => !e.path.endsWith('test-config.json'))
+        .filter((e) => (statSync(e.path).mode & 0o777 & ~(e.dir ? 0o700 : 0o600)) !== 0)
+        .map((e) => `${e.path.slice(data.length + 1)} ${(statSync(e.path).mode & 0o777).toString(8)}`);
+      expect(loose).toEqual([]);
+      for (const f of ['vault.db', 'vault.db-wal', 'vault.db-shm', 'audit.log', 'admin-token', 'hsm-pin']) expect([f, statSync(join(data, f)).mode & 0o777]).toEqual([f, 0o600]);
+      // The folder itself is the operator's: reported, not changed.
+      expect(d.logs.some((l) => l.includes('"event":"data.permissions"') && l.includes('. (mode 0755, want 0700)'))).toBe(true);
+      const status = await run(ADMIN, ['status', '--json', '--data', data]);
+      expect(JSON.parse(status.out).permissions).toMatchObject({ ok: false });
+      expect(JSON.parse(status.out).permissions.problems).toContain('. (mode 0755, want 0700)');
+    } finally {
+      await d.stop();
+    }
+    const check = await run(ADMIN, ['config', 'check', '--data', data]);
+    expect(check.code).toBe(0);
+    expect(check.err).toContain('warning: dataDir: . (mode 0755, want 0700)');
+    rmSync(data, { recursive: true, force: true });
+  });
+});
+
+function run(file: string, args: string[]): Promise<{ code: number | null; out: string; err: string }> {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('BKV_') && k !== 'SOFTHSM2_CONF') env[k] = v;
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [file, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    p.once('exit', (code) => resolve({ code, out, err }));
+  });
+}

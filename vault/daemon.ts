@@ -21,10 +21,11 @@ import { toHex } from './protocol/bytes.js';
 import { InstrumentedKeys, Metrics } from './metrics.js';
 import { AuditLog } from './audit/log.js';
 import { auditEventOf, eventOf } from './audit/events.js';
-import { readiness, type Readiness } from './admin/health.js';
+import { cachedReadiness, readiness, readinessSignals, type Readiness } from './admin/health.js';
 import { daemonStatus } from './admin/status.js';
 import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
 import { writeFileAtomic } from './safe-file.js';
+import { dataPermissions } from './admin/perms.js';
 
 const LEVELS = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60 } as const;
 
@@ -213,6 +214,10 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     },
     'vault open',
   );
+  const perms = dataPermissions(c.dataDir);
+  if (!perms.ok) {
+    log.warn({ event: 'data.permissions', problems: perms.problems }, 'the data folder is readable or writable by others: folders should be 0700, files 0600 (bkv-admin status lists them)');
+  }
   log.info(
     { event: 'listening', host: c.listen.host, port: server.port, tls: !!c.tls, vaultId: toHex(vault.vaultId) },
     `vault listening on ${c.tls ? 'wss' : 'ws'}://${c.listen.host}:${server.port}`,
@@ -225,7 +230,11 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     metrics,
     audit,
     startedAt,
-    readiness: () => readiness(vault, audit),
+    readiness: cachedReadiness(
+      () => readiness(vault, audit),
+      () => readinessSignals(vault, audit),
+      { onEvaluate: () => metrics.readyEvaluations.inc() },
+    ),
     stop: () =>
       (stopped ??= (async () => {
         await server.close();

@@ -119,3 +119,53 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
   return { ready: Object.values(checks).every((c) => c.ok), checks };
 }
 
+/**
+ * Readiness for the unauthenticated /readyz. A flood of it used to run every check per
+ * call, a database write and an HSM read each (docs/SECURITY.md F11). Now: concurrent
+ * callers share one evaluation, and a result is served again for up to `ttlMs` — unless
+ * one of the cheap signals (`signals()`: the HSM's last ping, a failed write,
+ * corruption, the audit log, a stopped ledger) changed since, which evaluates at once.
+ * So the write probe runs at most once per `ttlMs` however many ask.
+ */
+export function cachedReadiness(
+  evaluate: () => Promise<Readiness>,
+  signals: () => string,
+  opts: { ttlMs?: number; now?: () => number; onEvaluate?: () => void } = {},
+): () => Promise<Readiness> {
+  const ttlMs = opts.ttlMs ?? 1000;
+  const now = opts.now ?? Date.now;
+  let last: { at: number; signals: string; result: Readiness } | undefined;
+  let running: Promise<Readiness> | undefined;
+  return () => {
+    if (running) return running;
+    const s = signals();
+    if (last && now() - last.at < ttlMs && last.signals === s) return Promise.resolve(last.result);
+    opts.onEvaluate?.();
+    running = evaluate().then(
+      (result) => {
+        running = undefined;
+        // The signals as they stand after the evaluation (it may have retried an anchor write).
+        last = { at: now(), signals: signals(), result };
+        return result;
+      },
+      (e: unknown) => {
+        running = undefined;
+        throw e;
+      },
+    );
+    return running;
+  };
+}
+
+/** The cheap signals readiness depends on, read without I/O (see cachedReadiness). */
+export function readinessSignals(vault: Vault, audit?: AuditLog): string {
+  let hsm: boolean;
+  try {
+    hsm = vault.keys.ping();
+  } catch {
+    hsm = false;
+  }
+  // Not the anchor lag: it flickers with every batch in flight; a stuck anchor shows within ttlMs.
+  const r = vault.store.records;
+  return [hsm, vault.ledger.status().stopped ?? '', r.writeFailure ?? '', r.corruptionSeen, audit?.status().healthy ?? true].join('|');
+}
