@@ -194,6 +194,18 @@ process.stdout.write('ready\\n');
   }, 120_000);
 });
 
+describe('anchor labels', () => {
+  it('carry the writer id; labels from before it still parse, without one', async () => {
+    const { anchorLabel, parseAnchorLabel } = await import('../vault/protocol/state-hash.js');
+    const root = new Uint8Array(32).fill(7);
+    const hex = '07'.repeat(32);
+    expect(anchorLabel(5, root, '0123456789abcdef')).toBe(`bkv.anchor 5 ${hex} 0123456789abcdef`);
+    expect(parseAnchorLabel(`bkv.anchor 5 ${hex} 0123456789abcdef`)).toEqual({ seq: 5, root, writer: '0123456789abcdef' });
+    expect(parseAnchorLabel(`bkv.anchor 5 ${hex}`)).toEqual({ seq: 5, root });
+    for (const bad of [`bkv.anchor 5 ${hex} 0123`, `bkv.anchor 5 ${hex} `, `bkv.anchor 5 ${hex} 0123456789ABCDEF`]) expect(parseAnchorLabel(bad)).toBeUndefined();
+  });
+});
+
 describe('a second writer on the HSM anchor stops the daemon (fail closed)', () => {
   let d: RunningDaemon;
   beforeAll(async () => {
