@@ -256,6 +256,10 @@ describe('a second writer on the HSM anchor stops the daemon (fail closed)', () 
         expect(r.status).toBe(503);
         expect(((await r.json()) as { checks: { anchor: { detail: string } } }).checks.anchor.detail).toMatch(/another process wrote the HSM state anchor/);
         expect(readFileSync(join(d.dataDir, 'audit.log'), 'utf8')).toMatch(/"event":"state\.anchor\.foreign"/);
+        // bkv-admin status says so too.
+        const token = readFileSync(join(d.dataDir, 'admin-token'), 'utf8').trim();
+        const st = (await (await fetch(`${adminUrl(d)}/admin/status`, { headers: { authorization: `Bearer ${token}` } })).json()) as { anchor: { consistent: boolean; detail: string } };
+        expect(st.anchor).toMatchObject({ consistent: false, detail: expect.stringMatching(/another process wrote the HSM state anchor/) });
       } finally {
         close();
       }

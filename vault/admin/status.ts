@@ -100,10 +100,17 @@ export async function daemonStatus(
   const st = vault.ledger.status();
   let anchor: StatusReport['anchor'];
   try {
-    const a = await vault.keys.readAnchor();
+    // Through the ledger: another writer's label found here stops this vault too (hsm/anchor.ts).
+    const a = await vault.ledger.readAnchor();
     const dbSeq = Number(vault.store.records.getMeta('state_seq') ?? '0');
     const rootsMatch = toHex(a.root) === (vault.store.records.getMeta('state_root') ?? toHex(a.root));
-    anchor = { dbSeq, hsmSeq: a.seq, lag: Math.max(0, st.seq - st.anchored), ...anchorDetail(dbSeq, a.seq, rootsMatch) };
+    const stopped = vault.ledger.status().stopped;
+    anchor = {
+      dbSeq,
+      hsmSeq: a.seq,
+      lag: Math.max(0, st.seq - st.anchored),
+      ...(stopped ? { consistent: false, detail: stopped } : anchorDetail(dbSeq, a.seq, rootsMatch)),
+    };
   } catch (e) {
     anchor = { dbSeq: st.seq, hsmSeq: -1, lag: st.seq - st.anchored, consistent: false, detail: `cannot read the HSM anchor: ${(e as Error).message}` };
   }
