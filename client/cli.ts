@@ -7,15 +7,19 @@
 // - Secrets never come from argv (except the 64-digit code via --key, which
 //   the contract requires; --key-stdin avoids it) and never reach stderr.
 // - Errors are one line on stderr with a documented exit code, no stacks.
-// - Output goes to OUT.partial and is renamed only after the whole stream
-//   authenticated, so a failed restore never leaves a half file at OUT.
+// - Output goes to a new file beside OUT (created exclusively, mode 0600, a
+//   random name, never through a link: vault/safe-file.ts) and is renamed over
+//   OUT only after the whole stream authenticated, so a failed restore never
+//   leaves a half file, and nothing is ever written through a name someone
+//   else planted (the old fixed OUT.partial could be a symlink to their file).
 import { createReadStream, createWriteStream, readFileSync, realpathSync, rmSync } from 'node:fs';
-import { open, rename, stat, unlink } from 'node:fs/promises';
+import { lstat, open, rename, stat, unlink } from 'node:fs/promises';
 import { createPublicKey } from 'node:crypto';
 import { Readable, Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { Command, CommanderError } from 'commander';
 import { VaultError, ErrorCodes, BKV_EXIT, errorSpec } from '../vault/errors.js';
+import { createTemp } from '../vault/safe-file.js';
 import { fromB64, fromHex } from '../vault/protocol/bytes.js';
 import { checkKdfParams, type KdfParams } from '../vault/protocol/kdf.js';
 import { openBackup, readBackupHeader, sealBackup, HEADER_LENGTH } from './backup-format.js';
@@ -230,7 +234,9 @@ async function inputSize(path: string): Promise<number> {
 }
 
 async function checkOutput(path: string, force: boolean): Promise<void> {
-  const exists = await stat(path).then(
+  // lstat: a link at OUT (even one pointing nowhere) is something there too. With --force the
+  // final rename replaces the link itself; nothing is ever written to where it points.
+  const exists = await lstat(path).then(
     () => true,
     () => false,
   );
@@ -238,30 +244,38 @@ async function checkOutput(path: string, force: boolean): Promise<void> {
 }
 
 /**
- * in → transform → OUT.partial, fsync'd, then renamed over OUT. Node streams
- * wrapped as Web Streams keep memory flat: pipeTo honours backpressure.
+ * in → transform → a new temporary file beside OUT, fsync'd, then renamed over
+ * OUT. The temporary file is created with O_CREAT|O_EXCL|O_NOFOLLOW, mode
+ * 0600, under a random name (vault/safe-file.ts): nothing planted can be
+ * written through, and whatever fails removes it. Node streams wrapped as Web
+ * Streams keep memory flat: pipeTo honours backpressure.
  */
 async function pipeFile(
   inPath: string,
   outPath: string,
   through: (src: ReadableStream<Uint8Array>) => ReadableStream<Uint8Array>,
 ): Promise<void> {
-  const partial = `${outPath}.partial`;
-  inProgress.add(partial);
-  const src = Readable.toWeb(createReadStream(inPath)) as unknown as ReadableStream<Uint8Array>;
-  const dst = Writable.toWeb(createWriteStream(partial, { flush: true, mode: 0o600 })) as unknown as WritableStream<Uint8Array>;
+  let tmp: { fd: number; path: string };
   try {
-    await through(src).pipeTo(dst);
-    await rename(partial, outPath);
+    tmp = createTemp(outPath);
   } catch (e) {
-    await unlink(partial).catch(() => {});
+    throw new CliError(ExitCodes.OTHER, `cannot create a file beside ${outPath}: ${(e as NodeJS.ErrnoException).code ?? 'error'}`);
+  }
+  inProgress.add(tmp.path);
+  try {
+    const src = Readable.toWeb(createReadStream(inPath)) as unknown as ReadableStream<Uint8Array>;
+    const dst = Writable.toWeb(createWriteStream(tmp.path, { fd: tmp.fd, flush: true })) as unknown as WritableStream<Uint8Array>;
+    await through(src).pipeTo(dst);
+    await rename(tmp.path, outPath);
+  } catch (e) {
+    await unlink(tmp.path).catch(() => {});
     throw e;
   } finally {
-    inProgress.delete(partial);
+    inProgress.delete(tmp.path);
   }
 }
 
-/** Partial outputs being written, removed if the process is interrupted (see the bottom of the file). */
+/** Temporary outputs being written, removed if the process is interrupted (see the bottom of the file). */
 const inProgress = new Set<string>();
 
 /** Parse the header before spending a password attempt on a file that cannot be restored anyway. */
@@ -331,7 +345,8 @@ Key:
                                key is generated and enrolled under this password.
   --print-key                  No vault. A new key is printed to stdout as a 64-digit code:
                                write it down, it is the only way to restore.
-The file is streamed (memory stays flat for any size) into OUT.partial, renamed to OUT on success.
+The file is streamed (memory stays flat for any size) into a new private file beside OUT,
+renamed to OUT on success; a link or file planted beside OUT is never written through.
 Progress is shown on stderr for files over 4 MiB when stderr is a terminal.
 `;
 
@@ -342,7 +357,8 @@ Key:
                                they run out the record is locked and the key destroyed.
   --key CODE | --key-stdin     The 64-digit code printed by 'backup create --print-key'.
 The backup's header is checked before any password is spent. OUT appears only once the whole
-backup has authenticated; a failed restore leaves neither OUT nor OUT.partial behind.
+backup has authenticated (written to a new private file beside it, then renamed); a failed
+restore leaves nothing behind.
 `;
 
 const EXIT_HELP = `
@@ -496,7 +512,7 @@ function program(io: CliIo): Command {
       .command('create')
       .description('encrypt a file into a BKV1 backup, with an escrowed key (--user) or a printed code (--print-key)')
       .requiredOption('--in <file>', 'file to back up')
-      .requiredOption('--out <file>', 'backup to write (FILE.bkv); written to OUT.partial, renamed on success')
+      .requiredOption('--out <file>', 'backup to write (FILE.bkv); written beside it, renamed on success')
       .option('--user <id>', 'vault user id whose escrowed key encrypts the backup')
       .option('--password-stdin', 'read the vault password from the first line of stdin (passwords are never arguments)')
       .option('--print-key', 'do not use the vault: print a new 64-digit code instead')
@@ -510,7 +526,7 @@ function program(io: CliIo): Command {
       .command('restore')
       .description('decrypt a BKV1 backup with the escrowed key (--user) or the 64-digit code (--key)')
       .requiredOption('--in <file>', 'backup to read (FILE.bkv)')
-      .requiredOption('--out <file>', 'file to write; written to OUT.partial, renamed on success')
+      .requiredOption('--out <file>', 'file to write; written beside it, renamed on success')
       .option('--user <id>', 'vault user id whose escrowed key opens the backup')
       .option('--password-stdin', 'read the vault password from the first line of stdin')
       .option('--key <code>', 'the 64-digit code (spaces and dashes ignored); visible in process lists, see --key-stdin')
@@ -570,7 +586,7 @@ function runDirectly(): boolean {
 }
 
 if (runDirectly()) {
-  // Ctrl-C mid-file must not leave OUT.partial behind either.
+  // Ctrl-C mid-file must not leave the temporary file behind either.
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.once(sig, () => {
       for (const p of inProgress) rmSync(p, { force: true });

@@ -31,8 +31,9 @@ function causeCode(e: unknown): string | undefined {
   return undefined;
 }
 
-export async function ping(url: string, path = '/healthz', timeoutMs = 3000): Promise<{ status: number; body: unknown }> {
-  const res = await fetch(url + path, { signal: AbortSignal.timeout(timeoutMs) });
+/** GET a health endpoint; with the admin token, past the listener's limit for unauthenticated callers. */
+export async function ping(url: string, path = '/healthz', timeoutMs = 3000, token?: string): Promise<{ status: number; body: unknown }> {
+  const res = await fetch(url + path, { signal: AbortSignal.timeout(timeoutMs), ...(token ? { headers: { authorization: `Bearer ${token}` } } : {}) });
   const text = await res.text();
   let body: unknown = text;
   try {
