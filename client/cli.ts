@@ -7,15 +7,19 @@
 // - Secrets never come from argv (except the 64-digit code via --key, which
 //   the contract requires; --key-stdin avoids it) and never reach stderr.
 // - Errors are one line on stderr with a documented exit code, no stacks.
-// - Output goes to OUT.partial and is renamed only after the whole stream
-//   authenticated, so a failed restore never leaves a half file at OUT.
+// - Output goes to a new file beside OUT (created exclusively, mode 0600, a
+//   random name, never through a link: vault/safe-file.ts) and is renamed over
+//   OUT only after the whole stream authenticated, so a failed restore never
+//   leaves a half file, and nothing is ever written through a name someone
+//   else planted (the old fixed OUT.partial could be a symlink to their file).
 import { createReadStream, createWriteStream, readFileSync, realpathSync, rmSync } from 'node:fs';
-import { open, rename, stat, unlink } from 'node:fs/promises';
+import { lstat, open, rename, stat, unlink } from 'node:fs/promises';
 import { createPublicKey } from 'node:crypto';
 import { Readable, Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { Command, CommanderError } from 'commander';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes, BKV_EXIT, errorSpec } from '../vault/errors.js';
+import { createTemp } from '../vault/safe-file.js';
 import { fromB64, fromHex } from '../vault/protocol/bytes.js';
 import { checkKdfParams, type KdfParams } from '../vault/protocol/kdf.js';
 import { openBackup, readBackupHeader, sealBackup, HEADER_LENGTH } from './backup-format.js';
@@ -23,18 +27,8 @@ import { formatKeyCode, generateBackupKey, parseKeyCode } from './backup-code.js
 import { VaultClient } from './sdk.js';
 import { WebSocketTransport } from './transport.js';
 
-export const ExitCodes = {
-  OK: 0,
-  OTHER: 1,
-  USAGE: 2,
-  WRONG_PASSWORD: 3,
-  LOCKED: 4,
-  NO_RECORD: 5,
-  UNAVAILABLE: 6,
-  WRONG_KEY: 7,
-  CORRUPTED: 8,
-  UNAUTHENTICATED: 9,
-} as const;
+/** bkv's exit codes (README.md, --help); which error exits with which is the error table's (vault/errors.ts). */
+export const ExitCodes = BKV_EXIT;
 
 const DEFAULT_VAULT = 'ws://127.0.0.1:8787';
 /** Smaller files finish before a progress bar would be worth drawing. */
@@ -52,32 +46,13 @@ export class CliError extends Error {
 }
 const usage = (msg: string) => new CliError(ExitCodes.USAGE, msg);
 
-/** Vault-side codes that mean "the vault cannot serve you right now". */
-const UNAVAILABLE = new Set<string>([
-  ErrorCodes.HSM_UNAVAILABLE,
-  ErrorCodes.VAULT_UNREACHABLE,
-  ErrorCodes.STORE_UNAVAILABLE,
-  ErrorCodes.OVERLOADED,
-  ErrorCodes.RATE_LIMITED,
-  ErrorCodes.HSM_ERROR,
-  ErrorCodes.HSM_PIN_INCORRECT,
-  ErrorCodes.HSM_TOKEN_NOT_FOUND,
-  ErrorCodes.HSM_POLICY_VIOLATION,
-]);
-
 /** The documented exit code for any error main() can see. */
 export function exitCodeFor(e: unknown): number {
   if (e instanceof CliError) return e.exitCode;
   if (e instanceof CommanderError) {
     return e.exitCode === 0 ? ExitCodes.OK : ExitCodes.USAGE; // --help is 0; a bare `bkv` shows help as an error
   }
-  if (e instanceof VaultError) {
-    if (e.code === ErrorCodes.WRONG_PASSWORD) return ExitCodes.WRONG_PASSWORD;
-    if (e.code === ErrorCodes.LOCKED) return ExitCodes.LOCKED;
-    if (e.code === ErrorCodes.RECORD_NOT_FOUND) return ExitCodes.NO_RECORD;
-    if (e.code === ErrorCodes.UNAUTHENTICATED) return ExitCodes.UNAUTHENTICATED;
-    if (UNAVAILABLE.has(e.code)) return ExitCodes.UNAVAILABLE;
-  }
+  if (e instanceof VaultError) return errorSpec(e.code)?.bkv ?? ExitCodes.OTHER;
   return ExitCodes.OTHER;
 }
 
@@ -104,7 +79,12 @@ export function backupFileError(e: unknown, wrongKeyHint: string): unknown {
 
 // ---- the vault key file ------------------------------------------------------------
 
-/** `vault-key.pub` (PEM SubjectPublicKeyInfo, P-256) or 130 hex digits → 65-byte 0x04‖x‖y. */
+/**
+ * `vault-key.pub` (PEM SubjectPublicKeyInfo of a P-256 key: "-----BEGIN PUBLIC KEY-----")
+ * or the 65-byte uncompressed point as 130 hex digits → 65-byte 0x04‖x‖y (docs/RPC.md).
+ * Only a public key: a private key or a certificate is refused, though Node would
+ * derive one from either, so what is pinned is exactly what the docs describe.
+ */
 export function parseVaultKey(text: string): Uint8Array {
   const compact = text.replace(/\s+/g, '');
   if (/^[0-9a-fA-F]{130}$/.test(compact)) {
@@ -112,8 +92,11 @@ export function parseVaultKey(text: string): Uint8Array {
     if (k[0] !== 0x04) throw new Error('hex vault key must be an uncompressed point (starting 04)');
     return k;
   }
-  if (!text.includes('-----BEGIN')) throw new Error('expected a PEM public key or 130 hex digits');
-  const jwk = createPublicKey(text).export({ format: 'jwk' });
+  const pem = text.trim();
+  if (!pem.startsWith('-----BEGIN PUBLIC KEY-----') || !pem.endsWith('-----END PUBLIC KEY-----')) {
+    throw new Error('expected a PEM public key (-----BEGIN PUBLIC KEY-----) or 130 hex digits');
+  }
+  const jwk = createPublicKey({ key: pem, format: 'pem', type: 'spki' }).export({ format: 'jwk' });
   if (jwk.kty !== 'EC' || jwk.crv !== 'P-256' || !jwk.x || !jwk.y) throw new Error('vault key is not a P-256 public key');
   const x = fromB64(jwk.x);
   const y = fromB64(jwk.y);
@@ -251,7 +234,9 @@ async function inputSize(path: string): Promise<number> {
 }
 
 async function checkOutput(path: string, force: boolean): Promise<void> {
-  const exists = await stat(path).then(
+  // lstat: a link at OUT (even one pointing nowhere) is something there too. With --force the
+  // final rename replaces the link itself; nothing is ever written to where it points.
+  const exists = await lstat(path).then(
     () => true,
     () => false,
   );
@@ -259,30 +244,38 @@ async function checkOutput(path: string, force: boolean): Promise<void> {
 }
 
 /**
- * in → transform → OUT.partial, fsync'd, then renamed over OUT. Node streams
- * wrapped as Web Streams keep memory flat: pipeTo honours backpressure.
+ * in → transform → a new temporary file beside OUT, fsync'd, then renamed over
+ * OUT. The temporary file is created with O_CREAT|O_EXCL|O_NOFOLLOW, mode
+ * 0600, under a random name (vault/safe-file.ts): nothing planted can be
+ * written through, and whatever fails removes it. Node streams wrapped as Web
+ * Streams keep memory flat: pipeTo honours backpressure.
  */
 async function pipeFile(
   inPath: string,
   outPath: string,
   through: (src: ReadableStream<Uint8Array>) => ReadableStream<Uint8Array>,
 ): Promise<void> {
-  const partial = `${outPath}.partial`;
-  inProgress.add(partial);
-  const src = Readable.toWeb(createReadStream(inPath)) as unknown as ReadableStream<Uint8Array>;
-  const dst = Writable.toWeb(createWriteStream(partial, { flush: true, mode: 0o600 })) as unknown as WritableStream<Uint8Array>;
+  let tmp: { fd: number; path: string };
   try {
-    await through(src).pipeTo(dst);
-    await rename(partial, outPath);
+    tmp = createTemp(outPath);
   } catch (e) {
-    await unlink(partial).catch(() => {});
+    throw new CliError(ExitCodes.OTHER, `cannot create a file beside ${outPath}: ${(e as NodeJS.ErrnoException).code ?? 'error'}`);
+  }
+  inProgress.add(tmp.path);
+  try {
+    const src = Readable.toWeb(createReadStream(inPath)) as unknown as ReadableStream<Uint8Array>;
+    const dst = Writable.toWeb(createWriteStream(tmp.path, { fd: tmp.fd, flush: true })) as unknown as WritableStream<Uint8Array>;
+    await through(src).pipeTo(dst);
+    await rename(tmp.path, outPath);
+  } catch (e) {
+    await unlink(tmp.path).catch(() => {});
     throw e;
   } finally {
-    inProgress.delete(partial);
+    inProgress.delete(tmp.path);
   }
 }
 
-/** Partial outputs being written, removed if the process is interrupted (see the bottom of the file). */
+/** Temporary outputs being written, removed if the process is interrupted (see the bottom of the file). */
 const inProgress = new Set<string>();
 
 /** Parse the header before spending a password attempt on a file that cannot be restored anyway. */
@@ -352,7 +345,8 @@ Key:
                                key is generated and enrolled under this password.
   --print-key                  No vault. A new key is printed to stdout as a 64-digit code:
                                write it down, it is the only way to restore.
-The file is streamed (memory stays flat for any size) into OUT.partial, renamed to OUT on success.
+The file is streamed (memory stays flat for any size) into a new private file beside OUT,
+renamed to OUT on success; a link or file planted beside OUT is never written through.
 Progress is shown on stderr for files over 4 MiB when stderr is a terminal.
 `;
 
@@ -363,7 +357,8 @@ Key:
                                they run out the record is locked and the key destroyed.
   --key CODE | --key-stdin     The 64-digit code printed by 'backup create --print-key'.
 The backup's header is checked before any password is spent. OUT appears only once the whole
-backup has authenticated; a failed restore leaves neither OUT nor OUT.partial behind.
+backup has authenticated (written to a new private file beside it, then renamed); a failed
+restore leaves nothing behind.
 `;
 
 const EXIT_HELP = `
@@ -517,7 +512,7 @@ function program(io: CliIo): Command {
       .command('create')
       .description('encrypt a file into a BKV1 backup, with an escrowed key (--user) or a printed code (--print-key)')
       .requiredOption('--in <file>', 'file to back up')
-      .requiredOption('--out <file>', 'backup to write (FILE.bkv); written to OUT.partial, renamed on success')
+      .requiredOption('--out <file>', 'backup to write (FILE.bkv); written beside it, renamed on success')
       .option('--user <id>', 'vault user id whose escrowed key encrypts the backup')
       .option('--password-stdin', 'read the vault password from the first line of stdin (passwords are never arguments)')
       .option('--print-key', 'do not use the vault: print a new 64-digit code instead')
@@ -531,7 +526,7 @@ function program(io: CliIo): Command {
       .command('restore')
       .description('decrypt a BKV1 backup with the escrowed key (--user) or the 64-digit code (--key)')
       .requiredOption('--in <file>', 'backup to read (FILE.bkv)')
-      .requiredOption('--out <file>', 'file to write; written to OUT.partial, renamed on success')
+      .requiredOption('--out <file>', 'file to write; written beside it, renamed on success')
       .option('--user <id>', 'vault user id whose escrowed key opens the backup')
       .option('--password-stdin', 'read the vault password from the first line of stdin')
       .option('--key <code>', 'the 64-digit code (spaces and dashes ignored); visible in process lists, see --key-stdin')
@@ -591,7 +586,7 @@ function runDirectly(): boolean {
 }
 
 if (runDirectly()) {
-  // Ctrl-C mid-file must not leave OUT.partial behind either.
+  // Ctrl-C mid-file must not leave the temporary file behind either.
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.once(sig, () => {
       for (const p of inProgress) rmSync(p, { force: true });

@@ -2,11 +2,13 @@
 // itself, under the data-folder lock), and snapshots of every --help so a
 // changed flag or exit code is a reviewed change.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ADMIN, DAEMON } from './helpers/daemon.js';
+import { createServer, type AddressInfo } from 'node:net';
+import { ADMIN, DAEMON, ROOT } from './helpers/daemon.js';
 import { acquireLock } from '../vault/admin/lock.js';
 
 let dir: string;
@@ -17,6 +19,19 @@ const env = (): NodeJS.ProcessEnv => {
   return { ...e, COLUMNS: '80' };
 };
 const admin = (...args: string[]) => spawnSync(process.execPath, [ADMIN, ...args], { encoding: 'utf8', env: env() });
+
+/** Another process that takes the data folder's lock the way the daemon does, and holds it until killed. */
+async function holdLock(dir: string, role: string): Promise<ChildProcess> {
+  const lockJs = pathToFileURL(join(ROOT, 'dist/vault/admin/lock.js')).href;
+  const p = spawn(process.execPath, ['--input-type=module', '-e', `const { acquireLock } = await import(${JSON.stringify(lockJs)}); acquireLock(${JSON.stringify(dir)}, ${JSON.stringify(role)}); console.log('held'); setInterval(() => {}, 1000);`], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  await new Promise<void>((resolve, reject) => {
+    p.stdout!.once('data', () => resolve());
+    p.once('exit', (code) => reject(new Error(`lock holder exited ${code}`)));
+  });
+  return p;
+}
 
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'bkv-admin-cli-'));
@@ -70,22 +85,37 @@ describe('bkv-admin against a stopped vault', () => {
   });
 
   it('refuses to open the token while another live process holds the data folder', async () => {
-    // A stand-in owner: a live process whose pid is in the lock file.
-    const sleeper = spawn('sleep', ['30']);
-    writeFileSync(join(data, 'vault.lock'), JSON.stringify({ pid: sleeper.pid, host: 'test', role: 'bkv-vault serve', since: 'now' }));
+    const holder = await holdLock(data, 'bkv-vault serve');
     try {
       const r = admin('status', '--data', data);
       expect(r.status).toBe(6);
       expect(r.stderr).toMatch(/in use by bkv-vault serve \(pid \d+/);
       expect(() => acquireLock(data, 'test')).toThrow(/only one process may own the HSM token/);
     } finally {
-      sleeper.kill();
-      await new Promise((r) => sleeper.once('exit', r));
+      holder.kill('SIGKILL');
+      await new Promise((r) => holder.once('exit', r));
     }
-    // Its owner gone, the lock is stale and taken over.
+    // Its owner gone (killed, nothing cleaned up), the kernel has dropped the lock.
     const lock = acquireLock(data, 'test');
     lock.release();
     expect(existsSync(join(data, 'vault.lock'))).toBe(false);
+  });
+
+  it('a daemon that announced itself but does not answer is VAULT_UNREACHABLE (exit 6), and the token stays closed', async () => {
+    // Accepts connections (the kernel does, even while spawnSync blocks this process) and never answers.
+    const silent = createServer(() => {});
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', () => r()));
+    const { port } = silent.address() as AddressInfo;
+    writeFileSync(join(data, 'admin.json'), JSON.stringify({ url: `http://127.0.0.1:${port}`, pid: 1 }));
+    try {
+      const r = admin('status', '--data', data);
+      expect(r.status, r.stderr).toBe(6);
+      expect(r.stderr).toMatch(/^bkv-admin: VAULT_UNREACHABLE: a daemon announced itself .* but does not answer/);
+      expect(existsSync(join(data, 'vault.lock'))).toBe(false);
+    } finally {
+      rmSync(join(data, 'admin.json'), { force: true });
+      silent.close();
+    }
   });
 
   it('health says unavailable (exit 6) when no daemon runs; backup-db explains the refusal', () => {
@@ -96,9 +126,8 @@ describe('bkv-admin against a stopped vault', () => {
     expect(g.stdout).toContain('STATE_ROLLBACK_DETECTED');
   });
 
-  it('a daemon refuses to start on a data folder another process holds', () => {
-    const owner = spawn('sleep', ['30']);
-    writeFileSync(join(data, 'vault.lock'), JSON.stringify({ pid: owner.pid, host: 'test', role: 'bkv-admin', since: 'now' }));
+  it('a daemon refuses to start on a data folder another process holds', async () => {
+    const owner = await holdLock(data, 'bkv-admin');
     try {
       const r = spawnSync(process.execPath, [DAEMON, 'serve', '--data', data, '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], {
         encoding: 'utf8',
@@ -108,8 +137,8 @@ describe('bkv-admin against a stopped vault', () => {
       expect(r.status).toBe(1);
       expect(r.stderr).toMatch(/in use by bkv-admin/);
     } finally {
-      owner.kill();
-      rmSync(join(data, 'vault.lock'), { force: true });
+      owner.kill('SIGKILL');
+      await new Promise((r) => owner.once('exit', r));
     }
   });
 });

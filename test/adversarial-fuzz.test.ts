@@ -385,7 +385,7 @@ function frameArb(now: number): fc.Arbitrary<Frame> {
   );
 }
 
-/** JSON-RPC id the daemon will echo for this frame (null when it cannot read one). */
+/** JSON-RPC id the daemon will echo for this frame (null when it cannot read a string or number one). */
 function echoedId(f: Frame): string {
   if (f.binary) return 'null';
   let v: unknown;
@@ -395,7 +395,7 @@ function echoedId(f: Frame): string {
     return 'null';
   }
   const id = v && typeof v === 'object' && !Array.isArray(v) ? (v as { id?: unknown }).id : undefined;
-  return JSON.stringify(id ?? null);
+  return JSON.stringify(typeof id === 'string' || typeof id === 'number' ? id : null);
 }
 
 /** A real delete of a real record is not malformed input; everything else may stay. */

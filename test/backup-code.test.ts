@@ -43,6 +43,9 @@ describe('backup key code', () => {
       `  ${code.slice(0, 39)}\n${code.slice(40)}\t\r\n`,
       hex.match(/.{8}/g)!.join('\t'),
       hex.split('').map((c, i) => (i % 2 ? c.toLowerCase() : c)).join(''),
+      // docs/BACKUP-FORMAT.md: any \s counts as a separator, a no-break space too; dashes may repeat.
+      code.replace(/ /g, '\u00a0'),
+      code.replace(/ /g, '--'),
     ];
     for (const v of variants) expect(Buffer.from(parseKeyCode(v))).toEqual(Buffer.from(KEY));
     for (let i = 0; i < 20; i++) {
@@ -74,6 +77,10 @@ describe('backup key code', () => {
       code.replace(/ /g, '_'),
       code.replace(/ /g, '.'),
       code + ' Z',
+      // docs/BACKUP-FORMAT.md: other separators and a 0x prefix are refused.
+      code.replace(/ /g, ':'),
+      code.replace(/ /g, '\u2013'), // en dash
+      `0x${code.replace(/ /g, '')}`,
     ];
     for (const text of bad) {
       const e = catchErr(() => parseKeyCode(text));

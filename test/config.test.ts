@@ -106,7 +106,8 @@ describe('configuration validation', () => {
   });
 
   it('`bkv-admin config check` accepts a good file with environment overrides, and the PIN never appears', () => {
-    const f = file('good.yaml', `dataDir: ${dir}\nadmin:\n  port: 18788\n`);
+    // A data folder of its own: this one holds the test's config files, readable by others, which config check would rightly warn about.
+    const f = file('good.yaml', `dataDir: ${join(dir, 'data')}\nadmin:\n  port: 18788\n`);
     const r = check(['--config', f], cleanEnv({ BKV_LISTEN: '127.0.0.1:18787', BKV_HSM_PIN: 'pin-must-not-show' }));
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);

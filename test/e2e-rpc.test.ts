@@ -8,9 +8,14 @@ import WebSocket from 'ws';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport, type Transport } from '../client/transport.js';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, type ErrorCode } from '../vault/errors.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { codeOf } from './helpers/codes.js';
+import { RawChannel } from './helpers/adversarial.js';
+import { enrollPayload, finishOprf, startOprf } from '../client/protocol.js';
+import { channelIdOf } from '../vault/protocol/channel.js';
+import { fromB64, toB64 } from '../vault/protocol/bytes.js';
+import type { KdfParams } from '../vault/protocol/kdf.js';
 
 let d: RunningDaemon;
 let pinned: Uint8Array;
@@ -240,6 +245,163 @@ describe('what the relay can do', () => {
     other.set(p256.getPublicKey(p256.utils.randomSecretKey(), false));
     const c = new VaultClient({ transport: new Relay(), pinnedKey: other, kdf: TEST_KDF });
     expect(await codeOf(c.recoverWithPassword('rhea', 'x'))).toBe(ErrorCodes.FORBIDDEN);
+  });
+});
+
+type Answer = { jsonrpc: string; id: unknown; result?: unknown; error?: { code: number; message: string; data: { code: string; retryable: boolean } & Record<string, unknown> } };
+
+/** One authenticated socket that sends raw frames and returns the next answer, parsed. */
+async function rawSocket(path = ''): Promise<{ ask(frame: string | Buffer, binary?: boolean): Promise<Answer>; close(): void }> {
+  const ws = new WebSocket(d.url + path, { headers: { authorization: `Bearer ${d.token}` } });
+  await new Promise((r, j) => {
+    ws.once('open', r);
+    ws.once('error', j);
+  });
+  return {
+    ask: (frame, binary = false) =>
+      new Promise<Answer>((resolve) => {
+        ws.once('message', (m) => resolve(JSON.parse(m.toString())));
+        ws.send(frame, { binary });
+      }),
+    close: () => ws.close(),
+  };
+}
+
+/** The error an answer carries, checked against the error table: its integer and retryable are the code's. */
+function tableError(a: Answer, code: ErrorCode, framing?: number): Answer['error'] & object {
+  expect(a.jsonrpc).toBe('2.0');
+  expect(a.error, JSON.stringify(a)).toBeDefined();
+  expect({ code: a.error!.code, data: { code: a.error!.data.code, retryable: a.error!.data.retryable } }).toEqual({
+    code: framing ?? ERRORS[code].jsonrpc,
+    data: { code, retryable: ERRORS[code].retryable },
+  });
+  return a.error!;
+}
+
+describe('the wire contract of docs/RPC.md', () => {
+  it('a frame that is not one JSON-RPC 2.0 request object is -32600 Invalid Request; its id is echoed only when readable', async () => {
+    const s = await rawSocket();
+    const invalid = JSONRPC_FRAMING.INVALID_REQUEST;
+    try {
+      const cases: [string, string, unknown][] = [
+        ['a batch', JSON.stringify([{ jsonrpc: '2.0', id: 1, method: 'health', params: {} }]), null],
+        ['an empty batch', '[]', null],
+        ['no "jsonrpc"', JSON.stringify({ id: 2, method: 'health', params: {} }), 2],
+        ['"jsonrpc": "1.0"', JSON.stringify({ jsonrpc: '1.0', id: 3, method: 'health', params: {} }), 3],
+        ['a notification (no id)', JSON.stringify({ jsonrpc: '2.0', method: 'health', params: {} }), null],
+        ['an object as id', JSON.stringify({ jsonrpc: '2.0', id: { n: 4 }, method: 'health', params: {} }), null],
+        ['a number as method', JSON.stringify({ jsonrpc: '2.0', id: 'five', method: 5, params: {} }), 'five'],
+        ['a string as params', JSON.stringify({ jsonrpc: '2.0', id: 6, method: 'health', params: 'x' }), 6],
+        ['null as params', JSON.stringify({ jsonrpc: '2.0', id: 7, method: 'health', params: null }), 7],
+        ['a JSON string', '"health"', null],
+      ];
+      // All cases in one comparison, so a failure shows every case that differs.
+      const got: unknown[] = [];
+      const want: unknown[] = [];
+      const answer = (a: Answer) => ({ id: a.id, code: a.error?.code, data: { code: a.error?.data.code, retryable: a.error?.data.retryable } });
+      for (const [name, frame, id] of cases) {
+        got.push([name, answer(await s.ask(frame))]);
+        want.push([name, { id, code: invalid, data: { code: ErrorCodes.BAD_REQUEST, retryable: false } }]);
+      }
+      got.push(['a binary frame', answer(await s.ask(Buffer.from(JSON.stringify({ jsonrpc: '2.0', id: 8, method: 'health', params: {} })), true))]);
+      want.push(['a binary frame', { id: null, code: invalid, data: { code: ErrorCodes.BAD_REQUEST, retryable: false } }]);
+      expect(got).toEqual(want);
+      // JSON-RPC's other two, and a method's own params check, for contrast.
+      tableError(await s.ask('{"jsonrpc":"2.0",'), ErrorCodes.BAD_REQUEST, JSONRPC_FRAMING.PARSE_ERROR);
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 9, method: 'vault.rotate', params: {} })), ErrorCodes.BAD_REQUEST, JSONRPC_FRAMING.METHOD_NOT_FOUND);
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 10, method: 'health', params: [] })), ErrorCodes.BAD_REQUEST);
+      // Nothing of that closed the connection, and params may be left out where a method takes none.
+      expect((await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 11, method: 'health' }))).result).toMatchObject({ status: 'ok' });
+    } finally {
+      s.close();
+    }
+  });
+
+  it('record.status of a user id never enrolled is the state "absent", not an error; a non-NFC user id is INVALID_USER_ID (-32602)', async () => {
+    const s = await rawSocket();
+    try {
+      const a = await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'record.status', params: { userId: 'never-enrolled' } }));
+      expect(a.result).toEqual({ userId: 'never-enrolled', state: 'absent', attemptsLeft: 0, attemptLimit: 10 });
+      const nfd = 'zoe\u0301';
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'record.status', params: { userId: nfd } })), ErrorCodes.INVALID_USER_ID);
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 3, method: 'record.delete', params: { userId: 'never-enrolled' } })), ErrorCodes.RECORD_NOT_FOUND);
+    } finally {
+      s.close();
+    }
+  });
+
+  it('an invalid epk is INVALID_POINT with -32602; a stale handshake is STALE_MESSAGE (-32002) with data.now, and sealing again with it works', async () => {
+    const desc = await client(new Relay()).descriptor();
+    const t = new WebSocketTransport({ url: d.url, token: d.token });
+    const s = await rawSocket();
+    try {
+      const ch = new RawChannel(desc, () => t, 'wire-stale');
+      const blinded = toB64(startOprf(desc.vaultId, 'wire-stale', 'pw').blinded);
+      // A 65-byte epk that is not on the curve, under the channel id it hashes to.
+      const p = await ch.params('recover.begin', { blinded }, 0);
+      const offCurve = new Uint8Array(ch.epk);
+      offCurve[64]! ^= 1;
+      const forged = { ...p, channel: { ...p.channel, epk: toB64(offCurve), id: toB64(channelIdOf(offCurve)) } };
+      tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'recover.begin', params: forged })), ErrorCodes.INVALID_POINT);
+      // Two minutes old: outside the 60 s window.
+      const stale = await ch.params('recover.begin', { blinded }, 0, { ts: Date.now() - 120_000 });
+      const before = Date.now();
+      const e = tableError(await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'recover.begin', params: stale })), ErrorCodes.STALE_MESSAGE);
+      expect(typeof e.data.now).toBe('number');
+      expect(Math.abs((e.data.now as number) - before)).toBeLessThan(5_000);
+      expect(e.data).not.toHaveProperty('detail');
+      // Nothing was stored: the same handshake sealed again with the vault's clock opens the channel.
+      const again = await ch.send('recover.begin', { blinded }, 0, { ts: e.data.now as number });
+      expect(again).toMatchObject({ ok: false, code: ErrorCodes.RECORD_NOT_FOUND });
+    } finally {
+      s.close();
+      t.close();
+    }
+  });
+
+  it('a grant is used once: presented again after its enrolment it is SESSION_NOT_FOUND (inside the channel)', async () => {
+    const relay = new Relay();
+    const c = client(relay);
+    const desc = await c.descriptor();
+    const t = new WebSocketTransport({ url: d.url, token: d.token });
+    try {
+      await c.enrollPassword('wire-grant', 'old password', new Uint8Array(randomBytes(32)));
+      // Recover on a raw channel to hold the grant the way a client does.
+      const rc = new RawChannel(desc, () => t, 'wire-grant');
+      const oprf = startOprf(desc.vaultId, 'wire-grant', 'old password');
+      const b = await rc.send('recover.begin', { blinded: toB64(oprf.blinded) }, 0);
+      const keys = await finishOprf(oprf, fromB64(b.result!.evaluated as string)!, b.result!.kdf as KdfParams);
+      const f = await rc.send('recover.finish', { authKey: toB64(keys.authKey) }, 1);
+      expect(f).toMatchObject({ ok: true, result: { outcome: 'ok' } });
+      const grant = f.result!.grant as string;
+      expect(grant).toMatch(/^[A-Za-z0-9_-]{22}$/);
+      // The grant replaces the record once...
+      const enrol = async (password: string, withGrant: boolean) => {
+        const ch = new RawChannel(desc, () => t, 'wire-grant');
+        const p = startOprf(desc.vaultId, 'wire-grant', password);
+        const begun = await ch.send('enroll.begin', { blinded: toB64(p.blinded), ...(withGrant ? { grant } : {}) }, 0);
+        if (!begun.ok) return begun;
+        const payload = await enrollPayload(p, fromB64(begun.result!.evaluated as string)!, TEST_KDF, new Uint8Array(randomBytes(32)));
+        return ch.send('enroll.finish', { authKey: toB64(payload.authKey), envelope: toB64(payload.envelope), kdf: payload.kdf }, 1);
+      };
+      expect(await enrol('new password', true)).toMatchObject({ ok: true, result: { generation: 2 } });
+      // ...and is gone after: used again it is unknown; without one the active record stays.
+      expect(await enrol('third password', true)).toEqual({ ok: false, code: ErrorCodes.SESSION_NOT_FOUND });
+      expect(await enrol('third password', false)).toEqual({ ok: false, code: ErrorCodes.RECORD_EXISTS });
+      expect(await c.status('wire-grant')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+    } finally {
+      relay.close();
+      t.close();
+    }
+  });
+
+  it('the upgrade ignores the path and query: any path reaches the one endpoint', async () => {
+    const s = await rawSocket('/some/prefix?x=1');
+    try {
+      expect((await s.ask(JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'health', params: {} }))).result).toMatchObject({ status: 'ok' });
+    } finally {
+      s.close();
+    }
   });
 });
 

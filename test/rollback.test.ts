@@ -330,11 +330,11 @@ describe('a torn anchor write', () => {
     const keys = t.vault.keys as unknown as {
       token: { destroy(h: unknown): void };
       keys: { anchors: unknown[] };
-      latestSlot: number;
+      anchor: { latest: number };
       writeAnchor: (a: unknown) => Promise<void>;
     };
     keys.writeAnchor = async () => {
-      keys.token.destroy(keys.keys.anchors[1 - keys.latestSlot]);
+      keys.token.destroy(keys.keys.anchors[1 - keys.anchor.latest]);
       throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'simulated crash in the middle of the anchor write');
     };
     expect(await codeOf(recover(t.vault, 'hal', 'wrong-again'))).toBe(ErrorCodes.HSM_UNAVAILABLE);

@@ -275,9 +275,15 @@ describe('vault key file', () => {
   it('refuses other keys and garbage as usage errors', () => {
     const ed = generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString();
     const p384 = generateKeyPairSync('ec', { namedCurve: 'secp384r1' }).publicKey.export({ type: 'spki', format: 'pem' }).toString();
+    // docs/RPC.md: the pinned key is a public key; Node would derive one from a private key, but bkv must not.
+    const p256Private = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
+    const pkcs8 = p256Private.privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+    const sec1 = p256Private.privateKey.export({ type: 'sec1', format: 'pem' }).toString();
     for (const [name, text] of [
       ['ed.pem', ed],
       ['p384.pem', p384],
+      ['pkcs8-private.pem', pkcs8],
+      ['sec1-private.pem', sec1],
       ['short.hex', toHex(sigPublic).slice(2)],
       ['compressed.hex', '02' + toHex(sigPublic).slice(2, 66) + '0'.repeat(64)],
       ['junk', 'hello'],

@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { SOFTHSM_CANDIDATES, loadConfig, type Config } from './config.js';
-import { VaultError, ErrorCodes } from './errors.js';
+import { VaultError, ADMIN_EXIT, errorSpec } from './errors.js';
 import { initVault, tokenConfig } from './setup.js';
 import { openKeys, openVault } from './core/open.js';
 import { Store } from './store/index.js';
@@ -24,20 +24,16 @@ import { offlineStatus, phaseLines, type StatusReport } from './admin/status.js'
 import { AdminCallError, adminCall, adminStream, findDaemon, ping, type DaemonEndpoint } from './admin/client.js';
 import { publicKeyFromText, verifyAudit } from './audit/chain.js';
 import { isLoopback } from './admin/server.js';
+import { dataPermissions } from './admin/perms.js';
 import type { AuditLog } from './audit/log.js';
 import type { VaultKeys } from './hsm/vault-keys.js';
 import { registerCeremony } from './ceremony/cli.js';
 
-export const EXIT = {
-  OK: 0,
-  FAILED: 1,
-  USAGE: 2,
-  AUDIT_BROKEN: 3,
-  NOT_CONFORM: 4,
-  NOT_FOUND: 5,
-  UNAVAILABLE: 6,
-  CEREMONY_REFUSED: 7,
-} as const;
+// Everything an offline command creates (database, token, audit log) is for the vault's user only.
+process.umask(0o077);
+
+/** bkv-admin's exit codes (its --help); which code exits with which is the error table's (vault/errors.ts). */
+export const EXIT = ADMIN_EXIT;
 
 class CliError extends Error {
   constructor(
@@ -111,6 +107,7 @@ function printStatus(s: StatusReport): void {
   if (s.tenants) out(`tenants  ${s.tenants.active} active${s.tenants.names.length ? ` (${s.tenants.names.join(', ')})` : ''}, ${s.tenants.revoked} revoked`);
   if (s.anchor) out(`anchor   database batch ${s.anchor.dbSeq}, HSM anchor batch ${s.anchor.hsmSeq}, consistent: ${yes(s.anchor.consistent)}\n         ${s.anchor.detail}`);
   if (s.audit) out(`audit    ${s.audit.seq} lines, signed through ${s.audit.signedThrough}, writable: ${yes(s.audit.healthy)}`);
+  if (s.permissions) out(`files    private (folders 0700, files 0600): ${yes(s.permissions.ok)}${s.permissions.problems.map((p) => `\n         ${p}`).join('')}`);
 }
 
 function printTenants(list: Tenant[]): void {
@@ -465,6 +462,9 @@ export function configProblems(c: Config, env: NodeJS.ProcessEnv = process.env):
     else if ((statSync(c.hsm.pinFile).mode & 0o077) !== 0) warnings.push({ field: 'hsm.pinFile', message: `${c.hsm.pinFile} is readable by group or others; chmod 600` });
   }
   if (!existsSync(c.dataDir) && !existsSync(dirname(c.dataDir))) errors.push({ field: 'dataDir', message: `neither ${c.dataDir} nor its parent exists` });
+  if (existsSync(c.dataDir)) {
+    for (const p of dataPermissions(c.dataDir).problems) warnings.push({ field: 'dataDir', message: `${p}: readable or writable by group or others; chmod it` });
+  }
   if (c.vault.kdfFloor.m < 19456) warnings.push({ field: 'vault.kdfFloor.m', message: `${c.vault.kdfFloor.m} KiB is below OWASP's Argon2id minimum (19456 KiB); fine for tests only` });
   return { errors, warnings };
 }
@@ -499,15 +499,23 @@ common(program.command('health'))
   .addOption(new Option('--url <url>', 'admin listener URL (default: from <data>/admin.json)'))
   .action(async (o: Common & { ready?: boolean; url?: string }) => {
     let url = o.url;
+    let token: string | undefined;
     if (!url) {
       const c = config(o);
       const info = join(c.dataDir, 'admin.json');
       if (!existsSync(info)) throw new CliError(EXIT.UNAVAILABLE, `the daemon is not running (no ${info})`);
       url = (JSON.parse(readFileSync(info, 'utf8')) as { url: string }).url;
+      // With the admin token the check is never rate-limited: a flood of unauthenticated
+      // requests on loopback cannot fail the container's HEALTHCHECK (docs/SECURITY.md F11).
+      try {
+        token = readFileSync(join(c.dataDir, 'admin-token'), 'utf8').trim();
+      } catch {
+        /* not readable by this user: ask like anyone else */
+      }
     }
     let r: { status: number; body: unknown };
     try {
-      r = await ping(url, o.ready ? '/readyz' : '/healthz', 5000);
+      r = await ping(url, o.ready ? '/readyz' : '/healthz', 5000, token);
     } catch (e) {
       throw new CliError(EXIT.UNAVAILABLE, `no answer from ${url}: ${(e as Error).message}`);
     }
@@ -518,23 +526,7 @@ common(program.command('health'))
 function exitCodeOf(e: unknown): number {
   if (e instanceof CliError) return e.exit;
   const code = e instanceof VaultError || e instanceof AdminCallError ? e.code : undefined;
-  if (code?.startsWith('CEREMONY_')) return EXIT.CEREMONY_REFUSED;
-  switch (code) {
-    case ErrorCodes.BAD_REQUEST:
-      return EXIT.USAGE;
-    case ErrorCodes.RECORD_NOT_FOUND:
-      return EXIT.NOT_FOUND;
-    case ErrorCodes.HSM_POLICY_VIOLATION:
-    case ErrorCodes.STATE_ROLLBACK_DETECTED:
-      return EXIT.NOT_CONFORM;
-    case ErrorCodes.HSM_UNAVAILABLE:
-    case ErrorCodes.HSM_TOKEN_NOT_FOUND:
-    case ErrorCodes.STORE_UNAVAILABLE:
-    case 'DAEMON_UNRESPONSIVE':
-      return EXIT.UNAVAILABLE;
-    default:
-      return EXIT.FAILED;
-  }
+  return (code !== undefined ? errorSpec(code)?.admin : undefined) ?? EXIT.FAILED;
 }
 
 registerCeremony(program);

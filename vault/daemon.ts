@@ -2,7 +2,7 @@
 // the WebSocket server, plus metrics, the audit log and the admin listener,
 // and tears them down in the reverse order on a signal.
 import { randomBytes } from 'node:crypto';
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import pino, { type Logger, type StreamEntry } from 'pino';
 import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
@@ -21,9 +21,11 @@ import { toHex } from './protocol/bytes.js';
 import { InstrumentedKeys, Metrics } from './metrics.js';
 import { AuditLog } from './audit/log.js';
 import { auditEventOf, eventOf } from './audit/events.js';
-import { readiness, type Readiness } from './admin/health.js';
+import { cachedReadiness, readiness, readinessSignals, type Readiness } from './admin/health.js';
 import { daemonStatus } from './admin/status.js';
 import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
+import { writeFileAtomic } from './safe-file.js';
+import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
 
 const LEVELS = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60 } as const;
@@ -213,6 +215,10 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     },
     'vault open',
   );
+  const perms = dataPermissions(c.dataDir);
+  if (!perms.ok) {
+    log.warn({ event: 'data.permissions', problems: perms.problems }, 'the data folder is readable or writable by others: folders should be 0700, files 0600 (bkv-admin status lists them)');
+  }
   log.info(
     { event: 'listening', host: c.listen.host, port: server.port, tls: !!c.tls, vaultId: toHex(vault.vaultId) },
     `vault listening on ${c.tls ? 'wss' : 'ws'}://${c.listen.host}:${server.port}`,
@@ -225,7 +231,11 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     metrics,
     audit,
     startedAt,
-    readiness: () => readiness(vault, audit),
+    readiness: cachedReadiness(
+      () => readiness(vault, audit),
+      () => readinessSignals(vault, audit),
+      { onEvaluate: () => metrics.readyEvaluations.inc() },
+    ),
     stop: () =>
       (stopped ??= (async () => {
         await server.close();
@@ -251,7 +261,7 @@ export async function devToken(d: Daemon, c: Config, log: Logger): Promise<strin
   }
   const secret = await d.auth.secretFor('dev', dev.version);
   const token = mintToken(secret, { tenant: 'dev', version: dev.version, vaultId: d.vault.vaultId, ttlSec: 86_400 });
-  writeFileSync(join(c.dataDir, 'dev-token'), token + '\n', { mode: 0o600 });
+  writeFileAtomic(join(c.dataDir, 'dev-token'), token + '\n');
   return token;
 }
 
@@ -324,8 +334,9 @@ export async function startAdmin(d: Daemon, c: Config, log: Logger): Promise<Run
   const files = adminFiles(c.dataDir);
   const host = isLoopback(c.admin.host) ? c.admin.host : c.admin.host === '0.0.0.0' ? '127.0.0.1' : c.admin.host === '::' ? '::1' : c.admin.host;
   const url = `http://${host.includes(':') ? `[${host}]` : host}:${admin.port}`;
-  writeFileSync(files.token, adminToken + '\n', { mode: 0o600 });
-  writeFileSync(files.info, JSON.stringify({ url, pid: process.pid, startedAt: new Date(d.startedAt).toISOString() }) + '\n', { mode: 0o644 });
+  // Replaced whole (temp file, rename), never written through a link planted at the name (safe-file.ts).
+  writeFileAtomic(files.token, adminToken + '\n');
+  writeFileAtomic(files.info, JSON.stringify({ url, pid: process.pid, startedAt: new Date(d.startedAt).toISOString() }) + '\n');
   log.info({ event: 'admin.listening', host: c.admin.host, port: admin.port }, `admin listener on ${url} (/healthz /readyz /metrics)`);
   return {
     ...admin,

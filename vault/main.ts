@@ -13,6 +13,12 @@ import { acquireLock, type DataLock } from './admin/lock.js';
 import type { AuditLog } from './audit/log.js';
 import type { RunningAdmin } from './admin/server.js';
 
+// Before anything creates a file: everything this process creates is for its own user only
+// (the database's -wal and -shm too, which SQLite creates with the database's mode). Explicit
+// modes (0600, safe-file.ts) say the same where a file is made; this covers what others create
+// for us (SQLite, SoftHSM's token files). docs/SECURITY.md F11.
+process.umask(0o077);
+
 const program = new Command('bkv-vault')
   .description('Backup Key Vault daemon: escrows backup keys behind passwords with an HSM-enforced guess limit')
   .showHelpAfterError();

@@ -34,6 +34,7 @@ export class Metrics {
   readonly anchorFailures: Counter;
   readonly authRefused: Counter;
   readonly ready: Gauge<'check'>;
+  readonly readyEvaluations: Counter;
   readonly auditEvents: Counter;
   readonly auditCheckpoints: Counter;
   readonly auditErrors: Counter;
@@ -55,6 +56,7 @@ export class Metrics {
     this.anchorFailures = new Counter({ name: 'bkv_anchor_write_failures_total', help: 'HSM anchor writes that failed (the batch stays unanswered)', registers: r });
     this.authRefused = new Counter({ name: 'bkv_auth_refused_total', help: 'connections refused at tenant authentication', registers: r });
     this.ready = new Gauge({ name: 'bkv_ready', help: 'last readiness result per check (1 ready, 0 not)', labelNames: ['check'], registers: r });
+    this.readyEvaluations = new Counter({ name: 'bkv_ready_evaluations_total', help: 'readiness evaluations run (each /readyz within a second of the last reuses it)', registers: r });
     this.auditEvents = new Counter({ name: 'bkv_audit_events_total', help: 'lines appended to the audit log', registers: r });
     this.auditCheckpoints = new Counter({ name: 'bkv_audit_checkpoints_total', help: 'HSM-signed audit checkpoints written', registers: r });
     this.auditErrors = new Counter({ name: 'bkv_audit_write_errors_total', help: 'audit appends or checkpoints that failed', registers: r });
@@ -125,6 +127,7 @@ export class Metrics {
         break;
       case 'state.rollback':
       case 'state.mismatch':
+      case 'state.anchor.foreign':
         this.rollbacks.inc();
         break;
       case 'state.anchor.failed':

@@ -3,7 +3,7 @@
 // pinned public key file and the database. Idempotent: a second run changes
 // nothing and says so.
 import { createPublicKey, randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from './errors.js';
@@ -14,17 +14,29 @@ import { Vault } from './core/vault.js';
 import { hsmSettings, readPin, type Config, type HsmSettings } from './config.js';
 import { toHex } from './protocol/bytes.js';
 import type { TokenConfig } from './hsm/token.js';
+import { writeFileAtomic } from './safe-file.js';
 
 /** Point SoftHSM at the data folder before the library is first loaded in this process. */
 export function prepareEmbedded(s: HsmSettings): void {
   if (!s.embedded) return;
   mkdirSync(s.embedded.tokenDir, { recursive: true, mode: 0o700 });
-  if (!existsSync(s.embedded.conf)) {
-    writeFileSync(s.embedded.conf, `directories.tokendir = ${s.embedded.tokenDir}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n`, {
-      mode: 0o600,
-    });
+  // The token directory is the HSM: a link planted in its place would put the keys elsewhere.
+  if (!lstatSync(s.embedded.tokenDir).isDirectory()) {
+    throw new VaultError(ErrorCodes.HSM_ERROR, `${s.embedded.tokenDir} is not a directory (a link or a file is in its place); refusing to put the token there`);
+  }
+  // Written when missing, and when something other than a regular file (a link) took its name.
+  if (!isRegularFile(s.embedded.conf)) {
+    writeFileAtomic(s.embedded.conf, `directories.tokendir = ${s.embedded.tokenDir}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n`);
   }
   process.env.SOFTHSM2_CONF = s.embedded.conf;
+}
+
+function isRegularFile(path: string): boolean {
+  try {
+    return lstatSync(path).isFile();
+  } catch {
+    return false;
+  }
 }
 
 export function tokenConfig(c: Config): TokenConfig {
@@ -34,8 +46,7 @@ export function tokenConfig(c: Config): TokenConfig {
 }
 
 function writeSecret(path: string, value: string): void {
-  writeFileSync(path, value + '\n', { mode: 0o600 });
-  chmodSync(path, 0o600);
+  writeFileAtomic(path, value + '\n', 0o600);
 }
 
 /** PEM SubjectPublicKeyInfo of a raw P-256 point: the file clients pin. */
@@ -82,7 +93,7 @@ export async function initVault(c: Config, log: Logger): Promise<InitResult> {
   try {
     await selfTest(keys);
     const publicKeyFile = join(c.dataDir, 'vault-key.pub');
-    writeFileSync(publicKeyFile, publicKeyPem(keys.signingPublic));
+    writeFileAtomic(publicKeyFile, publicKeyPem(keys.signingPublic));
     const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
     try {
       const vault = await Vault.open(keys, store, log);

@@ -11,7 +11,7 @@ import WebSocket from 'ws';
 import { TEST_CONFIG, type RunningDaemon } from './daemon.js';
 import { readVaultKey } from '../../client/cli.js';
 import { WebSocketTransport, type Transport } from '../../client/transport.js';
-import { ErrorCodes, VaultError } from '../../vault/errors.js';
+import { ErrorCodes, JSONRPC_FRAMING, VaultError, errorSpec } from '../../vault/errors.js';
 import { p256 } from '@noble/curves/nist.js';
 import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKeys } from '../../vault/protocol/channel.js';
 import type { Descriptor } from '../../vault/protocol/descriptor.js';
@@ -23,8 +23,12 @@ import { finishOprf, startOprf } from '../../client/protocol.js';
 
 /** Every code the vault may put in error.data.code (the key ceremony's are bkv-admin's only). */
 export const DOCUMENTED_CODES: ReadonlySet<string> = new Set(Object.values(ErrorCodes).filter((c) => !c.startsWith('CEREMONY_')));
-/** JSON-RPC integer codes listed in docs/RPC.md (-32603 is INTERNAL, which the tests treat as a bug). */
-export const DOCUMENTED_RPC_INTS: ReadonlySet<number> = new Set([-32700, -32600, -32601, -32602, -32001, -32002, -32003, -32004, -32603]);
+/** The JSON-RPC integers an answer with this data.code may carry: the error table's (docs/RPC.md), plus JSON-RPC's own for BAD_REQUEST. */
+export function documentedInts(code: string): readonly number[] {
+  const spec = errorSpec(code);
+  if (!spec) return [];
+  return code === ErrorCodes.BAD_REQUEST ? [spec.jsonrpc, ...Object.values(JSONRPC_FRAMING)] : [spec.jsonrpc];
+}
 
 export function pinnedKeyOf(d: RunningDaemon): Uint8Array {
   return readVaultKey(d.vaultKeyFile);
@@ -45,8 +49,8 @@ export function classifyAnswer(text: string): { kind: 'result' | 'error'; code: 
   let problem: string | undefined;
   if (!e || typeof e.message !== 'string') problem = 'error without message';
   else if (!DOCUMENTED_CODES.has(code)) problem = `undocumented data.code ${String(code)}`;
-  else if (typeof e.code !== 'number' || !DOCUMENTED_RPC_INTS.has(e.code)) problem = `undocumented JSON-RPC code ${String(e.code)}`;
-  else if (typeof e.data?.retryable !== 'boolean') problem = 'error without data.retryable';
+  else if (typeof e.code !== 'number' || !documentedInts(code).includes(e.code)) problem = `JSON-RPC code ${String(e.code)} is not the table's for ${code}`;
+  else if (e.data?.retryable !== errorSpec(code)?.retryable) problem = `data.retryable is not the table's for ${code}`;
   return { kind: 'error', code, id: m.id, ...(problem ? { problem } : {}) };
 }
 

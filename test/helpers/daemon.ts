@@ -39,16 +39,38 @@ export interface RunningDaemon {
   cleanup(): Promise<void>;
 }
 
+/**
+ * The host pid of a wrapper's child (`unshare -f` forks the daemon and waits for it). Signals
+ * go to the daemon itself: unshare does not pass SIGTERM on.
+ */
+function childOf(pid: number): number | undefined {
+  try {
+    const first = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/)[0];
+    return first ? Number(first) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 export async function startDaemon(
-  opts: { dataDir?: string; config?: object; env?: NodeJS.ProcessEnv; port?: number } = {},
+  opts: {
+    dataDir?: string;
+    config?: object;
+    env?: NodeJS.ProcessEnv;
+    port?: number;
+    /** Run the daemon under this command, e.g. ['unshare', '-p', '-f', '--mount-proc'] (a PID namespace of its own). */
+    wrap?: string[];
+  } = {},
 ): Promise<RunningDaemon> {
   const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'bkv-daemon-'));
   const configFile = join(dataDir, 'test-config.json');
   writeFileSync(configFile, JSON.stringify(opts.config ?? TEST_CONFIG));
   const logs: string[] = [];
+  const argv = [DAEMON, 'serve', '--config', configFile, '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, '--init', '--dev'];
+  const [cmd, ...args] = opts.wrap?.length ? [...opts.wrap, process.execPath, ...argv] : [process.execPath, ...argv];
   const proc = spawn(
-    process.execPath,
-    [DAEMON, 'serve', '--config', configFile, '--data', dataDir, '--listen', `127.0.0.1:${opts.port ?? 0}`, '--init', '--dev'],
+    cmd!,
+    args,
     // Admin listener on an ephemeral port: daemons of parallel test files must not fight over 8788.
     { env: { ...process.env, BKV_ADMIN_LISTEN: '127.0.0.1:0', ...opts.env, SOFTHSM2_CONF: undefined }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
@@ -99,7 +121,9 @@ export async function startDaemon(
     cliEnv: { ...process.env, BKV_VAULT: url, BKV_TOKEN: token, BKV_VAULT_KEY: vaultKeyFile },
     async stop(signal = 'SIGTERM') {
       if (proc.exitCode !== null || proc.signalCode !== null) return proc.exitCode;
-      proc.kill(signal);
+      const inner = opts.wrap?.length ? childOf(proc.pid!) : undefined;
+      if (inner) process.kill(inner, signal);
+      else proc.kill(signal);
       return exited;
     },
     async restart() {

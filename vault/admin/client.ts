@@ -2,6 +2,7 @@
 // folder (<data>/admin.json), authenticate with <data>/admin-token, call it.
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { ErrorCodes } from '../errors.js';
 
 export class AdminCallError extends Error {
   constructor(
@@ -30,8 +31,9 @@ function causeCode(e: unknown): string | undefined {
   return undefined;
 }
 
-export async function ping(url: string, path = '/healthz', timeoutMs = 3000): Promise<{ status: number; body: unknown }> {
-  const res = await fetch(url + path, { signal: AbortSignal.timeout(timeoutMs) });
+/** GET a health endpoint; with the admin token, past the listener's limit for unauthenticated callers. */
+export async function ping(url: string, path = '/healthz', timeoutMs = 3000, token?: string): Promise<{ status: number; body: unknown }> {
+  const res = await fetch(url + path, { signal: AbortSignal.timeout(timeoutMs), ...(token ? { headers: { authorization: `Bearer ${token}` } } : {}) });
   const text = await res.text();
   let body: unknown = text;
   try {
@@ -63,8 +65,9 @@ export async function findDaemon(dataDir: string): Promise<DaemonEndpoint | unde
   } catch (e) {
     const code = causeCode(e);
     if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EADDRNOTAVAIL') return undefined;
+    // VAULT_UNREACHABLE: no answer, so bkv-admin exits 6 (daemon unavailable), as bkv does.
     throw new AdminCallError(
-      'DAEMON_UNRESPONSIVE',
+      ErrorCodes.VAULT_UNREACHABLE,
       `a daemon announced itself at ${info.url} (pid ${String(info.pid)}) but does not answer (${code ?? (e as Error).name}); ` +
         'refusing to open the HSM token beside it',
       0,

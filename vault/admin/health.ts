@@ -2,7 +2,8 @@
 // answers a question a recovery depends on, and says which one failed:
 //   hsm    — the token answers (a recovery needs the OPRF key and the verifier key)
 //   anchor — the HSM anchor holds exactly the state this process last anchored,
-//            and every committed change is anchored (retries a failed anchor write).
+//            no other process wrote it, and every committed change is anchored
+//            (retries a failed anchor write).
 //            The anchor is a private token object, so reading it also proves the
 //            session is logged in, not merely open.
 //   db     — a real write commits (readers alone cannot count a guess)
@@ -44,7 +45,11 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
   }
 
   let anchor: Readiness['checks']['anchor'];
-  if (!hsm.ok) {
+  const stopped = vault.ledger.status().stopped;
+  if (stopped) {
+    // Another writer moved the anchor: this vault stopped serving, and nothing here brings it back.
+    anchor = { ok: false, detail: stopped };
+  } else if (!hsm.ok) {
     anchor = { ok: false, detail: 'not checked: the HSM is unavailable' };
   } else {
     try {
@@ -53,8 +58,13 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
       anchor = { ok: false };
       // A flush may land between our read of the HSM and of the ledger: look twice before calling it a mismatch.
       for (let i = 0; i < 3; i++) {
-        const a = await withTimeout(vault.keys.readAnchor(), timeoutMs, 'reading the HSM anchor');
+        // Through the ledger: a slot another process wrote stops it (hsm/anchor.ts).
+        const a = await withTimeout(vault.ledger.readAnchor(), timeoutMs, 'reading the HSM anchor');
         const st = vault.ledger.status();
+        if (st.stopped) {
+          anchor = { ok: false, seq: st.seq, anchored: st.anchored, hsmSeq: a.seq, detail: st.stopped };
+          break;
+        }
         const lag = Math.max(0, st.seq - st.anchored);
         const same = a.seq === st.anchored && (st.seq !== st.anchored || toHex(a.root) === st.root);
         anchor = same
@@ -72,7 +82,7 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
       }
     } catch (e) {
       const st = vault.ledger.status();
-      anchor = { ok: false, seq: st.seq, anchored: st.anchored, lag: st.seq - st.anchored, detail: `anchor: ${(e as Error).message}` };
+      anchor = { ok: false, seq: st.seq, anchored: st.anchored, lag: st.seq - st.anchored, detail: st.stopped ?? `anchor: ${(e as Error).message}` };
     }
   }
 
@@ -107,4 +117,55 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
     checks.audit = s.healthy ? { ok: true } : { ok: false, detail: 'the audit log cannot be written' };
   }
   return { ready: Object.values(checks).every((c) => c.ok), checks };
+}
+
+/**
+ * Readiness for the unauthenticated /readyz. A flood of it used to run every check per
+ * call, a database write and an HSM read each (docs/SECURITY.md F11). Now: concurrent
+ * callers share one evaluation, and a result is served again for up to `ttlMs` — unless
+ * one of the cheap signals (`signals()`: the HSM's last ping, a failed write,
+ * corruption, the audit log, a stopped ledger) changed since, which evaluates at once.
+ * So the write probe runs at most once per `ttlMs` however many ask.
+ */
+export function cachedReadiness(
+  evaluate: () => Promise<Readiness>,
+  signals: () => string,
+  opts: { ttlMs?: number; now?: () => number; onEvaluate?: () => void } = {},
+): () => Promise<Readiness> {
+  const ttlMs = opts.ttlMs ?? 1000;
+  const now = opts.now ?? Date.now;
+  let last: { at: number; signals: string; result: Readiness } | undefined;
+  let running: Promise<Readiness> | undefined;
+  return () => {
+    if (running) return running;
+    const s = signals();
+    if (last && now() - last.at < ttlMs && last.signals === s) return Promise.resolve(last.result);
+    opts.onEvaluate?.();
+    running = evaluate().then(
+      (result) => {
+        running = undefined;
+        // The signals as they stand after the evaluation (it may have retried an anchor write).
+        last = { at: now(), signals: signals(), result };
+        return result;
+      },
+      (e: unknown) => {
+        running = undefined;
+        throw e;
+      },
+    );
+    return running;
+  };
+}
+
+/** The cheap signals readiness depends on, read without I/O (see cachedReadiness). */
+export function readinessSignals(vault: Vault, audit?: AuditLog): string {
+  let hsm: boolean;
+  try {
+    hsm = vault.keys.ping();
+  } catch {
+    hsm = false;
+  }
+  // Not the anchor lag: it flickers with every batch in flight; a stuck anchor shows within ttlMs.
+  const r = vault.store.records;
+  return [hsm, vault.ledger.status().stopped ?? '', r.writeFailure ?? '', r.corruptionSeen, audit?.status().healthy ?? true].join('|');
 }

@@ -1,13 +1,23 @@
 // One writer per data folder. SoftHSM lets only one process own a token for
 // writes, and the ledger assumes it is the only one moving the HSM anchor, so
-// the daemon and an offline bkv-admin command each hold <data>/vault.lock
-// while they have the token open. The lock names its owner's pid; a lock whose
-// pid is gone (or is our own pid, as after a container restart where the new
-// daemon is pid 1 again) is stale and taken over.
-import { closeSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+// the daemon and an offline bkv-admin command each hold the data folder's lock
+// while they have the token open.
+//
+// The lock is a kernel lock on <data>/vault.lock.db (store/kernel-lock.ts):
+// held for the life of the process, gone when it ends however it ends, and the
+// same for processes in other PID namespaces (containers on one volume). It
+// replaces a pid file whose owner was judged alive or stale by its pid, which
+// could not tell "pid 1 in another container" from "pid 1, me after a restart"
+// and whose stale-lock takeover was check-then-delete (docs/SECURITY.md F9).
+// <data>/vault.lock still says who holds it (pid, host, role, since), for the
+// refusal message only: it decides nothing. Across hosts (a shared network
+// volume) the HSM anchor's writer id is the second guard (hsm/anchor.ts).
+import { readFileSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { VaultError, ErrorCodes } from '../errors.js';
+import { tryKernelLock } from '../store/kernel-lock.js';
+import { writeFileAtomic } from '../safe-file.js';
 
 export interface DataLock {
   readonly file: string;
@@ -21,73 +31,48 @@ export interface LockOwner {
   since: string;
 }
 
+/** Who holds (or last held) the lock: information only. */
 export const lockFile = (dataDir: string): string => join(dataDir, 'vault.lock');
+/** The file the kernel lock is taken on. Never delete it, never open it but through kernel-lock.ts. */
+export const kernelLockFile = (dataDir: string): string => join(dataDir, 'vault.lock.db');
 
-function alive(pid: number): boolean {
-  if (pid === process.pid) return false;
-  try {
-    process.kill(pid, 0);
-  } catch (e) {
-    // EPERM: it exists but belongs to someone else, which still means alive.
-    if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false;
-  }
-  // A killed process its parent has not reaped yet still answers kill(0): a zombie owns nothing.
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return true;
-  }
-}
-
+/** The owner the lock file names, if it names one. Not proof that it still runs: only the kernel lock says that. */
 export function lockOwner(dataDir: string): LockOwner | undefined {
   try {
     const o = JSON.parse(readFileSync(lockFile(dataDir), 'utf8')) as LockOwner;
-    return typeof o.pid === 'number' && alive(o.pid) ? o : undefined;
+    return typeof o.pid === 'number' && typeof o.role === 'string' ? o : undefined;
   } catch {
     return undefined;
   }
 }
 
 export function acquireLock(dataDir: string, role: string): DataLock {
-  const file = lockFile(dataDir);
-  const body = JSON.stringify({ pid: process.pid, host: hostname(), role, since: new Date().toISOString() }) + '\n';
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      const fd = openSync(file, 'wx', 0o600);
-      try {
-        writeSync(fd, body);
-      } finally {
-        closeSync(fd);
-      }
-      let released = false;
-      return {
-        file,
-        release() {
-          if (released) return;
-          released = true;
-          try {
-            const o = JSON.parse(readFileSync(file, 'utf8')) as LockOwner;
-            if (o.pid === process.pid) rmSync(file, { force: true });
-          } catch {
-            /* gone already */
-          }
-        },
-      };
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
-        throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot create ${file}: ${(e as Error).message}`);
-      }
-      const owner = lockOwner(dataDir);
-      if (owner) {
-        throw new VaultError(
-          ErrorCodes.HSM_UNAVAILABLE,
-          `the data folder is in use by ${owner.role} (pid ${owner.pid} on ${owner.host} since ${owner.since}); ` +
-            `only one process may own the HSM token. If no such process runs, remove ${file}.`,
-        );
-      }
-      rmSync(file, { force: true });
-    }
+  const lock = tryKernelLock(kernelLockFile(dataDir));
+  if (!lock) {
+    const o = lockOwner(dataDir);
+    const who = o ? `${o.role} (pid ${o.pid} on ${o.host} since ${o.since})` : 'another process (it has not said who yet)';
+    throw new VaultError(
+      ErrorCodes.HSM_UNAVAILABLE,
+      `the data folder ${dataDir} is in use by ${who}; only one process may own the HSM token. ` +
+        'The lock is held by the kernel for as long as that process runs: stop it, there is no lock file to remove.',
+    );
   }
-  throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, `could not take ${file}: another process keeps creating it`);
+  const file = lockFile(dataDir);
+  try {
+    writeFileAtomic(file, JSON.stringify({ pid: process.pid, host: hostname(), role, since: new Date().toISOString() }) + '\n');
+  } catch (e) {
+    lock.release();
+    throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot write ${file}: ${(e as Error).message}`);
+  }
+  let released = false;
+  return {
+    file,
+    release() {
+      if (released) return;
+      released = true;
+      // Still ours while we hold the kernel lock: remove it first, then let go.
+      rmSync(file, { force: true });
+      lock.release();
+    },
+  };
 }

@@ -2,8 +2,10 @@
 // public WebSocket port so it is never exposed by accident with it.
 //
 //   GET  /healthz                 alive (no auth)
-//   GET  /readyz                  200 ready / 503 not ready, with the failing check (no auth)
-//   GET  /metrics                 Prometheus text (no auth; nothing per-user in it)
+//   GET  /readyz                  200 ready / 503 not ready, with the failing check (no auth;
+//                                 evaluated at most once a second, health.ts cachedReadiness)
+//   GET  /metrics                 Prometheus text (no auth; nothing per-user in it; rendered
+//                                 at most once a second)
 //   GET  /admin/status            ┐
 //   POST /admin/rotate            │ bkv-admin while the daemon owns the HSM token:
 //   GET  /admin/tenants           │ Authorization: Bearer <contents of <data>/admin-token>,
@@ -12,11 +14,17 @@
 //   POST /admin/tenants/token     │ can act. Served only when the listener is on
 //   POST /admin/audit/checkpoint  │ loopback: over a network the token would travel in clear.
 //   POST /admin/ceremony/export   ┘ (key ceremony: a bundle for a trusted target, vault/ceremony/)
+//
+// Every request without a valid admin token (health, metrics, refused admin calls) is
+// rate-limited per client address: past the limit it gets 429 with Retry-After. A flood
+// of them raised the vault's RPC p50 from 6 ms to 138-215 ms, and each /readyz used to
+// write to the database (docs/SECURITY.md F11).
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { timingSafeEqual } from 'node:crypto';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, type ErrorCode } from '../errors.js';
+import { VaultError, ErrorCodes, ERRORS, errorSpec } from '../errors.js';
 import type { Metrics } from '../metrics.js';
+import { RateLimiter, type Rate } from '../rpc/ratelimit.js';
 import type { Readiness } from './health.js';
 import type { StatusReport } from './status.js';
 
@@ -37,24 +45,20 @@ export interface AdminServerDeps {
   actions: AdminActions;
   adminToken: string;
   log: Logger;
+  /** Requests without the admin token, per client address (default 20/s, bursts of 50). */
+  unauthenticatedRate?: Rate;
+  now?: () => number;
 }
+
+export const UNAUTHENTICATED_RATE: Rate = { perSec: 20, burst: 50 };
+/** How long a rendered /metrics text is served again. */
+const METRICS_TTL_MS = 1000;
 
 export interface RunningAdmin {
   port: number;
   host: string;
   close(): Promise<void>;
 }
-
-const STATUS: Partial<Record<ErrorCode, number>> = {
-  BAD_REQUEST: 400,
-  PAYLOAD_TOO_LARGE: 413,
-  UNAUTHENTICATED: 401,
-  FORBIDDEN: 403,
-  RECORD_NOT_FOUND: 404,
-  HSM_UNAVAILABLE: 503,
-  STORE_UNAVAILABLE: 503,
-  OVERLOADED: 503,
-};
 
 export const isLoopback = (host: string): boolean => host === 'localhost' || host === '::1' || /^127\./.test(host);
 
@@ -66,8 +70,8 @@ function send(res: ServerResponse, status: number, body: unknown, type = 'applic
 
 function sendError(res: ServerResponse, e: unknown): void {
   const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');
-  // A refused ceremony step is the request's fault, not the daemon's.
-  send(res, STATUS[err.code] ?? (err.code.startsWith('CEREMONY_') ? 409 : 500), { error: { code: err.code, message: err.message } });
+  if (err.code === ErrorCodes.RATE_LIMITED) res.setHeader('retry-after', String(Math.max(1, Math.ceil(Number(err.detail?.retryAfterMs ?? 1000) / 1000))));
+  send(res, (errorSpec(err.code) ?? ERRORS.INTERNAL).http, { error: { code: err.code, message: err.message } });
 }
 
 async function readJson(req: IncomingMessage, limit = 64 * 1024): Promise<Record<string, unknown>> {
@@ -109,6 +113,24 @@ export async function startAdminServer(deps: AdminServerDeps, opts: { host: stri
     const got = Buffer.from(h?.startsWith('Bearer ') ? h.slice(7).trim() : '');
     return got.length === expected.length && timingSafeEqual(got, expected);
   };
+  const now = deps.now ?? Date.now;
+  const rate = deps.unauthenticatedRate ?? UNAUTHENTICATED_RATE;
+  const limiter = new RateLimiter({ tenant: rate, user: rate }, now);
+  // One rendering serves every scrape for a second; a readiness evaluation sets the bkv_ready gauges, so it starts a new one.
+  let metricsText: { at: number; text: Promise<string> } | undefined;
+  let lastReady: unknown;
+  const metricsNow = (): Promise<string> => {
+    const t = now();
+    if (!metricsText || t - metricsText.at >= METRICS_TTL_MS) {
+      const text = deps.metrics.text();
+      const entry = { at: t, text };
+      metricsText = entry;
+      text.catch(() => {
+        if (metricsText === entry) metricsText = undefined;
+      });
+    }
+    return metricsText.text;
+  };
 
   const server = createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://admin');
@@ -116,17 +138,25 @@ export async function startAdminServer(deps: AdminServerDeps, opts: { host: stri
     const method = req.method ?? 'GET';
     void (async () => {
       try {
+        // The admin token is the only way past the limit (bkv-admin health sends it too, so a
+        // local flood cannot fail the container's health check); checking it is one comparison.
+        const admin = adminEnabled && authorized(req);
+        if (!admin) limiter.take(`addr:${req.socket.remoteAddress ?? '?'}`);
         if (path === '/healthz' && method === 'GET') return send(res, 200, { status: 'alive', pid: process.pid, uptimeSec: Math.round(process.uptime()) });
         if (path === '/readyz' && method === 'GET') {
           const r = await deps.readiness();
-          for (const [k, c] of Object.entries(r.checks)) deps.metrics.ready.set({ check: k }, c.ok ? 1 : 0);
-          deps.metrics.ready.set({ check: 'all' }, r.ready ? 1 : 0);
+          if (r !== lastReady) {
+            lastReady = r;
+            for (const [k, c] of Object.entries(r.checks)) deps.metrics.ready.set({ check: k }, c.ok ? 1 : 0);
+            deps.metrics.ready.set({ check: 'all' }, r.ready ? 1 : 0);
+            metricsText = undefined;
+          }
           return send(res, r.ready ? 200 : 503, r);
         }
-        if (path === '/metrics' && method === 'GET') return send(res, 200, await deps.metrics.text(), deps.metrics.contentType);
+        if (path === '/metrics' && method === 'GET') return send(res, 200, await metricsNow(), deps.metrics.contentType);
         if (!path.startsWith('/admin/')) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no such endpoint ${path.slice(0, 64)}`);
         if (!adminEnabled) throw new VaultError(ErrorCodes.FORBIDDEN, 'admin actions are served only on a loopback listener');
-        if (!authorized(req)) {
+        if (!admin) {
           deps.log.warn({ event: 'admin.denied', path }, 'admin request without a valid admin token');
           throw new VaultError(ErrorCodes.UNAUTHENTICATED, 'admin token missing or wrong (it is in <data>/admin-token)');
         }

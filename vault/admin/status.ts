@@ -20,6 +20,7 @@ import type { Vault } from '../core/vault.js';
 import type { AuditLog } from '../audit/log.js';
 import { hsmSettings, type Config } from '../config.js';
 import { tokenConfig } from '../setup.js';
+import { dataPermissions, type PermissionReport } from './perms.js';
 
 export interface PolicyReport {
   conform: boolean;
@@ -45,6 +46,8 @@ export interface StatusReport {
   anchor?: { dbSeq: number; hsmSeq: number; consistent: boolean; lag: number; detail: string };
   audit?: { seq: number; signedThrough: number; healthy: boolean };
   daemon?: { pid: number; uptimeSec: number; connections: number };
+  /** Folders looser than 0700, files looser than 0600 in the data folder (admin/perms.ts). */
+  permissions?: PermissionReport;
 }
 
 /** Resolve the key set against hsm-policy/ without creating anything. */
@@ -115,10 +118,17 @@ export async function daemonStatus(
   const st = vault.ledger.status();
   let anchor: StatusReport['anchor'];
   try {
-    const a = await vault.keys.readAnchor();
+    // Through the ledger: another writer's label found here stops this vault too (hsm/anchor.ts).
+    const a = await vault.ledger.readAnchor();
     const dbSeq = Number(vault.store.records.getMeta('state_seq') ?? '0');
     const rootsMatch = toHex(a.root) === (vault.store.records.getMeta('state_root') ?? toHex(a.root));
-    anchor = { dbSeq, hsmSeq: a.seq, lag: Math.max(0, st.seq - st.anchored), ...anchorDetail(dbSeq, a.seq, rootsMatch) };
+    const stopped = vault.ledger.status().stopped;
+    anchor = {
+      dbSeq,
+      hsmSeq: a.seq,
+      lag: Math.max(0, st.seq - st.anchored),
+      ...(stopped ? { consistent: false, detail: stopped } : anchorDetail(dbSeq, a.seq, rootsMatch)),
+    };
   } catch (e) {
     anchor = { dbSeq: st.seq, hsmSeq: -1, lag: st.seq - st.anchored, consistent: false, detail: `cannot read the HSM anchor: ${(e as Error).message}` };
   }
@@ -133,6 +143,7 @@ export async function daemonStatus(
     anchor,
     ...(extra.audit ? { audit: (({ seq, signedThrough, healthy }) => ({ seq, signedThrough, healthy }))(extra.audit.status()) } : {}),
     daemon: { pid: process.pid, uptimeSec: Math.round((Date.now() - extra.startedAt) / 1000), connections: extra.connections() },
+    permissions: dataPermissions(c.dataDir),
   };
 }
 
@@ -143,6 +154,7 @@ export async function offlineStatus(c: Config, _log: Logger): Promise<StatusRepo
     mode: 'offline',
     hsm: { module: s.modulePath, tokenLabel: s.tokenLabel, embedded: !!s.embedded, up: false },
     policy: { conform: false, problem: 'not checked', keys: [], epochs: [] },
+    permissions: dataPermissions(c.dataDir),
   };
   const token = Token.open(tokenConfig(c));
   let hsmAnchor: { seq: number; root: string } | undefined;

@@ -40,6 +40,8 @@ export const AUDITED: Readonly<Record<string, readonly string[]>> = {
   'state.mismatch': ['anchorSeq'],
   'state.recovered': ['undone', 'fromSeq', 'toSeq'],
   'state.anchor.failed': ['seq'],
+  // Another process wrote the HSM anchor: this vault stopped serving (hsm/anchor.ts).
+  'state.anchor.foreign': ['seq', 'err'],
   // lifecycle
   'vault.start': ['vaultId', 'epoch', 'anchorSeq', 'pid', 'version'],
   stopped: [],

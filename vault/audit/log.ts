@@ -8,11 +8,12 @@
 // fsync at every checkpoint and on close. A crash can therefore lose at most
 // the lines since the last fsync, and may leave a half-written last line,
 // which the next start cuts off and records as `audit.recovered`.
-import { closeSync, existsSync, fstatSync, fsync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, fsync, fsyncSync, ftruncateSync, readSync, writeSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { VaultError, ErrorCodes } from '../errors.js';
 import { toHex } from '../protocol/bytes.js';
 import { CHECKPOINT_EVENT, GENESIS, checkpointDigest, encodeLine, lineHash, type AuditFields } from './chain.js';
+import { OPEN, openNoFollow } from '../safe-file.js';
 
 export interface AuditSigner {
   vaultId: Uint8Array;
@@ -69,15 +70,30 @@ export class AuditLog {
     this.timer.unref();
   }
 
-  /** Open (or create) the file and continue its chain from the last complete line. */
+  /**
+   * Open (or create, mode 0600) the file and continue its chain from the last complete line.
+   * Never through a link at its name, and only a regular file (safe-file.ts): a planted link
+   * would send every security event to a file of someone else's choosing.
+   */
   static open(file: string, o: AuditOptions): AuditLog {
-    const fd = openSync(file, existsSync(file) ? 'r+' : 'w+', 0o600);
+    let fd: number;
+    try {
+      fd = openNoFollow(file, OPEN.RDWR_CREATE, 0o600);
+    } catch (e) {
+      throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot open the audit log ${file}: ${(e as Error).message} (it must be a regular file, not a link)`);
+    }
     try {
       const { seq, hash, validLength, size } = readTail(fd, file);
       // A half-written last line (crash mid-append) is cut off; the cut is recorded.
       if (validLength < size) ftruncateSync(fd, validLength);
+      const afd = openNoFollow(file, OPEN.APPEND, 0o600);
+      // The same file both times, not one swapped in between.
+      const [a, b] = [fstatSync(fd), fstatSync(afd)];
       closeSync(fd);
-      const afd = openSync(file, 'a', 0o600);
+      if (a.ino !== b.ino || a.dev !== b.dev) {
+        closeSync(afd);
+        throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `the audit log ${file} was replaced while it was being opened`);
+      }
       return new AuditLog(file, o, afd, seq, hash, size - validLength);
     } catch (e) {
       try {

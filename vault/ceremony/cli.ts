@@ -10,8 +10,8 @@
 // Steps other than export need the token to themselves: they run against a
 // stopped vault, holding <data>/vault.lock as other offline commands do.
 import { Command } from 'commander';
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { loadConfig, hsmSettings, readSoPin, type Config } from '../config.js';
 import { VaultError, ErrorCodes } from '../errors.js';
@@ -25,6 +25,7 @@ import { logTap, openAudit } from '../daemon.js';
 import { acquireLock } from '../admin/lock.js';
 import { adminCall, findDaemon } from '../admin/client.js';
 import { ensureEmbeddedToken, publicKeyPem, tokenConfig } from '../setup.js';
+import { writeFileAtomic } from '../safe-file.js';
 import type { AuditLog } from '../audit/log.js';
 import { groupFingerprint, normalFingerprint, parseBundle, parseTarget } from './bundle.js';
 import { exportBundle, importBundle, seal, targetInit, trust } from './steps.js';
@@ -48,13 +49,6 @@ function common(cmd: Command): Command {
 function readInput(file: string, what: string): string {
   if (!existsSync(file)) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no ${what} at ${file}`);
   return readFileSync(file, 'utf8');
-}
-
-/** Write whole or not at all: a half-written bundle must never be mistaken for one. */
-function writeAtomic(file: string, text: string, mode: number): void {
-  const tmp = join(dirname(resolve(file)), `.${Date.now()}-${process.pid}.tmp`);
-  writeFileSync(tmp, text, { mode });
-  renameSync(tmp, file);
 }
 
 /**
@@ -148,7 +142,7 @@ token: <data>/hsm-so-pin), never from a flag.`,
         },
         { create: true },
       );
-      writeAtomic(file, JSON.stringify(r.target, null, 2) + '\n', 0o644);
+      writeFileAtomic(file, JSON.stringify(r.target, null, 2) + '\n');
       out(`target key    bkv.ceremony.unwrap, RSA-3072, generated in this HSM, private half unwrap-only (${r.created ? 'created' : 'existing'})`);
       out(`target file   ${file}  (public: carry it to the source HSM's host)`);
       out(`fingerprint   ${groupFingerprint(r.target.fingerprint)}`);
@@ -209,7 +203,7 @@ token: <data>/hsm-so-pin), never from a flag.`,
           }),
         );
       }
-      writeAtomic(o.out, r.bundle, 0o600);
+      writeFileAtomic(o.out, r.bundle);
       out(`bundle        ${o.out}  (${r.kind}: ${r.labels.join(', ')})`);
       out(`for target    ${groupFingerprint(target.fingerprint)}: it opens only inside that HSM`);
       if (r.kind === 'full') {
@@ -237,7 +231,7 @@ token: <data>/hsm-so-pin), never from a flag.`,
           return res;
         }),
       );
-      if (r.kind === 'full') writeFileSync(join(c.dataDir, 'vault-key.pub'), publicKeyPem(fromHex(r.sigPoint)));
+      if (r.kind === 'full') writeFileAtomic(join(c.dataDir, 'vault-key.pub'), publicKeyPem(fromHex(r.sigPoint)));
       out(`vault id      ${r.vaultId}`);
       out(`imported      ${r.labels.join(', ')}${r.already ? ' (already here: the known answers match)' : ''}`);
       out('self-test     every key computes what the source\'s key computes (ECDH, HMAC, AES-GCM, ECDSA against the pinned key)');

@@ -13,9 +13,15 @@
 // - start-up: a database older than the anchor is refused as a whole; one
 //   batch ahead of it (a crash between commit and anchor) is rolled back with
 //   the undo log, since nothing in that batch was ever acknowledged.
+// - one writer: when an anchor write (or readiness) finds that another process
+//   wrote the anchor (hsm/anchor.ts), the ledger stops: every later read, write
+//   and sync fails with that error until the process is restarted. The batch
+//   whose write was refused stays committed but unanswered; the next start
+//   undoes it if the anchor it finds does not cover it.
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
 import type { AnchorState, VaultKeys } from '../hsm/vault-keys.js';
+import { anchorConflict, isAnchorConflict } from '../hsm/anchor.js';
 import type { RecordStore, StoredRecord } from '../store/records.js';
 import { BucketTree, bucketHash, bucketOf, leafHash } from '../protocol/state-hash.js';
 import { equalBytes, toHex } from '../protocol/bytes.js';
@@ -28,6 +34,8 @@ export interface LedgerStatus {
   /** Batch number the HSM anchor holds. */
   anchored: number;
   root: string;
+  /** Set once another writer was found on the anchor: why this ledger serves nothing more. */
+  stopped?: string;
 }
 
 export class Ledger {
@@ -50,6 +58,8 @@ export class Ledger {
   private undoObsolete: number | undefined;
   /** Leaves already checked against the tree, so a recovery reads its bucket once. */
   private readonly leaves = new BucketCache();
+  /** Another writer moved the HSM anchor: this ledger serves nothing more (fail closed). */
+  private stopped: VaultError | undefined;
 
   private constructor(
     private readonly records: RecordStore,
@@ -113,7 +123,28 @@ export class Ledger {
   }
 
   status(): LedgerStatus {
-    return { seq: this.dirty ? this.batch : this.batch - 1, anchored: this.anchored, root: toHex(this.tree.root()) };
+    return { seq: this.dirty ? this.batch : this.batch - 1, anchored: this.anchored, root: toHex(this.tree.root()), ...(this.stopped ? { stopped: this.stopped.message } : {}) };
+  }
+
+  /**
+   * The anchor as the HSM holds it; stops the ledger when a slot holds a label another
+   * process wrote (readiness calls this, so an idle vault notices too).
+   */
+  async readAnchor(): Promise<AnchorState> {
+    const a = await this.keys.readAnchor();
+    if (a.foreign) this.stop(anchorConflict(a.foreign), a.seq);
+    return a;
+  }
+
+  /** Fail closed: logged (and audited) once, then every call gets `e`. */
+  private stop(e: VaultError, seq: number): void {
+    if (this.stopped) return;
+    this.stopped = e;
+    this.log.error({ event: 'state.anchor.foreign', seq, err: e.message }, 'another process wrote the HSM state anchor: this vault stops serving');
+  }
+
+  private check(): void {
+    if (this.stopped) throw this.stopped;
   }
 
   /**
@@ -124,6 +155,7 @@ export class Ledger {
    * checked once are kept while the tree still holds their hash (core/bucket-cache.ts).
    */
   get(userId: string): StoredRecord | undefined {
+    this.check();
     const b = bucketOf(userId);
     const hash = this.tree.bucket(b);
     let leaves = this.leaves.get(b, hash);
@@ -152,6 +184,7 @@ export class Ledger {
    */
   transaction<T>(fn: () => T): T {
     if (this.touched) return fn();
+    this.check();
     const opened = !this.batchTx;
     const batchTx = this.openBatch();
     this.touched = new Map();
@@ -227,6 +260,7 @@ export class Ledger {
 
   /** Resolves once the HSM anchor covers every change committed before the call. */
   sync(): Promise<void> {
+    if (this.stopped) return Promise.reject(this.stopped);
     // A flush in progress may cover our change, or may fail: either way wait for the next word.
     if (!this.dirty && !this.flushing) return Promise.resolve();
     return new Promise((res, rej) => {
@@ -277,6 +311,10 @@ export class Ledger {
       this.flushing = false;
       // The batch stays unanchored: its callers fail, nothing was revealed, and the next sync retries.
       this.dirty = true;
+      if (isAnchorConflict(e)) {
+        this.stop(e, seq);
+        return waiters.forEach((w) => w.rej(e));
+      }
       const event = isVaultError(e, ErrorCodes.STORE_UNAVAILABLE) ? 'state.sync.failed' : 'state.anchor.failed';
       this.log.error({ event, seq, err: (e as Error).message }, event === 'state.sync.failed' ? 'could not make a batch durable' : 'could not write the HSM anchor');
       return waiters.forEach((w) => w.rej(e));

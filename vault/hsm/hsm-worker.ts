@@ -7,6 +7,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { Token, pinLibrary, type Handle } from './token.js';
 import { enforcePolicy, epochProtection, type ResolvedKeys } from '../../hsm-policy/enforce.js';
 import { VaultError, ErrorCodes } from '../errors.js';
+import { casAnchor, type AnchorExpectation } from './anchor.js';
 
 export interface WorkerInit {
   modulePath: string;
@@ -41,6 +42,8 @@ export type Job =
   | { op: 'random'; n: number }
   | { op: 'readLabel'; key: Uint8Array }
   | { op: 'setLabel'; key: Uint8Array; label: string }
+  /** The anchor write: both slots checked against `expect`, then `target` written (hsm/anchor.ts). Answers null, or the labels found. */
+  | { op: 'casAnchor'; slots: [Uint8Array, Uint8Array]; expect: AnchorExpectation; target: 0 | 1; label: string }
   /** A new seal epoch key, in the phase of `key`, the current epoch's key. */
   | { op: 'genSeal'; label: string; key: Uint8Array }
   | { op: 'destroy'; key: Uint8Array }
@@ -103,6 +106,10 @@ function run(token: Token, j: Job): Uint8Array | boolean | string | null {
     case 'setLabel':
       token.setLabel(h(j.key), j.label);
       return null;
+    case 'casAnchor': {
+      const found = casAnchor(token, [h(j.slots[0]), h(j.slots[1])], j.expect, j.target, j.label);
+      return found ? JSON.stringify(found) : null;
+    }
     case 'genSeal':
       return token.generateSecretKey(j.label, 'aes', 32, ['encrypt', 'decrypt'], epochProtection(token, h(j.key)));
     case 'destroy':

@@ -168,7 +168,8 @@ function mechanismList(names: string[]): Buffer {
   return b;
 }
 
-function mechanismNames(v: Buffer | undefined): string[] {
+/** CKA_ALLOWED_MECHANISMS as names (the probe script decodes it the same way). */
+export function mechanismNames(v: Buffer | undefined): string[] {
   if (!v || v.length % 8 !== 0) return [];
   const out: string[] = [];
   for (let i = 0; i < v.length; i += 8) {

@@ -5,7 +5,9 @@ import { VaultError, ErrorCodes } from '../errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
 import { epochProtection } from '../../hsm-policy/enforce.js';
 import type { Handle, Token } from './token.js';
-import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
+import { AnchorBook, casAnchor, type AnchorState } from './anchor.js';
+
+export type { AnchorState } from './anchor.js';
 
 export interface HsmKeyHandles {
   kx: { priv: Handle; point: Uint8Array };
@@ -15,11 +17,6 @@ export interface HsmKeyHandles {
   tenant: Handle;
   anchors: [Handle, Handle];
   seals: Map<number, Handle>;
-}
-
-export interface AnchorState {
-  seq: number;
-  root: Uint8Array;
 }
 
 export interface VaultKeys {
@@ -46,10 +43,17 @@ export interface VaultKeys {
   /** A tenant's credential secret, derived in the HSM from the tenant key (never stored). */
   tenantSecret(input: Uint8Array): Promise<Uint8Array>;
   random(n: number): Promise<Uint8Array>;
-  /** The state anchor as the HSM holds it. */
+  /**
+   * The state anchor as the HSM holds it (the newest slot). `foreign` is set when a slot
+   * holds a label this process did not leave there since it first read the anchor.
+   */
   readAnchor(): Promise<AnchorState>;
-  /** Move the anchor forward. Must complete before any answer depending on the change leaves. */
-  writeAnchor(a: AnchorState): Promise<void>;
+  /**
+   * Move the anchor forward, under this process's writer id. Must complete before any
+   * answer depending on the change leaves. Refuses (STATE_ROLLBACK_DETECTED, hsm/anchor.ts
+   * isAnchorConflict) without writing when another process wrote a slot since.
+   */
+  writeAnchor(a: { seq: number; root: Uint8Array }): Promise<void>;
   /** Create the seal key of a new epoch (rotation). */
   addEpoch(epoch: number): Promise<void>;
   /** Destroy a seal epoch's key object: everything sealed under it is gone for good. */
@@ -167,25 +171,25 @@ export class TokenVaultKeys implements VaultKeys {
     return this.token.random(n);
   }
 
-  /** Index of the anchor slot holding the newest anchor; writes go to the other one. */
-  private latestSlot = 0;
+  /** Which slot is newest, what each should hold, this process's writer id (hsm/anchor.ts). */
+  private readonly anchor = new AnchorBook();
 
   async readAnchor(): Promise<AnchorState> {
-    const labels = await this.fresh(() => this.keys.anchors.map((h) => this.token.readLabel(h)));
-    const states = labels.map(parseAnchorLabel);
-    const best = states.reduce<number>((b, s, i) => (s && (b < 0 || s.seq > states[b]!.seq) ? i : b), -1);
-    if (best < 0) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'no HSM state anchor slot holds a readable label');
-    this.latestSlot = best;
-    const parsed = states[best]!;
-    return parsed;
+    // Handles are looked up inside: fresh() may find the keys again after a lost login.
+    return this.anchor.read(await this.fresh(() => [this.token.readLabel(this.keys.anchors[0]), this.token.readLabel(this.keys.anchors[1])] as [string, string]));
   }
 
-  async writeAnchor(a: AnchorState): Promise<void> {
-    // Never overwrite the slot holding the newest anchor: if this write is torn,
-    // the other slot still says where the state was before this batch.
-    const target = 1 - this.latestSlot;
-    await this.fresh(() => this.token.setLabel(this.keys.anchors[target]!, anchorLabel(a.seq, a.root)));
-    this.latestSlot = target;
+  async writeAnchor(a: { seq: number; root: Uint8Array }): Promise<void> {
+    const w = this.anchor.plan(a);
+    let found: [string, string] | undefined;
+    try {
+      found = await this.fresh(() => casAnchor(this.token, this.keys.anchors, w.expect, w.target, w.label));
+    } catch (e) {
+      this.anchor.failed(w);
+      throw e;
+    }
+    if (found) throw this.anchor.conflict(found);
+    this.anchor.wrote(w);
   }
 
   async addEpoch(epoch: number): Promise<void> {

@@ -41,9 +41,9 @@ import { fileURLToPath } from 'node:url';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, type ErrorCode } from '../errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
-import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
 import { pinLibrary, type TokenConfig } from './token.js';
-import type { AnchorState, VaultKeys } from './vault-keys.js';
+import type { VaultKeys } from './vault-keys.js';
+import { AnchorBook, type AnchorState } from './anchor.js';
 import type { FromWorker, Job, JobResult, ToWorker, WireKeys, WorkerInit } from './hsm-worker.js';
 import { workerUrl } from '../worker-url.js';
 
@@ -87,7 +87,7 @@ type Lane = 0 | 1 | 2;
 
 /** A job before dispatch: the key is named, and resolved to a handle only when sent. */
 type Queued = {
-  spec: DistributiveOmit<Job, 'key'> & { key?: KeyRef };
+  spec: DistributiveOmit<Job, 'key' | 'slots'> & { key?: KeyRef };
   derive: boolean;
   resolve: (v: JobResult) => void;
 };
@@ -302,26 +302,27 @@ export class WorkerVaultKeys implements VaultKeys {
     return this.bytes(this.submit({ op: 'random', n }, 1));
   }
 
-  /** The anchor slot holding the newest anchor; writes go to the other (see TokenVaultKeys). */
-  private latestSlot: 'anchor' | 'anchorB' = 'anchor';
+  /** Which slot is newest, what each should hold, this process's writer id: the same book as TokenVaultKeys (hsm/anchor.ts). */
+  private readonly anchor = new AnchorBook();
 
   async readAnchor(): Promise<AnchorState> {
-    const read = async (key: 'anchor' | 'anchorB') => {
-      const label = await this.value(this.submit({ op: 'readLabel', key }, 0));
-      return typeof label === 'string' ? parseAnchorLabel(label) : undefined;
-    };
-    const a = await read('anchor');
-    const b = await read('anchorB');
-    if (!a && !b) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'no HSM state anchor slot holds a readable label');
-    this.latestSlot = a && (!b || a.seq >= b.seq) ? 'anchor' : 'anchorB';
-    return (this.latestSlot === 'anchor' ? a : b)!;
+    // Both reads in one dispatch.
+    const [a, b] = await Promise.all((['anchor', 'anchorB'] as const).map((key) => this.value(this.submit({ op: 'readLabel', key }, 0))));
+    return this.anchor.read([typeof a === 'string' ? a : '', typeof b === 'string' ? b : '']);
   }
 
-  async writeAnchor(a: AnchorState): Promise<void> {
-    // Never overwrite the newest slot: a torn write then loses only an unacknowledged batch.
-    const target = this.latestSlot === 'anchor' ? 'anchorB' : 'anchor';
-    await this.value(this.submit({ op: 'setLabel', key: target, label: anchorLabel(a.seq, a.root) }, 0));
-    this.latestSlot = target;
+  async writeAnchor(a: { seq: number; root: Uint8Array }): Promise<void> {
+    const w = this.anchor.plan(a);
+    let found: unknown;
+    try {
+      // The check and the write run together on the control thread, next to its session.
+      found = await this.value(this.submit({ op: 'casAnchor', expect: w.expect, target: w.target, label: w.label }, 0));
+    } catch (e) {
+      this.anchor.failed(w);
+      throw e;
+    }
+    if (typeof found === 'string') throw this.anchor.conflict(JSON.parse(found) as string[]);
+    this.anchor.wrote(w);
   }
 
   async addEpoch(epoch: number): Promise<void> {
@@ -545,6 +546,7 @@ export class WorkerVaultKeys implements VaultKeys {
 
   /** The handle for a named key, as of now (after any recycle). */
   private bind(spec: Queued['spec']): Job {
+    if (spec.op === 'casAnchor') return tightJob({ ...spec, slots: [this.handles.anchor, this.handles.anchorB] } as Job);
     if (!('key' in spec) || spec.key === undefined) return tightJob(spec as Job);
     const k = spec.key;
     let handle: Uint8Array | undefined;

@@ -126,12 +126,18 @@ function equal(a: Uint8Array, b: Uint8Array): boolean {
   return true;
 }
 
-/** Label text the anchor object carries: "bkv.anchor <seq> <root hex>". */
-export function anchorLabel(seq: number, root: Uint8Array): string {
-  return `bkv.anchor ${seq} ${toHex(root)}`;
+/**
+ * Label text the anchor object carries: "bkv.anchor <seq> <root hex> <writer>", where
+ * writer is 16 hex digits naming the process (one random id per start) that wrote it.
+ * Labels written before the writer id existed ("bkv.anchor <seq> <root hex>") still parse,
+ * with no writer: existing vaults keep starting.
+ */
+export function anchorLabel(seq: number, root: Uint8Array, writer?: string): string {
+  return `bkv.anchor ${seq} ${toHex(root)}${writer ? ` ${writer}` : ''}`;
 }
 
-export function parseAnchorLabel(label: string): { seq: number; root: Uint8Array } | undefined {
-  const m = /^bkv\.anchor (\d{1,15}) ([0-9a-f]{64})$/.exec(label);
-  return m ? { seq: Number(m[1]), root: fromHex(m[2]!) } : undefined;
+export function parseAnchorLabel(label: string): { seq: number; root: Uint8Array; writer?: string } | undefined {
+  const m = /^bkv\.anchor (\d{1,15}) ([0-9a-f]{64})(?: ([0-9a-f]{16}))?$/.exec(label);
+  if (!m) return undefined;
+  return { seq: Number(m[1]), root: fromHex(m[2]!), ...(m[3] ? { writer: m[3] } : {}) };
 }

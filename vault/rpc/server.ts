@@ -7,7 +7,7 @@ import { createServer as createHttps } from 'node:https';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, RETRYABLE, type ErrorCode } from '../errors.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, errorSpec } from '../errors.js';
 import { userRef } from '../core/vault.js';
 import type { Authenticator, TenantIdentity } from './auth.js';
 import type { RateLimiter } from './ratelimit.js';
@@ -51,43 +51,42 @@ export interface ServerDeps {
   onRequest?: (e: RequestEvent) => void;
 }
 
-const JSONRPC: Partial<Record<ErrorCode, number>> = {
-  BAD_REQUEST: -32602,
-  INVALID_POINT: -32602,
-  INVALID_LENGTH: -32602,
-  INVALID_USER_ID: -32602,
-  INVALID_KDF_PARAMS: -32602,
-  PAYLOAD_TOO_LARGE: -32600,
-  UNAUTHENTICATED: -32001,
-  FORBIDDEN: -32001,
-  DECRYPT_FAILED: -32002,
-  REPLAY: -32002,
-  OUT_OF_ORDER: -32002,
-  SESSION_NOT_FOUND: -32002,
-  SESSION_EXPIRED: -32002,
-  STALE_MESSAGE: -32002,
-  RATE_LIMITED: -32003,
-  OVERLOADED: -32003,
-  HSM_UNAVAILABLE: -32003,
-  STORE_UNAVAILABLE: -32003,
-  RECORD_NOT_FOUND: -32004,
-  RECORD_EXISTS: -32004,
-  LOCKED: -32004,
-  RECORD_CORRUPT: -32004,
-  STATE_ROLLBACK_DETECTED: -32004,
-};
-
-function errorBody(id: unknown, e: unknown) {
+/**
+ * The JSON-RPC error answer for `e`. The integer and `retryable` come from the
+ * error table (vault/errors.ts); `framing` overrides the integer with one of
+ * JSON-RPC's own codes. The error's detail sits beside `code` and `retryable`
+ * in `data` (e.g. STALE_MESSAGE's `data.now`) and cannot overwrite them.
+ */
+function errorBody(id: unknown, e: unknown, framing?: number) {
   const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');
+  const spec = errorSpec(err.code) ?? ERRORS.INTERNAL;
   return {
     jsonrpc: '2.0',
     id: id ?? null,
     error: {
-      code: JSONRPC[err.code] ?? -32603,
+      code: framing ?? spec.jsonrpc,
       message: err.message,
-      data: { code: err.code, retryable: RETRYABLE.has(err.code), ...(err.detail ?? {}) },
+      data: { ...(err.detail ?? {}), code: err.code, retryable: spec.retryable },
     },
   };
+}
+
+/** A JSON-RPC id we can echo: JSON-RPC 2.0 answers null when the id cannot be read. */
+const readableId = (v: unknown): string | number | null => (typeof v === 'string' || typeof v === 'number' ? v : null);
+
+/**
+ * Why `req` is not one JSON-RPC 2.0 request object this server serves, or
+ * undefined when it is. Batches (arrays) and notifications (no id) are not served.
+ */
+function invalidRequest(req: unknown): string | undefined {
+  if (Array.isArray(req)) return 'batches are not accepted: send one request object per frame';
+  if (typeof req !== 'object' || req === null) return 'not a JSON-RPC 2.0 request object';
+  const r = req as { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: unknown };
+  if (r.jsonrpc !== '2.0') return 'the "jsonrpc" member must be "2.0"';
+  if (typeof r.method !== 'string') return 'the "method" member must be a string';
+  if (typeof r.id !== 'string' && typeof r.id !== 'number') return 'the "id" member must be a string or a number (notifications are not served)';
+  if (r.params !== undefined && (typeof r.params !== 'object' || r.params === null)) return 'the "params" member must be an object when present';
+  return undefined;
 }
 
 export interface RunningServer {
@@ -156,7 +155,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
       clearTimeout(idle);
       idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
       const started = performance.now();
-      let req: { jsonrpc?: unknown; id?: unknown; method?: unknown; params?: unknown };
+      let req: unknown;
       const send = (body: object) => {
         if (ws.readyState !== ws.OPEN) return;
         cork();
@@ -170,19 +169,21 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
         );
         deps.onRequest?.({ method, tenant: id.tenant, outcome, ms });
       };
-      try {
-        if (isBinary) throw new VaultError(ErrorCodes.BAD_REQUEST, 'binary frames are not accepted');
-        req = JSON.parse(data.toString());
-      } catch (e) {
-        const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.BAD_REQUEST, 'frame is not JSON');
-        const body = errorBody(null, err);
-        if (!(e instanceof VaultError)) body.error.code = -32700;
-        send(body);
-        return done('(unparsed)', err.code);
+      // A binary frame is not a request of this protocol (text frames only): Invalid Request.
+      if (isBinary) {
+        send(errorBody(null, new VaultError(ErrorCodes.BAD_REQUEST, 'binary frames are not accepted'), JSONRPC_FRAMING.INVALID_REQUEST));
+        return done('(unparsed)', ErrorCodes.BAD_REQUEST);
       }
-      if (typeof req !== 'object' || req === null || Array.isArray(req) || req.jsonrpc !== '2.0' || typeof req.method !== 'string' ||
-        !(typeof req.id === 'number' || typeof req.id === 'string')) {
-        send({ ...errorBody(Array.isArray(req) ? null : (req as { id?: unknown })?.id, new VaultError(ErrorCodes.BAD_REQUEST, 'not a JSON-RPC 2.0 request with an id')), });
+      try {
+        req = JSON.parse(data.toString());
+      } catch {
+        send(errorBody(null, new VaultError(ErrorCodes.BAD_REQUEST, 'frame is not JSON'), JSONRPC_FRAMING.PARSE_ERROR));
+        return done('(unparsed)', ErrorCodes.BAD_REQUEST);
+      }
+      const invalid = invalidRequest(req);
+      if (invalid) {
+        const echo = typeof req === 'object' && req !== null && !Array.isArray(req) ? readableId((req as { id?: unknown }).id) : null;
+        send(errorBody(echo, new VaultError(ErrorCodes.BAD_REQUEST, invalid), JSONRPC_FRAMING.INVALID_REQUEST));
         return done('(invalid)', ErrorCodes.BAD_REQUEST);
       }
       const { id: reqId, method, params } = req as { id: number | string; method: string; params?: unknown };
@@ -194,9 +195,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
         done(method, body.error.data.code, userId);
       };
       if (!handler) {
-        const body = errorBody(reqId, new VaultError(ErrorCodes.BAD_REQUEST, `unknown method ${method.slice(0, 64)}`));
-        body.error.code = -32601;
-        send(body);
+        send(errorBody(reqId, new VaultError(ErrorCodes.BAD_REQUEST, `unknown method ${method.slice(0, 64)}`), JSONRPC_FRAMING.METHOD_NOT_FOUND));
         return done('(unknown)', ErrorCodes.BAD_REQUEST);
       }
       if (closing) return fail(new VaultError(ErrorCodes.OVERLOADED, 'vault is shutting down; retry on another connection'));

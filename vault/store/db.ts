@@ -7,6 +7,8 @@ import Database from 'better-sqlite3';
 import { VaultError, ErrorCodes } from '../errors.js';
 import { leafHash } from '../protocol/state-hash.js';
 import { fromRow, type Row } from './records.js';
+import { createIfMissing, lexists } from '../safe-file.js';
+import { lstatSync } from 'node:fs';
 
 export type Db = Database.Database;
 
@@ -71,8 +73,29 @@ const MIGRATIONS: (string | ((db: Db) => void))[] = [
   },
 ];
 
+/**
+ * SQLite follows a link at the database's name and creates its -wal and -shm
+ * files through links too, with the database file's mode. So a writer creates
+ * the file itself, 0600, exclusively (the log files then inherit 0600 even
+ * when the folder was made 0755), and refuses a link at any of the four names.
+ */
+function prepareFile(path: string): void {
+  if (path === ':memory:' || path === '') return;
+  for (const f of [path, `${path}-wal`, `${path}-shm`, `${path}-journal`]) {
+    if (lexists(f) && !lstatSync(f).isFile()) {
+      throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `${f} is not a regular file (a link or something else is in its place); refusing to open the database through it`);
+    }
+  }
+  try {
+    createIfMissing(path, 0o600);
+  } catch (e) {
+    throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot create database ${path}: ${(e as Error).message}`);
+  }
+}
+
 export function openDb(path: string, opts: { readonly?: boolean } = {}): Db {
   let db: Db;
+  if (!opts.readonly) prepareFile(path);
   try {
     db = new Database(path, { readonly: opts.readonly ?? false, fileMustExist: opts.readonly ?? false });
   } catch (e) {
