@@ -92,8 +92,11 @@ export interface StartEtcdOptions {
   ports?: number[];
 }
 
-// Every etcd this process started, so none outlives it (see the exit hooks below).
+// Every etcd this process started, so none outlives it (see the exit hooks
+// below), and every cluster folder not yet removed (a few hundred MB each:
+// etcd preallocates 64 MB WAL segments).
 const live = new Map<number, ChildProcess>();
+const dirs = new Set<string>();
 let hooked = false;
 
 function killAllNow(): void {
@@ -105,6 +108,8 @@ function killAllNow(): void {
     }
   }
   live.clear();
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+  dirs.clear();
 }
 
 function hookExit(): void {
@@ -178,6 +183,7 @@ async function startOnce(opts: StartEtcdOptions): Promise<EtcdCluster> {
   const n = opts.members ?? 3;
   if (!Number.isInteger(n) || n < 1) throw new Error(`members must be a positive integer (got ${n})`);
   const dir = mkdtempSync(join(opts.dir ?? tmpdir(), 'bkv-etcd-'));
+  dirs.add(dir);
   const token = opts.token ?? `bkv-test-${randomBytes(6).toString('hex')}`;
   const timeoutMs = opts.timeoutMs ?? 30_000;
   if (opts.ports && opts.ports.length !== 2 * n) throw new Error(`ports must hold 2 per member (${2 * n})`);
@@ -367,6 +373,7 @@ async function startOnce(opts: StartEtcdOptions): Promise<EtcdCluster> {
       for (const p of alive) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
       await Promise.all(alive.map(exitOf));
       rmSync(dir, { recursive: true, force: true });
+      dirs.delete(dir);
     },
   };
 
