@@ -140,10 +140,10 @@ export class Metrics {
   wrapMethods(methods: Record<string, Handler>): Record<string, Handler> {
     const out: Record<string, Handler> = {};
     for (const [name, h] of Object.entries(methods)) {
-      out[name] = async (params, beforeWork) => {
+      out[name] = async (params, ctx, beforeWork) => {
         this.inFlight.inc();
         try {
-          return await h(params, beforeWork);
+          return await h(params, ctx, beforeWork);
         } finally {
           this.inFlight.dec();
         }

@@ -17,6 +17,7 @@ import { checkBytes, checkUserId } from './input.js';
 import { SessionTable } from './sessions.js';
 import { Ledger } from './ledger.js';
 import { userRef } from './user-ref.js';
+import type { CallerContext } from './caller.js';
 import {
   decideDelete,
   decideEnroll,
@@ -57,6 +58,7 @@ export type RecoverOutcome =
   | { outcome: 'locked' };
 
 export { userRef };
+export type { CallerContext };
 
 export class Vault {
   readonly vaultId: Uint8Array;
@@ -121,6 +123,7 @@ export class Vault {
   // ---- enrol -----------------------------------------------------------------
 
   async enrollBegin(
+    _ctx: CallerContext,
     userIdIn: unknown,
     blindedIn: unknown,
     opts: { grant?: string } = {},
@@ -137,6 +140,7 @@ export class Vault {
   }
 
   async enrollFinish(
+    _ctx: CallerContext,
     sessionIdIn: unknown,
     userIdIn: unknown,
     req: { authKey: unknown; envelope: unknown; kdf: unknown; grant?: string },
@@ -190,6 +194,7 @@ export class Vault {
   // ---- recover ---------------------------------------------------------------
 
   async recoverBegin(
+    _ctx: CallerContext,
     userIdIn: unknown,
     blindedIn: unknown,
   ): Promise<{ sessionId: string; evaluated: Uint8Array; kdf: KdfParams; attemptsLeft: number; attemptLimit: number }> {
@@ -240,7 +245,7 @@ export class Vault {
     };
   }
 
-  async recoverFinish(sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
+  async recoverFinish(_ctx: CallerContext, sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
     const authKey = checkBytes(authKeyIn, SIZES.authKey, 'authKey');
     const sessionId = checkSessionId(sessionIdIn);
     const session = this.sessions.take(sessionId, 'recover', this.options.now());

@@ -3,7 +3,7 @@
 // come next. Everything the relay can see or tamper with is checked here;
 // the decrypted bodies go to the core.
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
-import type { Vault } from '../core/vault.js';
+import type { CallerContext, Vault } from '../core/vault.js';
 import { channelIdOf, channelKeys, type ChannelKeys } from '../protocol/channel.js';
 // Same AEAD as channel.ts, on node:crypto (docs/PERFORMANCE.md).
 import { openMessage, sealMessage } from '../protocol/channel-node.js';
@@ -79,6 +79,7 @@ export class ChannelTable {
    * counter is spent and every outcome goes back encrypted.
    */
   async handle(
+    ctx: CallerContext,
     method: ChannelMethod,
     p: z.output<typeof ChannelParams>,
   ): Promise<{ n: number; ct: string; outcome: string }> {
@@ -130,7 +131,7 @@ export class ChannelTable {
     ch.busy = true;
     let reply: Body;
     try {
-      reply = { ok: true, result: await this.step(ch, method, body) };
+      reply = { ok: true, result: await this.step(ctx, ch, method, body) };
     } catch (e) {
       if (!(e instanceof VaultError)) this.o.onInternalError?.(e);
       reply = { ok: false, error: publicError(e) };
@@ -143,7 +144,7 @@ export class ChannelTable {
     return { n: m.n, ct: toB64(ct), outcome };
   }
 
-  private async step(ch: Channel, method: ChannelMethod, raw: unknown): Promise<unknown> {
+  private async step(ctx: CallerContext, ch: Channel, method: ChannelMethod, raw: unknown): Promise<unknown> {
     if (!NEXT[ch.step][method]) {
       throw new VaultError(ErrorCodes.BAD_REQUEST, `${method} is not allowed at this point of the channel`);
     }
@@ -151,7 +152,7 @@ export class ChannelTable {
     switch (method) {
       case 'enroll.begin': {
         const b = parse(Bodies[method], raw);
-        const r = await v.enrollBegin(ch.userId, b.blinded, b.grant ? { grant: b.grant } : {});
+        const r = await v.enrollBegin(ctx, ch.userId, b.blinded, b.grant ? { grant: b.grant } : {});
         ch.coreSession = r.sessionId;
         if (b.grant) ch.grant = b.grant;
         ch.step = 'enroll-begun';
@@ -159,13 +160,13 @@ export class ChannelTable {
       }
       case 'enroll.finish': {
         const b = parse(Bodies[method], raw);
-        const r = await v.enrollFinish(ch.coreSession, ch.userId, { ...b, ...(ch.grant ? { grant: ch.grant } : {}) });
+        const r = await v.enrollFinish(ctx, ch.coreSession, ch.userId, { ...b, ...(ch.grant ? { grant: ch.grant } : {}) });
         ch.step = 'done';
         return r;
       }
       case 'recover.begin': {
         const b = parse(Bodies[method], raw);
-        const r = await v.recoverBegin(ch.userId, b.blinded);
+        const r = await v.recoverBegin(ctx, ch.userId, b.blinded);
         ch.coreSession = r.sessionId;
         ch.step = 'recover-begun';
         return { evaluated: toB64(r.evaluated), kdf: r.kdf, attemptsLeft: r.attemptsLeft, attemptLimit: r.attemptLimit };
@@ -174,7 +175,7 @@ export class ChannelTable {
         const b = parse(Bodies[method], raw);
         let r;
         try {
-          r = await v.recoverFinish(ch.coreSession, b.authKey);
+          r = await v.recoverFinish(ctx, ch.coreSession, b.authKey);
         } catch (e) {
           // Only an HSM outage leaves the core session open for a retry; anything else ends it.
           if (!isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) ch.step = 'done';

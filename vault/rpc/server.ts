@@ -136,6 +136,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
 
   function onConnection(ws: WebSocket, id: TenantIdentity, socket: Duplex): void {
     sockets.add(ws);
+    const ctx = Object.freeze({ tenant: id.tenant });
     const cork = corkPerTurn(socket);
     let inFlight = 0;
     let idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
@@ -208,7 +209,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
       inFlight++;
       inFlightTotal++;
       let userId: string | undefined;
-      handler(params, (u) => {
+      handler(params, ctx, (u) => {
         userId = u;
         deps.limiter.take(id.tenant, u);
       })
