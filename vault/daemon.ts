@@ -125,6 +125,9 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
       kdfFloor: { alg: 'argon2id', ...c.vault.kdfFloor },
+      maxSessions: c.limits.maxSessions,
+      tenantSessions: c.limits.tenantSessions,
+      tenantEnrollments: c.limits.tenantEnrollments,
     });
   } catch (e) {
     store?.close();
@@ -140,7 +143,10 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
     freshnessMs: 60_000,
-    maxChannels: 100_000,
+    maxChannels: c.limits.maxChannels,
+    tenantChannels: c.limits.tenantChannels,
+    tenantEnrollChannels: c.limits.tenantEnrollments,
+    tenantClosedChannels: c.limits.tenantClosedChannels,
     now,
     onInternalError: (e) => log.error({ event: 'channel.internal', err: (e as Error)?.message }, 'internal error'),
   });
@@ -178,6 +184,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
         ...(c.tls ? { tls: { cert: readFileSync(c.tls.certFile), key: readFileSync(c.tls.keyFile) } } : {}),
         maxPayload: c.limits.maxPayloadBytes,
         maxInFlight: c.limits.maxInFlight,
+        tenantConnections: c.limits.tenantConnections,
         idleMs: c.limits.idleSec * 1000,
         drainMs: 10_000,
       },
@@ -192,6 +199,11 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     ledger: () => vault.ledger.status(),
     epoch: () => vault.keys.currentEpoch(),
     connections: () => server.connections(),
+    tables: () => {
+      const s = vault.sessionStats();
+      const ch = channels.stats();
+      return { sessions: s.held, enrolments: s.enroll, channels: ch.live, closed_channel_ids: ch.spent, rate_buckets: limiter.size() };
+    },
   });
   const audit = hooks.audit;
   audit?.attachSigner({ vaultId: vault.vaultId, sign: (digest) => vault.keys.sign(digest) });

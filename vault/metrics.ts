@@ -15,6 +15,8 @@ export interface MetricsSource {
   ledger(): { seq: number; anchored: number };
   epoch(): number;
   connections(): number;
+  /** Entries of the bounded in-memory tables (docs/OPERATIONS.md "Limits and quotas"). */
+  tables?(): Record<'sessions' | 'enrolments' | 'channels' | 'closed_channel_ids' | 'rate_buckets', number>;
 }
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -95,6 +97,17 @@ export class Metrics {
       collect() {
         const e = self.safe(() => self.source?.epoch());
         if (e !== undefined) this.set(e);
+      },
+    });
+    new Gauge({
+      name: 'bkv_table_entries',
+      help: 'entries of the bounded in-memory tables: open sessions (of them enrolments), open channels, remembered closed channel ids, rate-limit buckets',
+      labelNames: ['table'],
+      registers: r,
+      collect() {
+        const t = self.safe(() => self.source?.tables?.());
+        if (!t) return;
+        for (const [table, n] of Object.entries(t)) this.set({ table }, n);
       },
     });
     new Gauge({

@@ -22,6 +22,11 @@ export class RateLimiter {
     private readonly now: () => number = Date.now,
   ) {}
 
+  /** Buckets held (metrics). */
+  size(): number {
+    return this.buckets.size;
+  }
+
   /** Take one token from each bucket, or refuse with RATE_LIMITED (taking none). */
   take(tenant: string, userId?: string): void {
     const t = this.now();

@@ -20,6 +20,8 @@ export interface ServerOptions {
   tls?: { cert: string | Buffer; key: string | Buffer };
   maxPayload: number;
   maxInFlight: number;
+  /** Open connections per tenant; past it the upgrade gets 429 RATE_LIMITED. */
+  tenantConnections: number;
   idleMs: number;
   /** How long shutdown waits for in-flight requests. */
   drainMs: number;
@@ -30,6 +32,7 @@ export const DEFAULT_SERVER: ServerOptions = {
   port: 8787,
   maxPayload: 64 * 1024,
   maxInFlight: 64,
+  tenantConnections: 1_000,
   idleMs: 300_000,
   drainMs: 10_000,
 };
@@ -106,6 +109,8 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
   const server = opts.tls ? createHttps({ cert: opts.tls.cert, key: opts.tls.key }) : createHttp();
   const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxPayload });
   const sockets = new Set<WebSocket>();
+  /** Connections per tenant, counted from the upgrade's authentication until the socket closes. */
+  const perTenant = new Map<string, number>();
   let inFlightTotal = 0;
   let closing = false;
 
@@ -117,8 +122,9 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const refuse = (status: number, code: string, message: string) => {
       const body = JSON.stringify({ error: { code, message } });
+      const text = status === 401 ? 'Unauthorized' : status === 429 ? 'Too Many Requests' : 'Service Unavailable';
       socket.end(
-        `HTTP/1.1 ${status} ${status === 401 ? 'Unauthorized' : 'Service Unavailable'}\r\n` +
+        `HTTP/1.1 ${status} ${text}\r\n` +
           `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
       );
     };
@@ -126,7 +132,22 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
     const header = req.headers.authorization;
     const token = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
     deps.auth.verify(token).then(
-      (id) => wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id, socket)),
+      (id) => {
+        // One tenant's connections (each with its timers and buffers) are bounded like its sessions.
+        const n = perTenant.get(id.tenant) ?? 0;
+        if (n >= opts.tenantConnections) {
+          deps.log.warn({ event: 'conn.refused', tenant: id.tenant, reason: 'tenantConnections' }, 'connection refused: tenant at its connection quota');
+          return refuse(429, ErrorCodes.RATE_LIMITED, 'too many open connections for this tenant');
+        }
+        perTenant.set(id.tenant, n + 1);
+        // The socket's close ends the count, whether the upgrade completes or not.
+        socket.once('close', () => {
+          const left = (perTenant.get(id.tenant) ?? 1) - 1;
+          if (left > 0) perTenant.set(id.tenant, left);
+          else perTenant.delete(id.tenant);
+        });
+        wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id, socket));
+      },
       (e: unknown) => {
         deps.log.warn({ event: 'auth.refused', reason: (e as Error).message, remote: req.socket.remoteAddress }, 'connection refused');
         refuse(401, ErrorCodes.UNAUTHENTICATED, e instanceof VaultError ? e.message : 'unauthenticated');
