@@ -290,11 +290,21 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
       log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
       return { name, version, secret: Buffer.from(secret).toString('hex') };
     },
-    revokeTenant(name) {
-      const revoked = vault.store.tenants.revoke(name, Date.now());
-      if (revoked === 0) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"`);
-      log.info({ event: 'tenant.revoke', tenant: name, revoked }, 'tenant credentials revoked');
-      return { name, revoked };
+    async revokeTenant(name, version) {
+      const versions = vault.store.tenants
+        .list()
+        .filter((t) => t.name === name && t.state === 'active' && (version === undefined || t.version === version))
+        .map((t) => t.version);
+      const revoked = vault.store.tenants.revoke(name, Date.now(), version);
+      if (revoked === 0) {
+        throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"${version === undefined ? '' : ` version ${version}`}`);
+      }
+      // "Tokens stop working at once": open connections too, not only new upgrades
+      // (issue 14, finding 3). Every further request of theirs is refused from here on.
+      auth.revoked(name, versions);
+      const connectionsClosed = await d.server.revoke(name, versions);
+      log.info({ event: 'tenant.revoke', tenant: name, revoked, versions, connectionsClosed }, 'tenant credentials revoked');
+      return { name, revoked, connectionsClosed };
     },
     async mintTenantToken(name, ttlSec, sub) {
       if (ttlSec > c.limits.tokenMaxLifetimeSec) {
