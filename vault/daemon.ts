@@ -163,6 +163,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       user: { perSec: c.limits.userPerMin / 60, burst: c.limits.userBurst },
     },
     now,
+    { userBucketsPerTenant: c.limits.userBucketsPerTenant },
   );
   let server: RunningServer;
   try {
