@@ -6,8 +6,8 @@ import type { RunningDaemon } from './daemon.js';
 
 export interface AdminApi {
   post<T = Record<string, unknown>>(path: string, body: object): Promise<{ status: number; body: T }>;
-  /** Add a tenant and mint a token for it (ttl 600 s). */
-  tenant(name: string): Promise<{ version: number; token: string }>;
+  /** Add a tenant and mint a token for it (ttl 600 s unless given). */
+  tenant(name: string, ttlSec?: number): Promise<{ version: number; token: string }>;
 }
 
 export async function adminApi(d: RunningDaemon): Promise<AdminApi> {
@@ -31,10 +31,10 @@ export async function adminApi(d: RunningDaemon): Promise<AdminApi> {
       });
       return { status: res.status, body: (await res.json()) as T };
     },
-    async tenant(name: string) {
+    async tenant(name: string, ttlSec = 600) {
       const add = await api.post<{ version: number }>('/admin/tenants', { name });
       if (add.status !== 200) throw new Error(`tenant add ${name}: HTTP ${add.status}`);
-      const tok = await api.post<{ token: string; version: number }>('/admin/tenants/token', { name, ttlSec: 600 });
+      const tok = await api.post<{ token: string; version: number }>('/admin/tenants/token', { name, ttlSec });
       if (tok.status !== 200) throw new Error(`tenant token ${name}: HTTP ${tok.status}`);
       return { version: tok.body.version, token: tok.body.token };
     },
