@@ -131,7 +131,7 @@ function connectError(ev: { message?: string; error?: unknown }): VaultError {
 }
 
 function closeError(code: number): VaultError {
-  if (code === CLOSE_TOKEN_EXPIRED) return new VaultError(ErrorCodes.UNAUTHENTICATED, 'vault closed the connection: token expired');
+  if (code === CLOSE_TOKEN_EXPIRED) return new VaultError(ErrorCodes.UNAUTHENTICATED, 'vault closed the connection: token expired or revoked');
   if (code === CLOSE_TOO_BIG) return new VaultError(ErrorCodes.PAYLOAD_TOO_LARGE, 'vault closed the connection: frame too large');
   return unreachable(`connection closed (code ${code})`);
 }

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { p256 } from '@noble/curves/nist.js';
 import { tempVault, type TestVault } from './helpers/vault.js';
-import { enroll, beginOnly, secretsSeen } from './helpers/flows.js';
+import { CALLER, enroll, beginOnly, secretsSeen } from './helpers/flows.js';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { LeakScan, RecordingTransport, advConfig, counterHistoryProblem, pinnedKeyOf, rawRecover } from './helpers/adversarial.js';
@@ -57,8 +57,8 @@ describe(`${GUESSES} concurrent wrong-password recoveries against the core`, () 
     const started = Date.now();
     const results = await Promise.allSettled(
       Array.from({ length: GUESSES }, async (_, i) => {
-        const b = await t.vault.recoverBegin('target', points[i % points.length]!);
-        return t.vault.recoverFinish(b.sessionId, new Uint8Array(randomBytes(32)));
+        const b = await t.vault.recoverBegin(CALLER, 'target', points[i % points.length]!);
+        return t.vault.recoverFinish(CALLER, b.sessionId, new Uint8Array(randomBytes(32)));
       }),
     );
     const ms = Date.now() - started;
@@ -78,7 +78,7 @@ describe(`${GUESSES} concurrent wrong-password recoveries against the core`, () 
     expect(db.prepare('SELECT verifier, sealed FROM records WHERE user_id = ?').get('target')).toEqual({ verifier: null, sealed: null });
     db.close();
     // And the right password gets nothing either.
-    await expect(t.vault.recoverBegin('target', points[0]!)).rejects.toMatchObject({ code: ErrorCodes.LOCKED });
+    await expect(t.vault.recoverBegin(CALLER, 'target', points[0]!)).rejects.toMatchObject({ code: ErrorCodes.LOCKED });
     expect(verifies).toBe(10);
   }, 120_000);
 
@@ -98,13 +98,13 @@ describe(`${GUESSES} concurrent wrong-password recoveries against the core`, () 
             if (i === WRONG) {
               const b = await beginOnly(t.vault, u, `pw-${u}`);
               counted.get(u)!.push(10 - b.attemptsLeft);
-              const r = await t.vault.recoverFinish(b.sessionId, b.authKey);
+              const r = await t.vault.recoverFinish(CALLER, b.sessionId, b.authKey);
               if (r.outcome === 'ok') okFinishes.set(u, okFinishes.get(u)! + 1);
             } else {
-              const b = await t.vault.recoverBegin(u, points[i]!);
+              const b = await t.vault.recoverBegin(CALLER, u, points[i]!);
               counted.get(u)!.push(10 - b.attemptsLeft);
               // A finish may find its session cancelled by the right guess's reset: not counted again either way.
-              await t.vault.recoverFinish(b.sessionId, new Uint8Array(randomBytes(32))).catch((e: VaultError) => {
+              await t.vault.recoverFinish(CALLER, b.sessionId, new Uint8Array(randomBytes(32))).catch((e: VaultError) => {
                 if (e.code !== ErrorCodes.SESSION_NOT_FOUND) throw e;
               });
             }

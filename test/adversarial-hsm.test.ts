@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import pkcs11js from 'pkcs11js';
 import { captureLog, tempVault, TEST_KDF, type TestVault } from './helpers/vault.js';
 import { makeToken, SOFTHSM_MODULE } from './helpers/softhsm.js';
-import { enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
+import { CALLER, enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
 import { LeakScan, codeOf, stateDigest } from './helpers/adversarial.js';
 import { openKeys, openWorkerKeys, selfTest } from '../vault/core/open.js';
 import { Vault } from '../vault/core/vault.js';
@@ -118,30 +118,30 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       const { startOprf, enrollPayload } = await import('../client/protocol.js');
       // Each step is one core call, prepared (outside the outage) up to the call itself.
       const steps: { name: string; prepare: () => Promise<() => Promise<unknown>> }[] = [
-        { name: 'enroll.begin', prepare: async () => () => v().enrollBegin('zoe', startOprf(v().vaultId, 'zoe', 'pw-zoe-1').blinded) },
+        { name: 'enroll.begin', prepare: async () => () => v().enrollBegin(CALLER, 'zoe', startOprf(v().vaultId, 'zoe', 'pw-zoe-1').blinded) },
         {
           name: 'enroll.finish',
           prepare: async () => {
             const p = startOprf(v().vaultId, 'yan', 'pw-yan-1');
-            const b = await v().enrollBegin('yan', p.blinded);
+            const b = await v().enrollBegin(CALLER, 'yan', p.blinded);
             const payload = await enrollPayload(p, b.evaluated, TEST_KDF, key());
             secretsSeen.push(payload.authKey);
-            return () => v().enrollFinish(b.sessionId, 'yan', payload);
+            return () => v().enrollFinish(CALLER, b.sessionId, 'yan', payload);
           },
         },
-        { name: 'recover.begin', prepare: async () => () => v().recoverBegin('amy', startOprf(v().vaultId, 'amy', 'pw-amy-1').blinded) },
+        { name: 'recover.begin', prepare: async () => () => v().recoverBegin(CALLER, 'amy', startOprf(v().vaultId, 'amy', 'pw-amy-1').blinded) },
         {
           name: 'recover.finish (right)',
           prepare: async () => {
             const b = await beginOnly(v(), 'amy', 'pw-amy-1');
-            return () => v().recoverFinish(b.sessionId, b.authKey);
+            return () => v().recoverFinish(CALLER, b.sessionId, b.authKey);
           },
         },
         {
           name: 'recover.finish (wrong)',
           prepare: async () => {
             const b = await beginOnly(v(), 'amy', 'not-amy');
-            return () => v().recoverFinish(b.sessionId, b.authKey);
+            return () => v().recoverFinish(CALLER, b.sessionId, b.authKey);
           },
         },
         { name: 'record.delete', prepare: async () => () => v().delete('ned') },
@@ -216,13 +216,13 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
     try {
       const { startOprf, enrollPayload } = await import('../client/protocol.js');
       const p = startOprf(f.vault.vaultId, 'gap', 'pw-gap-1');
-      const b = await f.vault.enrollBegin('gap', p.blinded);
+      const b = await f.vault.enrollBegin(CALLER, 'gap', p.blinded);
       const payload = await enrollPayload(p, b.evaluated, TEST_KDF, key());
       secretsSeen.push(payload.authKey);
       const before = stateDigest(f.dbPath);
       f.flaky.only = new Set(['writeAnchor']);
       f.flaky.down = true;
-      expect(await codeOf(f.vault.enrollFinish(b.sessionId, 'gap', payload))).toBe(ErrorCodes.HSM_UNAVAILABLE);
+      expect(await codeOf(f.vault.enrollFinish(CALLER, b.sessionId, 'gap', payload))).toBe(ErrorCodes.HSM_UNAVAILABLE);
       f.flaky.down = false;
       expect(stateDigest(f.dbPath)).toEqual(before);
     } finally {
@@ -244,11 +244,11 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
         codes.add(await codeOf(enroll(f.vault, `new-${i}`, 'pw-new-1', key())));
       }
       // The pending recovery's finish fails closed, and stays finishable.
-      codes.add(await codeOf(f.vault.recoverFinish(pending.sessionId, pending.authKey)));
+      codes.add(await codeOf(f.vault.recoverFinish(CALLER, pending.sessionId, pending.authKey)));
       expect([...codes]).toEqual([ErrorCodes.HSM_UNAVAILABLE]);
       f.flaky.down = false;
       expect(f.vault.keys.ping()).toBe(true);
-      const r = await f.vault.recoverFinish(pending.sessionId, pending.authKey);
+      const r = await f.vault.recoverFinish(CALLER, pending.sessionId, pending.authKey);
       expect(r.outcome).toBe('ok');
       expect(f.vault.status('lou').attemptsLeft).toBe(10);
       expect(f.vault.status('new-0').state).toBe('absent');

@@ -14,7 +14,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { tempVault, type TestVault } from './helpers/vault.js';
-import { enroll, beginOnly } from './helpers/flows.js';
+import { CALLER, enroll, beginOnly } from './helpers/flows.js';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { RawChannel, RecordingTransport, advConfig, mannWhitney, median, pinnedKeyOf } from './helpers/adversarial.js';
@@ -75,7 +75,7 @@ describe('recover.finish: right vs wrong password, in the core', () => {
     const before = t.vault.store.records.get(userId)!;
     t.clock.now += 1000;
     calls.length = 0;
-    const r = await t.vault.recoverFinish(b.sessionId, b.authKey);
+    const r = await t.vault.recoverFinish(CALLER, b.sessionId, b.authKey);
     const after = t.vault.store.records.get(userId)!;
     return { outcome: r.outcome, calls: [...calls], rewritten: after.updatedAt > before.updatedAt };
   }
@@ -116,7 +116,7 @@ describe.runIf(process.env.BKV_TIMING_CORE === '1')('recover.finish: right vs wr
       const useRight = isRight || t.vault.status(u).attemptsLeft <= 2;
       const b = await beginOnly(t.vault, u, useRight ? `pw-${u}` : 'wrong password');
       const t0 = process.hrtime.bigint();
-      const r = await t.vault.recoverFinish(b.sessionId, b.authKey);
+      const r = await t.vault.recoverFinish(CALLER, b.sessionId, b.authKey);
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       expect(r.outcome).toBe(useRight ? 'ok' : 'wrong-password');
       if (n > 20) (useRight ? right : wrong).push(ms); // the first 20 warm up

@@ -84,6 +84,17 @@ describe('configuration validation', () => {
     expect(message(() => loadConfig({ env: cleanEnv({ BKV_ADMIN_LISTEN: 'nowhere' }) }))).toContain('HOST:PORT');
   });
 
+  it('session and channel quotas have defaults and must leave room for recoveries (issue 14)', () => {
+    const c = loadConfig({ env: cleanEnv() });
+    expect(c.limits).toMatchObject({ maxSessions: 100_000, tenantSessions: 20_000, tenantEnrollments: 5_000, maxChannels: 100_000, tenantChannels: 20_000 });
+    const f = file('quotas.json', JSON.stringify({ limits: { maxSessions: 1000, tenantSessions: 2000, tenantEnrollments: 2000, tenantChannels: 200_000 } }));
+    const m = message(() => loadConfig({ file: f, env: cleanEnv() }));
+    expect(m).toContain('limits.tenantSessions: must be at most limits.maxSessions');
+    expect(m).toContain('limits.tenantEnrollments: must be below limits.tenantSessions');
+    expect(m).toContain('limits.tenantEnrollments: must be at most half of limits.maxSessions');
+    expect(m).toContain('limits.tenantChannels: must be at most limits.maxChannels');
+  });
+
   it('`bkv-admin config check` prints every bad field and exits 2', () => {
     const f = file('check-bad.json', JSON.stringify({ listen: { port: 'x' }, limits: { maxInFlight: 0 }, hsm: { tokenLabel: '' } }));
     const r = check(['--config', f]);

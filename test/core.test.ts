@@ -4,7 +4,7 @@ import { readFileSync, existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import { tempVault, type TestVault } from './helpers/vault.js';
-import { enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
+import { CALLER, enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
 import { ErrorCodes, VaultError } from '../vault/errors.js';
 import { utf8 } from '../vault/protocol/bytes.js';
 import { codeOf } from './helpers/codes.js';
@@ -125,16 +125,16 @@ describe('sessions', () => {
   it('refuses a second finish of the same session', async () => {
     await enroll(t.vault, 'gina', 'pw-gina', key());
     const b = await beginOnly(t.vault, 'gina', 'pw-gina');
-    expect((await t.vault.recoverFinish(b.sessionId, b.authKey)).outcome).toBe('ok');
-    expect(await codeOf(t.vault.recoverFinish(b.sessionId, b.authKey))).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    expect((await t.vault.recoverFinish(CALLER, b.sessionId, b.authKey)).outcome).toBe('ok');
+    expect(await codeOf(t.vault.recoverFinish(CALLER, b.sessionId, b.authKey))).toBe(ErrorCodes.SESSION_NOT_FOUND);
   });
 
   it('refuses an unknown and an expired session', async () => {
     await enroll(t.vault, 'hank', 'pw-hank', key());
-    expect(await codeOf(t.vault.recoverFinish('A'.repeat(22), new Uint8Array(32)))).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    expect(await codeOf(t.vault.recoverFinish(CALLER, 'A'.repeat(22), new Uint8Array(32)))).toBe(ErrorCodes.SESSION_NOT_FOUND);
     const b = await beginOnly(t.vault, 'hank', 'pw-hank');
     t.clock.now += t.vault.options.sessionTtlMs + 1;
-    expect(await codeOf(t.vault.recoverFinish(b.sessionId, b.authKey))).toBe(ErrorCodes.SESSION_EXPIRED);
+    expect(await codeOf(t.vault.recoverFinish(CALLER, b.sessionId, b.authKey))).toBe(ErrorCodes.SESSION_EXPIRED);
     expect(t.vault.status('hank').attemptsLeft).toBe(9);
   });
 });
@@ -201,20 +201,20 @@ describe('bad input changes nothing', () => {
     const compressed = new Uint8Array(33);
     compressed[0] = 2;
     const cases: [string, () => Promise<unknown>][] = [
-      [ErrorCodes.INVALID_POINT, () => t.vault.recoverBegin('mona', identity)],
-      [ErrorCodes.INVALID_POINT, () => t.vault.recoverBegin('mona', offCurve)],
-      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverBegin('mona', compressed)],
-      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverBegin('mona', good.subarray(0, 64))],
-      [ErrorCodes.BAD_REQUEST, () => t.vault.recoverBegin('mona', 'not bytes')],
-      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin('', good)],
-      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin(42, good)],
-      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin('x'.repeat(129), good)],
-      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin('bad\nname', good)],
-      [ErrorCodes.RECORD_NOT_FOUND, () => t.vault.recoverBegin('nobody', good)],
-      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverFinish('A'.repeat(22), new Uint8Array(31))],
-      [ErrorCodes.SESSION_NOT_FOUND, () => t.vault.recoverFinish('short', new Uint8Array(32))],
-      [ErrorCodes.RECORD_EXISTS, () => t.vault.enrollBegin('mona', good)],
-      [ErrorCodes.INVALID_POINT, () => t.vault.enrollBegin('newbie', identity)],
+      [ErrorCodes.INVALID_POINT, () => t.vault.recoverBegin(CALLER, 'mona', identity)],
+      [ErrorCodes.INVALID_POINT, () => t.vault.recoverBegin(CALLER, 'mona', offCurve)],
+      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverBegin(CALLER, 'mona', compressed)],
+      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverBegin(CALLER, 'mona', good.subarray(0, 64))],
+      [ErrorCodes.BAD_REQUEST, () => t.vault.recoverBegin(CALLER, 'mona', 'not bytes')],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin(CALLER, '', good)],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin(CALLER, 42, good)],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin(CALLER, 'x'.repeat(129), good)],
+      [ErrorCodes.INVALID_USER_ID, () => t.vault.recoverBegin(CALLER, 'bad\nname', good)],
+      [ErrorCodes.RECORD_NOT_FOUND, () => t.vault.recoverBegin(CALLER, 'nobody', good)],
+      [ErrorCodes.INVALID_LENGTH, () => t.vault.recoverFinish(CALLER, 'A'.repeat(22), new Uint8Array(31))],
+      [ErrorCodes.SESSION_NOT_FOUND, () => t.vault.recoverFinish(CALLER, 'short', new Uint8Array(32))],
+      [ErrorCodes.RECORD_EXISTS, () => t.vault.enrollBegin(CALLER, 'mona', good)],
+      [ErrorCodes.INVALID_POINT, () => t.vault.enrollBegin(CALLER, 'newbie', identity)],
       [ErrorCodes.RECORD_NOT_FOUND, async () => t.vault.delete('nobody')],
     ];
     for (const [code, call] of cases) {
@@ -231,14 +231,14 @@ describe('bad input changes nothing', () => {
     const { startOprf, enrollPayload } = await import('../client/protocol.js');
     const { TEST_KDF } = await import('./helpers/vault.js');
     const p = startOprf(t.vault.vaultId, 'nina', 'pw-nina');
-    const b = await t.vault.enrollBegin('nina', p.blinded);
+    const b = await t.vault.enrollBegin(CALLER, 'nina', p.blinded);
     const payload = await enrollPayload(p, b.evaluated, TEST_KDF, k);
     const weak = { alg: 'argon2id', m: 8, t: 1, p: 1 };
-    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, kdf: weak }))).toBe(ErrorCodes.INVALID_KDF_PARAMS);
-    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, kdf: { alg: 'scrypt' } }))).toBe(ErrorCodes.INVALID_KDF_PARAMS);
-    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, envelope: new Uint8Array(59) }))).toBe(ErrorCodes.INVALID_LENGTH);
-    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'nina', { ...payload, authKey: new Uint8Array(33) }))).toBe(ErrorCodes.INVALID_LENGTH);
-    expect(await codeOf(t.vault.enrollFinish(b.sessionId, 'other', payload))).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    expect(await codeOf(t.vault.enrollFinish(CALLER, b.sessionId, 'nina', { ...payload, kdf: weak }))).toBe(ErrorCodes.INVALID_KDF_PARAMS);
+    expect(await codeOf(t.vault.enrollFinish(CALLER, b.sessionId, 'nina', { ...payload, kdf: { alg: 'scrypt' } }))).toBe(ErrorCodes.INVALID_KDF_PARAMS);
+    expect(await codeOf(t.vault.enrollFinish(CALLER, b.sessionId, 'nina', { ...payload, envelope: new Uint8Array(59) }))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(await codeOf(t.vault.enrollFinish(CALLER, b.sessionId, 'nina', { ...payload, authKey: new Uint8Array(33) }))).toBe(ErrorCodes.INVALID_LENGTH);
+    expect(await codeOf(t.vault.enrollFinish(CALLER, b.sessionId, 'other', payload))).toBe(ErrorCodes.SESSION_NOT_FOUND);
     expect(row('nina')).toBeUndefined();
   });
 });

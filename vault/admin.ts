@@ -296,25 +296,33 @@ common(tenant.command('list'))
 
 common(tenant.command('revoke'))
   .argument('<name>', 'tenant name')
-  .description('revoke every credential version of a tenant; its tokens stop working at once')
-  .action(async (name: string, o: Common) => {
+  .description('revoke every credential version of a tenant (or one, --version); its tokens stop working at once, open connections included')
+  .option('--version <n>', 'revoke only this credential version; the others stay active', (v) => Number(v))
+  .action(async (name: string, o: Common & { version?: number }) => {
+    const version = o.version;
+    if (version !== undefined && (!Number.isInteger(version) || version < 1)) throw new CliError(EXIT.USAGE, '--version must be a positive integer');
     const c = config(o);
     const r = await withVault(
       c,
-      (ep) => adminCall<{ name: string; revoked: number }>(ep, 'POST', '/admin/tenants/revoke', { name }),
+      (ep) =>
+        adminCall<{ name: string; revoked: number; connectionsClosed: number }>(ep, 'POST', '/admin/tenants/revoke', {
+          name,
+          ...(version !== undefined ? { version } : {}),
+        }),
       async (log) => {
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {
-          const revoked = store.tenants.revoke(name, Date.now());
-          if (revoked === 0) throw new CliError(EXIT.NOT_FOUND, `no active tenant "${name}"`);
-          log.info({ event: 'tenant.revoke', tenant: name, revoked }, 'tenant credentials revoked');
-          return { name, revoked };
+          const revoked = store.tenants.revoke(name, Date.now(), version);
+          if (revoked === 0) throw new CliError(EXIT.NOT_FOUND, `no active tenant "${name}"${version === undefined ? '' : ` version ${version}`}`);
+          log.info({ event: 'tenant.revoke', tenant: name, revoked, ...(version !== undefined ? { versions: [version] } : {}) }, 'tenant credentials revoked');
+          // No daemon runs, so no connection is open.
+          return { name, revoked, connectionsClosed: 0 };
         } finally {
           store.close();
         }
       },
     );
-    out(`tenant "${r.name}": ${r.revoked} credential version(s) revoked`);
+    out(`tenant "${r.name}": ${r.revoked} credential version(s) revoked, ${r.connectionsClosed} open connection(s) closed`);
   });
 
 common(tenant.command('token'))

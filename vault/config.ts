@@ -46,8 +46,30 @@ const Schema = z
         maxInFlight: z.number().int().min(1).max(10_000),
         idleSec: z.number().int().min(1),
         tokenMaxLifetimeSec: z.number().int().min(60),
+        // Capacity of the in-memory tables, in all and per tenant (docs/OPERATIONS.md
+        // "Limits and quotas"): a tenant past its share is refused, before any work, with
+        // RATE_LIMITED; the vault past its total with OVERLOADED.
+        maxSessions: z.number().int().min(2).max(10_000_000),
+        tenantSessions: z.number().int().min(2),
+        tenantEnrollments: z.number().int().min(1),
+        maxChannels: z.number().int().min(2).max(10_000_000),
+        tenantChannels: z.number().int().min(2),
+        tenantClosedChannels: z.number().int().min(1).max(100_000_000),
+        tenantConnections: z.number().int().min(1),
+        userBucketsPerTenant: z.number().int().min(1).max(100_000_000),
       })
-      .strict(),
+      .strict()
+      .superRefine((l, ctx) => {
+        const need = (ok: boolean, path: string, message: string) => {
+          if (!ok) ctx.addIssue({ code: 'custom', path: [path], message });
+        };
+        need(l.tenantSessions <= l.maxSessions, 'tenantSessions', 'must be at most limits.maxSessions');
+        // Room must stay for recoveries, however many enrolments a tenant leaves unfinished.
+        need(l.tenantEnrollments < l.tenantSessions, 'tenantEnrollments', 'must be below limits.tenantSessions');
+        need(l.tenantEnrollments <= Math.floor(l.maxSessions / 2), 'tenantEnrollments', 'must be at most half of limits.maxSessions');
+        need(l.tenantChannels <= l.maxChannels, 'tenantChannels', 'must be at most limits.maxChannels');
+        need(l.tenantEnrollments < l.tenantChannels, 'tenantEnrollments', 'must be below limits.tenantChannels');
+      }),
     log: z.object({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']) }).strict(),
     /** Health, readiness, metrics and bkv-admin's endpoints (vault/admin/). Loopback by default. */
     admin: z.object({ host: z.string().min(1), port: z.number().int().min(0).max(65535) }).strict(),
@@ -78,6 +100,14 @@ export const DEFAULTS: Config = {
     maxInFlight: 64,
     idleSec: 300,
     tokenMaxLifetimeSec: 86_400,
+    maxSessions: 100_000,
+    tenantSessions: 20_000,
+    tenantEnrollments: 5_000,
+    maxChannels: 100_000,
+    tenantChannels: 20_000,
+    tenantClosedChannels: 200_000,
+    tenantConnections: 1_000,
+    userBucketsPerTenant: 50_000,
   },
   log: { level: 'info' },
   admin: { host: '127.0.0.1', port: 8788 },

@@ -128,6 +128,9 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
       kdfFloor: { alg: 'argon2id', ...c.vault.kdfFloor },
+      maxSessions: c.limits.maxSessions,
+      tenantSessions: c.limits.tenantSessions,
+      tenantEnrollments: c.limits.tenantEnrollments,
     });
   } catch (e) {
     store?.close();
@@ -143,7 +146,10 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
     freshnessMs: 60_000,
-    maxChannels: 100_000,
+    maxChannels: c.limits.maxChannels,
+    tenantChannels: c.limits.tenantChannels,
+    tenantEnrollChannels: c.limits.tenantEnrollments,
+    tenantClosedChannels: c.limits.tenantClosedChannels,
     now,
     onInternalError: (e) => log.error({ event: 'channel.internal', err: (e as Error)?.message }, 'internal error'),
   });
@@ -160,6 +166,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       user: { perSec: c.limits.userPerMin / 60, burst: c.limits.userBurst },
     },
     now,
+    { userBucketsPerTenant: c.limits.userBucketsPerTenant },
   );
   let server: RunningServer;
   try {
@@ -181,6 +188,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
         ...(c.tls ? { tls: { cert: readFileSync(c.tls.certFile), key: readFileSync(c.tls.keyFile) } } : {}),
         maxPayload: c.limits.maxPayloadBytes,
         maxInFlight: c.limits.maxInFlight,
+        tenantConnections: c.limits.tenantConnections,
         idleMs: c.limits.idleSec * 1000,
         drainMs: 10_000,
       },
@@ -195,6 +203,11 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     ledger: () => vault.ledger.status(),
     epoch: () => vault.keys.currentEpoch(),
     connections: () => server.connections(),
+    tables: () => {
+      const s = vault.sessionStats();
+      const ch = channels.stats();
+      return { sessions: s.held, enrolments: s.enroll, channels: ch.live, closed_channel_ids: ch.spent, rate_buckets: limiter.size() };
+    },
   });
   const audit = hooks.audit;
   audit?.attachSigner({ vaultId: vault.vaultId, sign: (digest) => vault.keys.sign(digest) });
@@ -289,11 +302,21 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
       log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
       return { name, version, secret: Buffer.from(secret).toString('hex') };
     },
-    revokeTenant(name) {
-      const revoked = vault.store.tenants.revoke(name, Date.now());
-      if (revoked === 0) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"`);
-      log.info({ event: 'tenant.revoke', tenant: name, revoked }, 'tenant credentials revoked');
-      return { name, revoked };
+    async revokeTenant(name, version) {
+      const versions = vault.store.tenants
+        .list()
+        .filter((t) => t.name === name && t.state === 'active' && (version === undefined || t.version === version))
+        .map((t) => t.version);
+      const revoked = vault.store.tenants.revoke(name, Date.now(), version);
+      if (revoked === 0) {
+        throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"${version === undefined ? '' : ` version ${version}`}`);
+      }
+      // "Tokens stop working at once": open connections too, not only new upgrades
+      // (issue 14, finding 3). Every further request of theirs is refused from here on.
+      auth.revoked(name, versions);
+      const connectionsClosed = await d.server.revoke(name, versions);
+      log.info({ event: 'tenant.revoke', tenant: name, revoked, versions, connectionsClosed }, 'tenant credentials revoked');
+      return { name, revoked, connectionsClosed };
     },
     async mintTenantToken(name, ttlSec, sub) {
       if (ttlSec > c.limits.tokenMaxLifetimeSec) {

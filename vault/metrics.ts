@@ -15,6 +15,8 @@ export interface MetricsSource {
   ledger(): { seq: number; anchored: number };
   epoch(): number;
   connections(): number;
+  /** Entries of the bounded in-memory tables (docs/OPERATIONS.md "Limits and quotas"). */
+  tables?(): Record<'sessions' | 'enrolments' | 'channels' | 'closed_channel_ids' | 'rate_buckets', number>;
 }
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -100,6 +102,17 @@ export class Metrics {
       },
     });
     new Gauge({
+      name: 'bkv_table_entries',
+      help: 'entries of the bounded in-memory tables: open sessions (of them enrolments), open channels, remembered closed channel ids, rate-limit buckets',
+      labelNames: ['table'],
+      registers: r,
+      collect() {
+        const t = self.safe(() => self.source?.tables?.());
+        if (!t) return;
+        for (const [table, n] of Object.entries(t)) this.set({ table }, n);
+      },
+    });
+    new Gauge({
       name: 'bkv_rpc_connections',
       help: 'open WebSocket connections',
       registers: r,
@@ -143,10 +156,10 @@ export class Metrics {
   wrapMethods(methods: Record<string, Handler>): Record<string, Handler> {
     const out: Record<string, Handler> = {};
     for (const [name, h] of Object.entries(methods)) {
-      out[name] = async (params, beforeWork) => {
+      out[name] = async (params, ctx, beforeWork) => {
         this.inFlight.inc();
         try {
-          return await h(params, beforeWork);
+          return await h(params, ctx, beforeWork);
         } finally {
           this.inFlight.dec();
         }

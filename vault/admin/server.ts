@@ -33,7 +33,8 @@ export interface AdminActions {
   rotate(opts: { resume: boolean; batchSize?: number }, onProgress: (done: number, remaining: number) => void): Promise<unknown>;
   tenants(): unknown;
   addTenant(name: string): Promise<{ name: string; version: number; secret: string }>;
-  revokeTenant(name: string): { name: string; revoked: number };
+  /** Every active version, or only `version`; resolves once the revoked connections are closed. */
+  revokeTenant(name: string, version?: number): Promise<{ name: string; revoked: number; connectionsClosed: number }>;
   mintTenantToken(name: string, ttlSec: number, sub?: string): Promise<{ name: string; version: number; token: string; expiresAt: string }>;
   checkpoint(): Promise<{ checkpointed: boolean; seq: number; signedThrough: number }>;
   ceremonyExport(targetFile: string, epoch: number | undefined): Promise<{ bundle: string; kind: string; labels: string[] }>;
@@ -173,7 +174,8 @@ export async function startAdminServer(deps: AdminServerDeps, opts: { host: stri
           }
           case 'POST /admin/tenants/revoke': {
             const b = await readJson(req);
-            return send(res, 200, a.revokeTenant(str(b.name, 'name')));
+            const version = b.version === undefined ? undefined : int(b.version, 'version', 1, 999_999_999);
+            return send(res, 200, await a.revokeTenant(str(b.name, 'name'), version));
           }
           case 'POST /admin/tenants/token': {
             const b = await readJson(req);

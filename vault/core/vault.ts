@@ -14,9 +14,10 @@ import { descriptorDigest, vaultIdOf, type SignedDescriptor } from '../protocol/
 import { PROTOCOL_VERSION, SIZES } from '../protocol/suite.js';
 import { toHex } from '../protocol/bytes.js';
 import { checkBytes, checkUserId } from './input.js';
-import { SessionTable } from './sessions.js';
+import { SessionTable, type Session, type SessionStats } from './sessions.js';
 import { Ledger } from './ledger.js';
 import { userRef } from './user-ref.js';
+import type { CallerContext } from './caller.js';
 import {
   decideDelete,
   decideEnroll,
@@ -32,7 +33,12 @@ export interface VaultOptions {
   sessionTtlMs: number;
   /** Weakest Argon2id parameters an enrolment may use. */
   kdfFloor: KdfParams;
+  /** Open sessions in all (the memory bound); enrolments may hold at most half. */
   maxSessions: number;
+  /** Open sessions per tenant. */
+  tenantSessions: number;
+  /** Open enrolments (enroll.begin without its finish) per tenant; keep it well below tenantSessions. */
+  tenantEnrollments: number;
   now: () => number;
 }
 
@@ -41,6 +47,8 @@ export const DEFAULT_OPTIONS: VaultOptions = {
   sessionTtlMs: 120_000,
   kdfFloor: MIN_KDF,
   maxSessions: 100_000,
+  tenantSessions: 20_000,
+  tenantEnrollments: 5_000,
   now: Date.now,
 };
 
@@ -57,6 +65,7 @@ export type RecoverOutcome =
   | { outcome: 'locked' };
 
 export { userRef };
+export type { CallerContext };
 
 export class Vault {
   readonly vaultId: Uint8Array;
@@ -79,7 +88,12 @@ export class Vault {
   ) {
     this.options = { ...DEFAULT_OPTIONS, ...options };
     this.vaultId = vaultIdOf(keys.signingPublic);
-    this.sessions = new SessionTable(this.options.sessionTtlMs, this.options.maxSessions);
+    this.sessions = new SessionTable({
+      ttlMs: this.options.sessionTtlMs,
+      max: this.options.maxSessions,
+      tenantMax: this.options.tenantSessions,
+      tenantEnrollMax: this.options.tenantEnrollments,
+    });
   }
 
   /** Bind the database to this HSM's vault, check it against the HSM anchor, and start. */
@@ -95,6 +109,16 @@ export class Vault {
       this.sweep().catch((e: unknown) => this.log.error({ event: 'sweep.failed', err: (e as Error).message }, 'session sweep failed'));
     }, intervalMs);
     this.sweepTimer.unref();
+  }
+
+  /** How full the session table is (metrics, tests). */
+  sessionStats(): SessionStats {
+    return this.sessions.stats();
+  }
+
+  /** Slots one tenant holds (metrics, tests). */
+  tenantSessionStats(tenant: string): { held: number; enroll: number } {
+    return this.sessions.tenantStats(tenant);
   }
 
   close(): void {
@@ -121,22 +145,33 @@ export class Vault {
   // ---- enrol -----------------------------------------------------------------
 
   async enrollBegin(
+    ctx: CallerContext,
     userIdIn: unknown,
     blindedIn: unknown,
     opts: { grant?: string } = {},
   ): Promise<{ sessionId: string; evaluated: Uint8Array; attemptLimit: number; kdfFloor: KdfParams }> {
     const userId = checkUserId(userIdIn);
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
-    const grantGeneration = this.grantGeneration(opts.grant, userId);
-    const decision = decideEnroll(this.ledger.get(userId), grantGeneration);
-    if (!decision.ok) throw refusal(decision.code);
-    const evaluated = await this.keys.oprfEvaluate(blinded);
-    const session = this.sessions.create('enroll', userId, decision.generation, this.options.now());
-    this.log.info({ event: 'enroll.begin', user: userRef(userId) }, 'enrolment started');
-    return { sessionId: session.id, evaluated, attemptLimit: this.options.attemptLimit, kdfFloor: this.options.kdfFloor };
+    // The session's slot first: a flood of unfinished enrolments is refused here, before the
+    // database read and the HSM, and within its own tenant's enrolment quota.
+    const slot = this.sessions.reserve(ctx.tenant, 'enroll', this.options.now());
+    let opened = false;
+    try {
+      const grantGeneration = this.grantGeneration(opts.grant, userId);
+      const decision = decideEnroll(this.ledger.get(userId), grantGeneration);
+      if (!decision.ok) throw refusal(decision.code);
+      const evaluated = await this.keys.oprfEvaluate(blinded);
+      const session = this.sessions.open(slot, 'enroll', userId, decision.generation, this.options.now());
+      opened = true;
+      this.log.info({ event: 'enroll.begin', user: userRef(userId) }, 'enrolment started');
+      return { sessionId: session.id, evaluated, attemptLimit: this.options.attemptLimit, kdfFloor: this.options.kdfFloor };
+    } finally {
+      if (!opened) this.sessions.release(slot);
+    }
   }
 
   async enrollFinish(
+    _ctx: CallerContext,
     sessionIdIn: unknown,
     userIdIn: unknown,
     req: { authKey: unknown; envelope: unknown; kdf: unknown; grant?: string },
@@ -148,21 +183,37 @@ export class Vault {
     const sessionId = checkSessionId(sessionIdIn);
     const now = this.options.now();
     const session = this.sessions.take(sessionId, 'enroll', now);
-    if (session.userId !== userId) throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no enroll session for this user');
-    const generation = session.generation;
-    const epoch = this.keys.currentEpoch();
-    let verifier: Uint8Array;
-    let sealed: Uint8Array;
+    // The taken session keeps its slot until it is restored or this finish is over.
+    let restored = false;
     try {
-      verifier = await this.keys.makeVerifier(verifierInput(this.vaultId, userId, generation, authKey));
-      sealed = await this.keys.seal(epoch, sealAad(this.vaultId, userId, generation, epoch, verifier), envelope);
-    } catch (e) {
-      this.sessions.restore(session);
-      throw e;
+      if (session.userId !== userId) throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no enroll session for this user');
+      const generation = session.generation;
+      const epoch = this.keys.currentEpoch();
+      let verifier: Uint8Array;
+      let sealed: Uint8Array;
+      try {
+        verifier = await this.keys.makeVerifier(verifierInput(this.vaultId, userId, generation, authKey));
+        sealed = await this.keys.seal(epoch, sealAad(this.vaultId, userId, generation, epoch, verifier), envelope);
+      } catch (e) {
+        this.sessions.restore(session);
+        restored = true;
+        throw e;
+      }
+      return await this.commitEnrolment(userId, generation, { verifier, sealed, epoch, kdf, grant: req.grant, now });
+    } finally {
+      if (!restored) this.sessions.release(session);
     }
+  }
+
+  private async commitEnrolment(
+    userId: string,
+    generation: number,
+    c: { verifier: Uint8Array; sealed: Uint8Array; epoch: number; kdf: KdfParams; grant: string | undefined; now: number },
+  ): Promise<{ generation: number; attemptLimit: number }> {
+    const { verifier, sealed, epoch, kdf, now } = c;
     this.ledger.transaction(() => {
       const rec = this.ledger.get(userId);
-      const grantGeneration = this.grantGeneration(req.grant, userId);
+      const grantGeneration = this.grantGeneration(c.grant, userId);
       const decision = decideEnroll(rec, grantGeneration);
       // Someone else enrolled this user while our HSM calls ran: our verifier is for a stale generation.
       if (!decision.ok || decision.generation !== generation) throw refusal(ErrorCodes.RECORD_EXISTS);
@@ -190,6 +241,7 @@ export class Vault {
   // ---- recover ---------------------------------------------------------------
 
   async recoverBegin(
+    ctx: CallerContext,
     userIdIn: unknown,
     blindedIn: unknown,
   ): Promise<{ sessionId: string; evaluated: Uint8Array; kdf: KdfParams; attemptsLeft: number; attemptLimit: number }> {
@@ -203,47 +255,70 @@ export class Vault {
     // Cheap refusal first, so locked or unknown users cost no HSM work.
     const pre = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, this.options.now()), this.options.now());
     if (!pre.ok && !pre.change) throw refusal(pre.code);
-    // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
-    // and nothing that depends on the guess leaves before its attempt is durable.
-    const evaluated = pre.ok ? await this.keys.oprfEvaluate(blinded) : undefined;
-    const now = this.options.now();
-    const committed = this.ledger.transaction(() => {
-      const d = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, now), now);
-      if (d.change) this.ledger.put(d.change);
-      return d;
-    });
-    // The counted guess is pending from its commit on, not only once its answer leaves:
-    // otherwise a begin racing in while this one awaits the anchor sees the limit spent
-    // and nothing pending, and destroys the record under a guess that may be right
-    // (found by test/adversarial-guessing.test.ts).
-    const session = committed.ok ? this.sessions.create('recover', userId, committed.change.generation, now) : undefined;
-    // Commit before reveal: the attempt is durable and anchored before X leaves.
-    if (committed.change) {
-      try {
-        await this.anchored();
-      } catch (e) {
-        if (session) this.dropSession(session.id);
-        throw e;
+    // The session's slot before anything is counted: a full table refuses here, nothing
+    // spent. (Before issue 14 the attempt was committed and only then did the table say
+    // OVERLOADED, "retryable": ten honest retries destroyed the record unread.)
+    const slot = pre.ok ? this.sessions.reserve(ctx.tenant, 'recover', this.options.now()) : undefined;
+    let kept = false;
+    try {
+      // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
+      // and nothing that depends on the guess leaves before its attempt is durable.
+      const evaluated = slot ? await this.keys.oprfEvaluate(blinded) : undefined;
+      const now = this.options.now();
+      const committed = this.ledger.transaction(() => {
+        const d = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, now), now);
+        // Counted only with its slot and evaluation in hand, so nothing after the commit can
+        // refuse. (The row moved from "destroy" to "count" while we ran: nothing is written.)
+        if (d.ok && !slot) throw new VaultError(ErrorCodes.OVERLOADED, 'the record changed while this request ran; retry');
+        if (d.change) this.ledger.put(d.change);
+        return d;
+      });
+      // The counted guess is pending from its commit on, not only once its answer leaves:
+      // otherwise a begin racing in while this one awaits the anchor sees the limit spent
+      // and nothing pending, and destroys the record under a guess that may be right
+      // (found by test/adversarial-guessing.test.ts).
+      const session = committed.ok ? this.sessions.open(slot!, 'recover', userId, committed.change.generation, now) : undefined;
+      // Commit before reveal: the attempt is durable and anchored before X leaves.
+      if (committed.change) await this.anchored();
+      if (!committed.ok) {
+        if (committed.change) this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
+        throw refusal(committed.code);
       }
+      kept = true;
+      this.log.info({ event: 'recover.begin', user: userRef(userId), attemptsLeft: committed.attemptsLeft }, 'attempt counted');
+      return {
+        sessionId: session!.id,
+        evaluated: evaluated!,
+        kdf: committed.change.kdf!,
+        attemptsLeft: committed.attemptsLeft,
+        attemptLimit: committed.change.attemptLimit,
+      };
+    } finally {
+      // A refusal, an HSM failure or a failed anchor write: the slot (and any session on it) goes.
+      if (slot && !kept) this.sessions.release(slot);
     }
-    if (!committed.ok) {
-      if (committed.change) this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
-      throw refusal(committed.code);
-    }
-    this.log.info({ event: 'recover.begin', user: userRef(userId), attemptsLeft: committed.attemptsLeft }, 'attempt counted');
-    return {
-      sessionId: session!.id,
-      evaluated: evaluated!,
-      kdf: committed.change.kdf!,
-      attemptsLeft: committed.attemptsLeft,
-      attemptLimit: committed.change.attemptLimit,
-    };
   }
 
-  async recoverFinish(sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
+  async recoverFinish(_ctx: CallerContext, sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
     const authKey = checkBytes(authKeyIn, SIZES.authKey, 'authKey');
     const sessionId = checkSessionId(sessionIdIn);
     const session = this.sessions.take(sessionId, 'recover', this.options.now());
+    // The taken session keeps its slot until this finish is decided: restored for a retry,
+    // re-opened as the grant of a success (so a full table cannot refuse the grant after the
+    // commit), or released.
+    let kept = false;
+    try {
+      return await this.finishRecovery(session, authKey, () => (kept = true));
+    } finally {
+      if (!kept) this.sessions.release(session);
+    }
+  }
+
+  private async finishRecovery(
+    session: Session,
+    authKey: Uint8Array,
+    keep: () => void,
+  ): Promise<RecoverOutcome & { userId: string }> {
     const { userId, generation } = session;
     // Still a pending guess until decided below: a concurrent wrong finish must not destroy
     // the record while this one (maybe the right password) is being compared.
@@ -266,7 +341,10 @@ export class Vault {
           if (verified) envelope = opened;
         } catch (e) {
           // Nothing was decided: the caller may finish this session again.
-          if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) this.sessions.restore(session);
+          if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) {
+            this.sessions.restore(session);
+            keep();
+          }
           throw e;
         }
       }
@@ -292,7 +370,8 @@ export class Vault {
     if (!d.ok) throw refusal(d.code);
     if (d.outcome === 'ok') {
       this.sessions.cancelUser(userId, ['recover', 'grant']);
-      const grant = this.sessions.create('grant', userId, generation, now);
+      const grant = this.sessions.open(session, 'grant', userId, generation, now);
+      keep();
       this.log.info({ event: 'recover.finish', user: userRef(userId), outcome: 'ok' }, 'password verified; attempts reset');
       return { outcome: 'ok', envelope: envelope!, grant: grant.id, userId };
     }
@@ -448,18 +527,9 @@ export class Vault {
     return this.sessions.pending(userId, now) + (this.finishing.get(userId) ?? 0);
   }
 
-  private dropSession(id: string): void {
-    try {
-      this.sessions.take(id, 'recover', this.options.now());
-    } catch {
-      /* already gone */
-    }
-  }
-
   private grantGeneration(grant: string | undefined, userId: string): number | undefined {
     if (grant === undefined) return undefined;
-    const s = this.sessions.take(checkSessionId(grant), 'grant', this.options.now());
-    this.sessions.restore(s);
+    const s = this.sessions.peek(checkSessionId(grant), 'grant', this.options.now());
     return s.userId === userId ? s.generation : undefined;
   }
 }

@@ -45,6 +45,12 @@ export function mintToken(
 
 export class Authenticator {
   private readonly secrets = new Map<string, Uint8Array>();
+  /**
+   * Credentials revoked while this process runs ("tenant:version"). The database decides at
+   * the upgrade; this set lets every request of an open connection be checked in O(1).
+   * Bounded by the tenants table.
+   */
+  private readonly revokedKids = new Set<string>();
   private readonly audience: string;
 
   constructor(private readonly o: AuthOptions) {
@@ -88,6 +94,19 @@ export class Authenticator {
     if (iat - skew > now) return fail('issued in the future');
     if (exp - iat > (this.o.maxLifetimeSec ?? 86_400)) return fail('lifetime too long');
     return { tenant, version, exp, ...(typeof sub === 'string' ? { sub: sub.slice(0, 128) } : {}) };
+  }
+
+  /** Credential versions just revoked in the database: open connections holding them stop now. */
+  revoked(tenant: string, versions: number[]): void {
+    for (const v of versions) {
+      this.revokedKids.add(`${tenant}:${v}`);
+      this.secrets.delete(`${tenant}:${v}`);
+    }
+  }
+
+  /** Was this connection's credential revoked since it was verified? */
+  isRevoked(id: TenantIdentity): boolean {
+    return this.revokedKids.has(`${id.tenant}:${id.version}`);
   }
 
   async secretFor(tenant: string, version: number): Promise<Uint8Array> {

@@ -3,7 +3,7 @@
 // come next. Everything the relay can see or tamper with is checked here;
 // the decrypted bodies go to the core.
 import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
-import type { Vault } from '../core/vault.js';
+import type { CallerContext, Vault } from '../core/vault.js';
 import { channelIdOf, channelKeys, type ChannelKeys } from '../protocol/channel.js';
 // Same AEAD as channel.ts, on node:crypto (docs/PERFORMANCE.md).
 import { openMessage, sealMessage } from '../protocol/channel-node.js';
@@ -30,6 +30,10 @@ const NEXT: Record<Step, Partial<Record<ChannelMethod, true>>> = {
 
 interface Channel {
   keys: ChannelKeys;
+  /** The tenant that opened it: its quota holds the channel's slot. */
+  owner: string;
+  /** Opened with enroll.begin: counts against the tenant's enrolment quota too. */
+  enroll: boolean;
   userId: string;
   next: number;
   step: Step;
@@ -48,7 +52,14 @@ export interface ChannelOptions {
   freshnessMs: number;
   /** Allowed lead of a handshake's ts over the vault clock (client clock skew). */
   aheadMs?: number;
+  /** Open channels in all (the memory bound): past it, OVERLOADED. */
   maxChannels: number;
+  /** Open channels per tenant: past it, RATE_LIMITED. */
+  tenantChannels: number;
+  /** Open channels per tenant that began with enroll.begin (limits.tenantEnrollments). */
+  tenantEnrollChannels: number;
+  /** Closed channel ids remembered per tenant (replay protection): past it, RATE_LIMITED until some age out. */
+  tenantClosedChannels: number;
   now: () => number;
   /** Called with unexpected (non-VaultError) failures, which the client sees only as INTERNAL. */
   onInternalError?: (e: unknown) => void;
@@ -56,10 +67,35 @@ export interface ChannelOptions {
 
 type Body = { ok: true; result: unknown } | { ok: false; error: { code: string; message: string; detail?: unknown } };
 
+/** What one tenant holds (issue 14: one tenant's flood must not take another's room). */
+interface TenantChannels {
+  /** Handshakes admitted and not yet closed: live channels and those still in their HSM call. */
+  open: number;
+  enroll: number;
+  spent: number;
+  /** Its live channels in opening order (= expiry order), all and begun with enroll.begin, for retryAfterMs. */
+  live: Set<Channel>;
+  liveEnroll: Set<Channel>;
+}
+
+export interface ChannelStats {
+  live: number;
+  spent: number;
+  tenants: number;
+}
+
 export class ChannelTable {
+  /** Live channels in opening order, which is expiry order (one TTL for all). */
   private readonly live = new Map<string, Channel>();
-  /** Ids of closed channels, until their handshake could no longer pass the freshness check. */
-  private readonly spent = new Map<string, number>();
+  /**
+   * Ids of closed channels, until their handshake could no longer pass the freshness
+   * check, with the tenant whose quota they count against. Never evicted early (that
+   * would reopen replays): a tenant at its bound is refused new handshakes instead.
+   */
+  private readonly spent = new Map<string, { until: number; owner: string }>();
+  private readonly tenants = new Map<string, TenantChannels>();
+  /** Handshakes admitted (live or in their HSM call), for the global bound. */
+  private admitted = 0;
   private readonly startedAt: number;
 
   constructor(
@@ -73,12 +109,23 @@ export class ChannelTable {
     return this.live.size;
   }
 
+  stats(): ChannelStats {
+    return { live: this.live.size, spent: this.spent.size, tenants: this.tenants.size };
+  }
+
+  /** What one tenant holds (tests, metrics). */
+  tenantStats(owner: string): { open: number; enroll: number; spent: number } {
+    const t = this.tenants.get(owner);
+    return { open: t?.open ?? 0, enroll: t?.enroll ?? 0, spent: t?.spent ?? 0 };
+  }
+
   /**
    * Handle one relayed message. Outer failures (tampering, replay, unknown
    * channel) throw and change nothing; once a message authenticates, its
    * counter is spent and every outcome goes back encrypted.
    */
   async handle(
+    ctx: CallerContext,
     method: ChannelMethod,
     p: z.output<typeof ChannelParams>,
   ): Promise<{ n: number; ct: string; outcome: string }> {
@@ -97,11 +144,18 @@ export class ChannelTable {
       }
       if (!equalBytes(channelIdOf(m.epk), m.id)) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel id does not match epk');
       if (ch || this.spent.has(id)) throw new VaultError(ErrorCodes.REPLAY, 'this channel was already opened');
-      if (this.live.size >= this.o.maxChannels) throw new VaultError(ErrorCodes.OVERLOADED, 'too many open channels; retry shortly');
       validatePoint(m.epk);
-      const z = await this.vault.keys.channelAgree(m.epk);
-      const keys = channelKeys(z, m.epk, this.vault.vaultId, this.vault.keys.channelPublic);
-      ch = { keys, userId, next: 0, step: 'new', busy: false, expiresAt: now + this.o.ttlMs, ts: m.ts };
+      // The channel's slot before the HSM: a flood is refused here, at no cost, within its own tenant's quota.
+      const enroll = method === 'enroll.begin';
+      this.admit(ctx.tenant, enroll, now);
+      try {
+        const z = await this.vault.keys.channelAgree(m.epk);
+        const keys = channelKeys(z, m.epk, this.vault.vaultId, this.vault.keys.channelPublic);
+        ch = { keys, owner: ctx.tenant, enroll, userId, next: 0, step: 'new', busy: false, expiresAt: now + this.o.ttlMs, ts: m.ts };
+      } catch (e) {
+        this.unadmit(ctx.tenant, enroll);
+        throw e;
+      }
       fresh = true;
     } else {
       if (m.epk) throw new VaultError(ErrorCodes.BAD_REQUEST, 'epk is only sent with the first message');
@@ -118,11 +172,20 @@ export class ChannelTable {
       if (userId !== ch.userId) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel belongs to another user');
     }
     const header = { channelId: m.id, counter: m.n, method, userId };
-    const body = await openMessage(ch.keys.c2s, { ...header, dir: 'c2s', ts: m.ts }, m.ct);
-    if (fresh) {
+    let body: unknown;
+    try {
+      body = await openMessage(ch.keys.c2s, { ...header, dir: 'c2s', ts: m.ts }, m.ct);
       // Two copies of one handshake raced through the HSM call: only one opens the channel.
-      if (this.live.has(id) || this.spent.has(id)) throw new VaultError(ErrorCodes.REPLAY, 'this channel was already opened');
+      if (fresh && (this.live.has(id) || this.spent.has(id))) throw new VaultError(ErrorCodes.REPLAY, 'this channel was already opened');
+    } catch (e) {
+      if (fresh) this.unadmit(ch.owner, ch.enroll);
+      throw e;
+    }
+    if (fresh) {
       this.live.set(id, ch);
+      const t = this.tenants.get(ch.owner)!;
+      t.live.add(ch);
+      if (ch.enroll) t.liveEnroll.add(ch);
     } else if (ch.busy || ch.next !== m.n) {
       throw new VaultError(ErrorCodes.OUT_OF_ORDER, 'message counter ahead of the channel');
     }
@@ -130,7 +193,7 @@ export class ChannelTable {
     ch.busy = true;
     let reply: Body;
     try {
-      reply = { ok: true, result: await this.step(ch, method, body) };
+      reply = { ok: true, result: await this.step(ctx, ch, method, body) };
     } catch (e) {
       if (!(e instanceof VaultError)) this.o.onInternalError?.(e);
       reply = { ok: false, error: publicError(e) };
@@ -143,7 +206,7 @@ export class ChannelTable {
     return { n: m.n, ct: toB64(ct), outcome };
   }
 
-  private async step(ch: Channel, method: ChannelMethod, raw: unknown): Promise<unknown> {
+  private async step(ctx: CallerContext, ch: Channel, method: ChannelMethod, raw: unknown): Promise<unknown> {
     if (!NEXT[ch.step][method]) {
       throw new VaultError(ErrorCodes.BAD_REQUEST, `${method} is not allowed at this point of the channel`);
     }
@@ -151,7 +214,7 @@ export class ChannelTable {
     switch (method) {
       case 'enroll.begin': {
         const b = parse(Bodies[method], raw);
-        const r = await v.enrollBegin(ch.userId, b.blinded, b.grant ? { grant: b.grant } : {});
+        const r = await v.enrollBegin(ctx, ch.userId, b.blinded, b.grant ? { grant: b.grant } : {});
         ch.coreSession = r.sessionId;
         if (b.grant) ch.grant = b.grant;
         ch.step = 'enroll-begun';
@@ -159,13 +222,13 @@ export class ChannelTable {
       }
       case 'enroll.finish': {
         const b = parse(Bodies[method], raw);
-        const r = await v.enrollFinish(ch.coreSession, ch.userId, { ...b, ...(ch.grant ? { grant: ch.grant } : {}) });
+        const r = await v.enrollFinish(ctx, ch.coreSession, ch.userId, { ...b, ...(ch.grant ? { grant: ch.grant } : {}) });
         ch.step = 'done';
         return r;
       }
       case 'recover.begin': {
         const b = parse(Bodies[method], raw);
-        const r = await v.recoverBegin(ch.userId, b.blinded);
+        const r = await v.recoverBegin(ctx, ch.userId, b.blinded);
         ch.coreSession = r.sessionId;
         ch.step = 'recover-begun';
         return { evaluated: toB64(r.evaluated), kdf: r.kdf, attemptsLeft: r.attemptsLeft, attemptLimit: r.attemptLimit };
@@ -174,7 +237,7 @@ export class ChannelTable {
         const b = parse(Bodies[method], raw);
         let r;
         try {
-          r = await v.recoverFinish(ch.coreSession, b.authKey);
+          r = await v.recoverFinish(ctx, ch.coreSession, b.authKey);
         } catch (e) {
           // Only an HSM outage leaves the core session open for a retry; anything else ends it.
           if (!isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) ch.step = 'done';
@@ -190,14 +253,83 @@ export class ChannelTable {
 
   private close(id: string, ch: Channel): void {
     this.live.delete(id);
-    this.spent.set(id, Math.max(ch.expiresAt, ch.ts + this.o.freshnessMs) + 1000);
+    const t = this.tenant(ch.owner);
+    t.live.delete(ch);
+    t.liveEnroll.delete(ch);
+    this.spent.set(id, { until: Math.max(ch.expiresAt, ch.ts + this.o.freshnessMs) + 1000, owner: ch.owner });
+    t.spent++;
+    this.unadmit(ch.owner, ch.enroll);
   }
 
-  /** Drop expired channels and forget spent ids whose handshake can no longer be fresh. */
+  /** Take a slot for a new channel of `owner`, or refuse before any work. */
+  private admit(owner: string, enroll: boolean, now: number): void {
+    const t = this.tenants.get(owner);
+    const limited = (message: string, retryAfterMs: number) =>
+      new VaultError(ErrorCodes.RATE_LIMITED, message, { retryAfterMs: Math.max(1, Math.min(retryAfterMs, this.o.ttlMs)) });
+    if (t && enroll && t.enroll >= this.o.tenantEnrollChannels) {
+      const first = t.liveEnroll.values().next().value;
+      throw limited('too many unfinished enrolments for this tenant; retry later', first ? first.expiresAt - now + 1 : 1000);
+    }
+    if (t && t.open >= this.o.tenantChannels) {
+      const first = t.live.values().next().value;
+      throw limited('too many open channels for this tenant; retry later', first ? first.expiresAt - now + 1 : 1000);
+    }
+    // Closed ids age out continuously (the sweep runs every second).
+    if (t && t.spent >= this.o.tenantClosedChannels) throw limited('too many recently closed channels for this tenant; retry later', 1000);
+    if (this.admitted >= this.o.maxChannels) {
+      const first = this.live.values().next().value;
+      throw new VaultError(ErrorCodes.OVERLOADED, 'too many open channels; retry shortly', {
+        retryAfterMs: Math.max(1, Math.min(first ? first.expiresAt - now + 1 : 1000, this.o.ttlMs)),
+      });
+    }
+    const mine = this.tenant(owner);
+    mine.open++;
+    if (enroll) mine.enroll++;
+    this.admitted++;
+  }
+
+  private unadmit(owner: string, enroll: boolean): void {
+    const t = this.tenants.get(owner);
+    if (!t) return;
+    t.open--;
+    if (enroll) t.enroll--;
+    this.admitted--;
+    this.forgetIfIdle(owner, t);
+  }
+
+  private tenant(owner: string): TenantChannels {
+    let t = this.tenants.get(owner);
+    if (!t) this.tenants.set(owner, (t = { open: 0, enroll: 0, spent: 0, live: new Set(), liveEnroll: new Set() }));
+    return t;
+  }
+
+  private forgetIfIdle(owner: string, t: TenantChannels): void {
+    if (t.open === 0 && t.spent === 0) this.tenants.delete(owner);
+  }
+
+  /**
+   * Drop expired channels and forget spent ids whose handshake can no longer be fresh.
+   * Both maps are walked from their oldest entry and the walk stops at the first one
+   * still due, so a sweep costs what expired, not what the tables hold.
+   */
   sweep(): void {
     const now = this.o.now();
-    for (const [id, ch] of this.live) if (now > ch.expiresAt && !ch.busy) this.close(id, ch);
-    for (const [id, until] of this.spent) if (now > until) this.spent.delete(id);
+    for (const [id, ch] of this.live) {
+      if (now <= ch.expiresAt) break;
+      if (!ch.busy) this.close(id, ch);
+    }
+    // Insertion order is close order; `until` is nearly but not strictly monotonic in it (it
+    // depends on each handshake's ts), so an id may outlive its time by up to one retention
+    // period behind a later one: kept longer, never forgotten early.
+    for (const [id, s] of this.spent) {
+      if (now <= s.until) break;
+      this.spent.delete(id);
+      const t = this.tenants.get(s.owner);
+      if (t) {
+        t.spent--;
+        this.forgetIfIdle(s.owner, t);
+      }
+    }
   }
 }
 

@@ -20,6 +20,8 @@ export interface ServerOptions {
   tls?: { cert: string | Buffer; key: string | Buffer };
   maxPayload: number;
   maxInFlight: number;
+  /** Open connections per tenant; past it the upgrade gets 429 RATE_LIMITED. */
+  tenantConnections: number;
   idleMs: number;
   /** How long shutdown waits for in-flight requests. */
   drainMs: number;
@@ -30,6 +32,7 @@ export const DEFAULT_SERVER: ServerOptions = {
   port: 8787,
   maxPayload: 64 * 1024,
   maxInFlight: 64,
+  tenantConnections: 1_000,
   idleMs: 300_000,
   drainMs: 10_000,
 };
@@ -93,8 +96,22 @@ export interface RunningServer {
   port: number;
   server: Server;
   connections(): number;
+  /**
+   * Close every connection holding one of these credential versions of `tenant` with
+   * 4401, refuse anything more they send, and resolve (with how many there were) once
+   * the requests they had in progress have settled (up to drainMs).
+   */
+  revoke(tenant: string, versions: number[]): Promise<number>;
   /** Stop accepting, let in-flight requests finish (up to drainMs), close every socket. */
   close(): Promise<void>;
+}
+
+interface Conn {
+  id: TenantIdentity;
+  /** Requests of this connection in progress. */
+  inFlight: number;
+  /** Its credential was revoked: it is being closed and serves nothing more. */
+  revoked: boolean;
 }
 
 export async function startServer(deps: ServerDeps, opts: ServerOptions): Promise<RunningServer> {
@@ -104,7 +121,10 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
   }
   const server = opts.tls ? createHttps({ cert: opts.tls.cert, key: opts.tls.key }) : createHttp();
   const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxPayload });
-  const sockets = new Set<WebSocket>();
+  /** Open connections, with what revocation needs: whose they are, what they have in progress. */
+  const sockets = new Map<WebSocket, Conn>();
+  /** Connections per tenant, counted from the upgrade's authentication until the socket closes. */
+  const perTenant = new Map<string, number>();
   let inFlightTotal = 0;
   let closing = false;
 
@@ -116,8 +136,9 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const refuse = (status: number, code: string, message: string) => {
       const body = JSON.stringify({ error: { code, message } });
+      const text = status === 401 ? 'Unauthorized' : status === 429 ? 'Too Many Requests' : 'Service Unavailable';
       socket.end(
-        `HTTP/1.1 ${status} ${status === 401 ? 'Unauthorized' : 'Service Unavailable'}\r\n` +
+        `HTTP/1.1 ${status} ${text}\r\n` +
           `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
       );
     };
@@ -125,7 +146,22 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
     const header = req.headers.authorization;
     const token = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
     deps.auth.verify(token).then(
-      (id) => wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id, socket)),
+      (id) => {
+        // One tenant's connections (each with its timers and buffers) are bounded like its sessions.
+        const n = perTenant.get(id.tenant) ?? 0;
+        if (n >= opts.tenantConnections) {
+          deps.log.warn({ event: 'conn.refused', tenant: id.tenant, reason: 'tenantConnections' }, 'connection refused: tenant at its connection quota');
+          return refuse(429, ErrorCodes.RATE_LIMITED, 'too many open connections for this tenant');
+        }
+        perTenant.set(id.tenant, n + 1);
+        // The socket's close ends the count, whether the upgrade completes or not.
+        socket.once('close', () => {
+          const left = (perTenant.get(id.tenant) ?? 1) - 1;
+          if (left > 0) perTenant.set(id.tenant, left);
+          else perTenant.delete(id.tenant);
+        });
+        wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws, id, socket));
+      },
       (e: unknown) => {
         deps.log.warn({ event: 'auth.refused', reason: (e as Error).message, remote: req.socket.remoteAddress }, 'connection refused');
         refuse(401, ErrorCodes.UNAUTHENTICATED, e instanceof VaultError ? e.message : 'unauthenticated');
@@ -133,10 +169,22 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
     );
   });
 
+  /** Close with 4401 now; a peer that does not finish the close handshake is cut off after a second. */
+  const cutOff = (ws: WebSocket, reason: string) => {
+    ws.close(4401, reason);
+    setTimeout(() => ws.terminate(), 1000).unref();
+  };
+
   function onConnection(ws: WebSocket, id: TenantIdentity, socket: Duplex): void {
-    sockets.add(ws);
+    const conn: Conn = { id, inFlight: 0, revoked: false };
+    sockets.set(ws, conn);
+    // Revoked while its upgrade was being verified: it never serves.
+    if (deps.auth.isRevoked(id)) {
+      conn.revoked = true;
+      cutOff(ws, 'tenant credential revoked');
+    }
+    const ctx = Object.freeze({ tenant: id.tenant });
     const cork = corkPerTurn(socket);
-    let inFlight = 0;
     let idle = setTimeout(() => ws.close(1000, 'idle'), opts.idleMs);
     let alive = true;
     const heartbeat = setInterval(() => {
@@ -203,11 +251,18 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
         fail(new VaultError(ErrorCodes.UNAUTHENTICATED, 'tenant token expired'));
         return void ws.close(4401, 'token expired');
       }
-      if (inFlight >= opts.maxInFlight) return fail(new VaultError(ErrorCodes.OVERLOADED, 'too many requests in flight on this connection'));
-      inFlight++;
+      // Every request, not only the upgrade: a revoked credential serves nothing more, even
+      // on a connection whose close is still under way (one Set lookup).
+      if (conn.revoked || deps.auth.isRevoked(id)) {
+        conn.revoked = true;
+        fail(new VaultError(ErrorCodes.UNAUTHENTICATED, 'tenant credential revoked'));
+        return cutOff(ws, 'tenant credential revoked');
+      }
+      if (conn.inFlight >= opts.maxInFlight) return fail(new VaultError(ErrorCodes.OVERLOADED, 'too many requests in flight on this connection'));
+      conn.inFlight++;
       inFlightTotal++;
       let userId: string | undefined;
-      handler(params, (u) => {
+      handler(params, ctx, (u) => {
         userId = u;
         deps.limiter.take(id.tenant, u);
       })
@@ -219,7 +274,7 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
           (e) => fail(e, userId),
         )
         .finally(() => {
-          inFlight--;
+          conn.inFlight--;
           inFlightTotal--;
         });
     });
@@ -236,14 +291,26 @@ export async function startServer(deps: ServerDeps, opts: ServerOptions): Promis
     port,
     server,
     connections: () => sockets.size,
+    async revoke(tenant, versions) {
+      const hit = [...sockets].filter(([, c]) => c.id.tenant === tenant && versions.includes(c.id.version));
+      for (const [ws, c] of hit) {
+        c.revoked = true;
+        cutOff(ws, 'tenant credential revoked');
+      }
+      // Answered only once nothing of theirs is still running: after the revoke returns,
+      // no request of theirs changes anything.
+      const deadline = Date.now() + opts.drainMs;
+      while (hit.some(([, c]) => c.inFlight > 0) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      return hit.length;
+    },
     async close() {
       closing = true;
       server.close();
       const deadline = Date.now() + opts.drainMs;
       while (inFlightTotal > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-      for (const ws of sockets) ws.close(1001, 'vault shutting down');
+      for (const ws of sockets.keys()) ws.close(1001, 'vault shutting down');
       await new Promise((r) => setTimeout(r, 50));
-      for (const ws of sockets) ws.terminate();
+      for (const ws of sockets.keys()) ws.terminate();
       wss.close();
     },
   };

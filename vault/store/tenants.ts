@@ -25,6 +25,7 @@ export class TenantStore {
   private readonly maxStmt;
   private readonly insertStmt;
   private readonly revokeStmt;
+  private readonly revokeVersionStmt;
   private readonly listStmt;
 
   constructor(private readonly db: Db) {
@@ -34,6 +35,7 @@ export class TenantStore {
     this.maxStmt = db.prepare<[string], { v: number | null }>('SELECT max(version) AS v FROM tenants WHERE name = ?');
     this.insertStmt = db.prepare('INSERT INTO tenants (name, version, state, created_at) VALUES (?, ?, 1, ?)');
     this.revokeStmt = db.prepare('UPDATE tenants SET state = 2, revoked_at = ? WHERE name = ? AND state = 1');
+    this.revokeVersionStmt = db.prepare('UPDATE tenants SET state = 2, revoked_at = ? WHERE name = ? AND version = ? AND state = 1');
     this.listStmt = db.prepare<[], { name: string; version: number; state: number; created_at: number; revoked_at: number | null }>(
       'SELECT * FROM tenants ORDER BY name, version',
     );
@@ -53,9 +55,9 @@ export class TenantStore {
     }).immediate();
   }
 
-  /** Revoke every active version of a tenant; returns how many were revoked. */
-  revoke(name: string, now: number): number {
-    return this.revokeStmt.run(now, name).changes;
+  /** Revoke every active version of a tenant, or only `version`; returns how many were revoked. */
+  revoke(name: string, now: number, version?: number): number {
+    return (version === undefined ? this.revokeStmt.run(now, name) : this.revokeVersionStmt.run(now, name, version)).changes;
   }
 
   list(): Tenant[] {
