@@ -41,7 +41,9 @@ export interface KernelLock {
 // garbage collector (better-sqlite3 closes a collected connection): only release() ends it.
 const held = new Set<Database.Database>();
 
-/** Take the lock on `file` (created 0600 if missing), or undefined when another holder has it. Never waits. */
+const BUSY_WAIT_MS = 500;
+
+/** Take the lock on `file` (created 0600 if missing), or undefined when another holder has it. Waits at most BUSY_WAIT_MS. */
 export function tryKernelLock(file: string): KernelLock | undefined {
   // lstat and chmod only: neither opens the file (see the POSIX rule above).
   let st: Stats | undefined;
@@ -53,7 +55,12 @@ export function tryKernelLock(file: string): KernelLock | undefined {
   if (st && !st.isFile()) throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `${file} is not a regular file (a link or something else is in its place)`);
   let db: Database.Database;
   try {
-    db = new Database(file, { timeout: 0 });
+    // Not 0: BEGIN EXCLUSIVE climbs SHARED → RESERVED → PENDING → EXCLUSIVE, and racers'
+    // passing SHARED locks can then make every racer fail with SQLITE_BUSY (zero owners,
+    // seen in test/single-owner.test.ts under load). With a busy handler SQLite makes the
+    // side that would deadlock give up at once and the other wait for it: one owner. A real
+    // owner never lets go, so a refusal only comes this much later.
+    db = new Database(file, { timeout: BUSY_WAIT_MS });
   } catch (e) {
     throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cannot open the lock file ${file}: ${(e as Error).message}`);
   }
