@@ -25,6 +25,8 @@ COPY tsconfig.json ./
 COPY vault ./vault
 COPY hsm-policy ./hsm-policy
 COPY client ./client
+COPY protocol ./protocol
+COPY lib ./lib
 # Only what ships: the daemon, the policy and the client (not scripts/ or bench/, which may import tests).
 RUN printf '{"extends":"./tsconfig.json","include":["vault","hsm-policy","client"]}\n' > tsconfig.image.json \
  && npx tsc -p tsconfig.image.json \

@@ -20,7 +20,7 @@ import { Token, pinLibrary, type TokenConfig } from '../vault/hsm/token.js';
 import { enforcePolicy } from '../hsm-policy/enforce.js';
 import { loadConfig } from '../vault/config.js';
 import { initVault, tokenConfig } from '../vault/setup.js';
-import { anchorLabel } from '../vault/protocol/state-hash.js';
+import { anchorLabel } from '../vault/core/state-hash.js';
 import { emit } from './lib/proc.js';
 
 interface Job {

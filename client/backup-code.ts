@@ -5,7 +5,7 @@
 //
 // Pure WebCrypto, no `node:` imports: this runs in browsers too.
 
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
 
 export const BACKUP_KEY_BYTES = 32;
 const CODE_DIGITS = BACKUP_KEY_BYTES * 2;

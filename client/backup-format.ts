@@ -17,7 +17,7 @@
 
 import { hkdf } from '@noble/hashes/hkdf.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
 
 export const BACKUP_MAGIC = 'BKV1';
 export const BACKUP_VERSION = 1;

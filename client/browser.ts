@@ -10,5 +10,5 @@ export type { WebSocketCtor, WebSocketLike, WebSocketTransportOptions } from './
 export { sealBackup, openBackup, sealBytes, openBytes, readBackupHeader, BACKUP_MAGIC, HEADER_LENGTH } from './backup-format.js';
 export type { BackupHeader, SealOptions } from './backup-format.js';
 export { generateBackupKey, formatKeyCode, parseKeyCode, BACKUP_KEY_BYTES } from './backup-code.js';
-export { VaultError, ErrorCodes, isVaultError, type ErrorCode } from '../vault/errors.js';
-export { DEFAULT_KDF, type KdfParams } from '../vault/protocol/kdf.js';
+export { VaultError, ErrorCodes, isVaultError, type ErrorCode } from '../protocol/errors.js';
+export { DEFAULT_KDF, type KdfParams } from '../protocol/kdf.js';

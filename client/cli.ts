@@ -8,7 +8,7 @@
 //   the contract requires; --key-stdin avoids it) and never reach stderr.
 // - Errors are one line on stderr with a documented exit code, no stacks.
 // - Output goes to a new file beside OUT (created exclusively, mode 0600, a
-//   random name, never through a link: vault/safe-file.ts) and is renamed over
+//   random name, never through a link: lib/safe-file.ts) and is renamed over
 //   OUT only after the whole stream authenticated, so a failed restore never
 //   leaves a half file, and nothing is ever written through a name someone
 //   else planted (the old fixed OUT.partial could be a symlink to their file).
@@ -18,16 +18,16 @@ import { createPublicKey } from 'node:crypto';
 import { Readable, Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
 import { Command, CommanderError } from 'commander';
-import { VaultError, ErrorCodes, BKV_EXIT, errorSpec } from '../vault/errors.js';
-import { createTemp } from '../vault/safe-file.js';
-import { fromB64, fromHex } from '../vault/protocol/bytes.js';
-import { checkKdfParams, type KdfParams } from '../vault/protocol/kdf.js';
+import { VaultError, ErrorCodes, BKV_EXIT, errorSpec } from '../protocol/errors.js';
+import { createTemp } from '../lib/safe-file.js';
+import { fromB64, fromHex } from '../protocol/bytes.js';
+import { checkKdfParams, type KdfParams } from '../protocol/kdf.js';
 import { openBackup, readBackupHeader, sealBackup, HEADER_LENGTH } from './backup-format.js';
 import { formatKeyCode, generateBackupKey, parseKeyCode } from './backup-code.js';
 import { VaultClient } from './sdk.js';
 import { WebSocketTransport } from './transport.js';
 
-/** bkv's exit codes (README.md, --help); which error exits with which is the error table's (vault/errors.ts). */
+/** bkv's exit codes (README.md, --help); which error exits with which is the error table's (protocol/errors.ts). */
 export const ExitCodes = BKV_EXIT;
 
 const DEFAULT_VAULT = 'ws://127.0.0.1:8787';
@@ -246,7 +246,7 @@ async function checkOutput(path: string, force: boolean): Promise<void> {
 /**
  * in → transform → a new temporary file beside OUT, fsync'd, then renamed over
  * OUT. The temporary file is created with O_CREAT|O_EXCL|O_NOFOLLOW, mode
- * 0600, under a random name (vault/safe-file.ts): nothing planted can be
+ * 0600, under a random name (lib/safe-file.ts): nothing planted can be
  * written through, and whatever fails removes it. Node streams wrapped as Web
  * Streams keep memory flat: pipeTo honours backpressure.
  */

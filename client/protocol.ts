@@ -1,12 +1,12 @@
 // The client's half of enrolment and recovery, as pure steps around the two
 // round trips. The transport (direct calls in tests, the end-to-end channel in
 // the SDK) is the caller's business.
-import { blind, finalize, oprfInput } from '../vault/protocol/oprf.js';
-import { deriveClientKeys, type ClientKeys, type KdfParams } from '../vault/protocol/kdf.js';
-import { openEnvelope, sealEnvelope } from '../vault/protocol/envelope.js';
-import { utf8 } from '../vault/protocol/bytes.js';
-import { SIZES } from '../vault/protocol/suite.js';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { blind, finalize, oprfInput } from '../protocol/oprf.js';
+import { deriveClientKeys, type ClientKeys, type KdfParams } from '../protocol/kdf.js';
+import { openEnvelope, sealEnvelope } from '../protocol/envelope.js';
+import { utf8 } from '../protocol/bytes.js';
+import { SIZES } from '../protocol/suite.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
 
 export interface PendingOprf {
   vaultId: Uint8Array;

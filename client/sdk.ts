@@ -8,17 +8,17 @@
 // the transport/relay learns user ids, method names and sizes only.
 import { p256 } from '@noble/curves/nist.js';
 import { z } from 'zod';
-import { VaultError, ErrorCodes, type ErrorCode } from '../vault/errors.js';
-import { verifyDescriptor, type Descriptor, type SignedDescriptor } from '../vault/protocol/descriptor.js';
-import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKeys } from '../vault/protocol/channel.js';
-import { fromB64, toB64 } from '../vault/protocol/bytes.js';
-import { checkKdfParams, DEFAULT_KDF, type KdfParams } from '../vault/protocol/kdf.js';
-import { SIZES } from '../vault/protocol/suite.js';
+import { VaultError, ErrorCodes, type ErrorCode } from '../protocol/errors.js';
+import { verifyDescriptor, type Descriptor, type SignedDescriptor } from '../protocol/descriptor.js';
+import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKeys } from '../protocol/channel.js';
+import { fromB64, toB64 } from '../protocol/bytes.js';
+import { checkKdfParams, DEFAULT_KDF, type KdfParams } from '../protocol/kdf.js';
+import { SIZES } from '../protocol/suite.js';
 import { enrollPayload, finishOprf, openRecovered, startOprf } from './protocol.js';
 import type { Transport } from './transport.js';
 
 export type { Transport } from './transport.js';
-export type { Descriptor } from '../vault/protocol/descriptor.js';
+export type { Descriptor } from '../protocol/descriptor.js';
 
 export interface VaultClientOptions {
   transport: Transport;

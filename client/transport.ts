@@ -16,7 +16,7 @@
 // Node-only bits stay in this file and are loaded lazily: the default socket
 // is the `ws` package (browsers' WebSocket cannot send an Authorization
 // header), imported only when no constructor is passed in.
-import { VaultError, ErrorCodes, type ErrorCode } from '../vault/errors.js';
+import { VaultError, ErrorCodes, type ErrorCode } from '../protocol/errors.js';
 
 export interface Transport {
   /** Send one request; resolve with its `result`, reject with a VaultError. */

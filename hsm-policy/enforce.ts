@@ -4,7 +4,7 @@
 // or gave it an extra usage. A vault never runs on keys it cannot vouch for.
 import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
 import { P256_OID, type Handle, type KeyAttributes, type KeyProtection, type Token } from '../vault/hsm/token.js';
 import {
   ANCHOR,
@@ -20,7 +20,7 @@ import {
   type Phase,
   type PhaseRule,
 } from './policy.js';
-import { BucketTree, anchorLabel } from '../vault/protocol/state-hash.js';
+import { BucketTree, anchorLabel } from '../vault/core/state-hash.js';
 
 export interface EcKey {
   priv: Handle;

@@ -24,10 +24,10 @@ import { RawSocket, median, pinnedKeyOf, quantile, rssOf } from '../test/helpers
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport } from '../client/transport.js';
 import { startOprf } from '../client/protocol.js';
-import { channelKeys } from '../vault/protocol/channel.js';
-import { sealMessage } from '../vault/protocol/channel-node.js';
-import { toB64 } from '../vault/protocol/bytes.js';
-import type { KdfParams } from '../vault/protocol/kdf.js';
+import { channelKeys } from '../protocol/channel.js';
+import { sealMessage } from '../vault/rpc/channel-node.js';
+import { toB64 } from '../protocol/bytes.js';
+import type { KdfParams } from '../protocol/kdf.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);

@@ -16,13 +16,13 @@ import { p256 } from '@noble/curves/nist.js';
 import { extract, expand } from '@noble/hashes/hkdf.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import { argon2id } from 'hash-wasm';
-import { concat, equalBytes, frame, fromHex, toB64, toHex, utf8 } from '../vault/protocol/bytes.js';
-import { DST, PROTOCOL_VERSION } from '../vault/protocol/suite.js';
-import { blind, evaluateReference, finalize, hashToGroup, oprfInput } from '../vault/protocol/oprf.js';
-import { argon2Salt, deriveClientKeys, MIN_KDF, type KdfParams } from '../vault/protocol/kdf.js';
-import { envelopeAad, openEnvelope, sealEnvelope } from '../vault/protocol/envelope.js';
-import { sealAad, verifierInput } from '../vault/protocol/record.js';
-import { descriptorBytes, descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../vault/protocol/descriptor.js';
+import { concat, equalBytes, frame, fromHex, toB64, toHex, utf8 } from '../protocol/bytes.js';
+import { DST, PROTOCOL_VERSION } from '../protocol/suite.js';
+import { blind, evaluateReference, finalize, hashToGroup, oprfInput } from '../protocol/oprf.js';
+import { argon2Salt, deriveClientKeys, MIN_KDF, type KdfParams } from '../protocol/kdf.js';
+import { envelopeAad, openEnvelope, sealEnvelope } from '../protocol/envelope.js';
+import { sealAad, verifierInput } from '../protocol/record.js';
+import { descriptorBytes, descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
 import {
   CHANNEL_DST,
   MAX_PLAINTEXT,
@@ -36,7 +36,7 @@ import {
   pad,
   sealMessage,
   type Direction,
-} from '../vault/protocol/channel.js';
+} from '../protocol/channel.js';
 import { mintToken, tenantSecretInput } from '../vault/rpc/auth.js';
 import { passwordBytes } from '../client/protocol.js';
 

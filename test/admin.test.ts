@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { startDaemon, ADMIN, CLI, type RunningDaemon } from './helpers/daemon.js';
 import { captureLog } from './helpers/vault.js';
 import { enroll } from './helpers/flows.js';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
 import type { VaultKeys } from '../vault/hsm/vault-keys.js';
 
 const KDF_ENV = { BKV_KDF: '{"m":64,"t":1,"p":1}' };

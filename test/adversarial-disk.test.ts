@@ -20,7 +20,7 @@ import { LeakScan, codeOf } from './helpers/adversarial.js';
 import { openVault } from '../vault/core/open.js';
 import type { Vault } from '../vault/core/vault.js';
 import { readiness } from '../vault/admin/health.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const leaks = new LeakScan();
 const cleanups: (() => void)[] = [];

@@ -29,10 +29,10 @@ import {
 } from './helpers/adversarial.js';
 import { VaultClient, Channel } from '../client/sdk.js';
 import { startOprf, finishOprf, openRecovered, type PendingOprf } from '../client/protocol.js';
-import type { KdfParams } from '../vault/protocol/kdf.js';
-import { channelIdOf } from '../vault/protocol/channel.js';
-import { fromB64, toB64 } from '../vault/protocol/bytes.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import type { KdfParams } from '../protocol/kdf.js';
+import { channelIdOf } from '../protocol/channel.js';
+import { fromB64, toB64 } from '../protocol/bytes.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const FRAMES = Number(process.env.BKV_FUZZ_FRAMES ?? 50_000);
 const SEED = Number(process.env.BKV_FUZZ_SEED ?? 20261127);

@@ -17,7 +17,7 @@ import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { LeakScan, RecordingTransport, advConfig, counterHistoryProblem, pinnedKeyOf, rawRecover } from './helpers/adversarial.js';
 import { VaultClient } from '../client/sdk.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const GUESSES = Number(process.env.BKV_GUESSES ?? 10_000);
 const leaks = new LeakScan();

@@ -23,7 +23,7 @@ import { openKeys, openWorkerKeys, selfTest } from '../vault/core/open.js';
 import { Vault } from '../vault/core/vault.js';
 import { Store } from '../vault/store/index.js';
 import type { VaultKeys } from '../vault/hsm/vault-keys.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const leaks = new LeakScan();
 const key = () => new Uint8Array(randomBytes(32));

@@ -13,7 +13,7 @@ import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { LeakScan, RecordingTransport, advConfig, establishedOn, pinnedKeyOf, quantile, rssOf, waitFor } from './helpers/adversarial.js';
 import { VaultClient } from '../client/sdk.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const SECONDS = Number(process.env.BKV_LOAD_SECONDS ?? 10);
 const CONNECTIONS = Number(process.env.BKV_LOAD_CONNECTIONS ?? 50);

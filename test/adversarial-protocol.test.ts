@@ -13,11 +13,11 @@ import { LeakScan, advConfig, RawChannel as SharedRawChannel, RecordingTransport
 import { VaultClient, decodeDescriptor } from '../client/sdk.js';
 import type { Transport } from '../client/transport.js';
 import { finishOprf, enrollPayload, startOprf, type PendingOprf } from '../client/protocol.js';
-import { channelIdOf } from '../vault/protocol/channel.js';
-import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../vault/protocol/descriptor.js';
-import { fromB64, toB64 } from '../vault/protocol/bytes.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
-import type { KdfParams } from '../vault/protocol/kdf.js';
+import { channelIdOf } from '../protocol/channel.js';
+import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
+import { fromB64, toB64 } from '../protocol/bytes.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import type { KdfParams } from '../protocol/kdf.js';
 
 const TTL_SEC = 5;
 let d: RunningDaemon;

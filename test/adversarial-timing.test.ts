@@ -20,9 +20,9 @@ import { TEST_KDF } from './helpers/vault.js';
 import { RawChannel, RecordingTransport, advConfig, mannWhitney, median, pinnedKeyOf } from './helpers/adversarial.js';
 import { VaultClient } from '../client/sdk.js';
 import { finishOprf, startOprf } from '../client/protocol.js';
-import { fromB64, toB64 } from '../vault/protocol/bytes.js';
-import type { KdfParams } from '../vault/protocol/kdf.js';
-import type { Descriptor } from '../vault/protocol/descriptor.js';
+import { fromB64, toB64 } from '../protocol/bytes.js';
+import type { KdfParams } from '../protocol/kdf.js';
+import type { Descriptor } from '../protocol/descriptor.js';
 
 const SAMPLES = Number(process.env.BKV_TIMING_SAMPLES ?? 150);
 

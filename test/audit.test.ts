@@ -13,7 +13,7 @@ import { AuditLog } from '../vault/audit/log.js';
 import { encodeLine, lineHash, publicKeyFromText, verifyAudit, checkpointDigest } from '../vault/audit/chain.js';
 import { auditEventOf } from '../vault/audit/events.js';
 import { publicKeyPem } from '../vault/setup.js';
-import { toHex } from '../vault/protocol/bytes.js';
+import { toHex } from '../protocol/bytes.js';
 
 let tv: TestVault;
 let dir: string;

@@ -11,7 +11,7 @@ import {
   DEFAULT_CHUNK_SIZE,
 } from '../client/backup-format.js';
 import { formatKeyCode, parseKeyCode, generateBackupKey } from '../client/backup-code.js';
-import { VaultError, ErrorCodes, type ErrorCode } from '../vault/errors.js';
+import { VaultError, ErrorCodes, type ErrorCode } from '../protocol/errors.js';
 
 const CS = 4096; // smallest allowed chunk size keeps multi-chunk tests fast
 const SEALED = CS + TAG_LENGTH;

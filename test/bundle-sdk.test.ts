@@ -56,9 +56,9 @@ describe('the no-polyfill check', () => {
 
   it('finds one deep in the graph and prints the chain to it', async () => {
     // channel-node.ts is the daemon's node:crypto fast path: the SDK must never reach it.
-    const msg = await refusal(`export { sealMessage } from '../vault/protocol/channel-node.js';\n`);
-    expect(msg).toContain('Import chain: client/<planted>.ts → vault/protocol/channel-node.ts → node:crypto');
-    expect(msg).toMatch(/vault\/protocol\/channel-node\.ts:\d+:\d+: ERROR/);
+    const msg = await refusal(`export { sealMessage } from '../vault/rpc/channel-node.js';\n`);
+    expect(msg).toContain('Import chain: client/<planted>.ts → vault/rpc/channel-node.ts → node:crypto');
+    expect(msg).toMatch(/vault\/rpc\/channel-node\.ts:\d+:\d+: ERROR/);
   });
 
   it('refuses bare builtins and the polyfill packages named like them', async () => {

@@ -21,8 +21,8 @@ import { tempVault, TEST_KDF } from './helpers/vault.js';
 import { enroll, recover } from './helpers/flows.js';
 import { copyFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
-import { fromHex, utf8 } from '../vault/protocol/bytes.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
+import { fromHex, utf8 } from '../protocol/bytes.js';
 
 const log = pino({ level: 'silent' });
 const tokens: TestToken[] = [];

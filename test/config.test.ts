@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ADMIN } from './helpers/daemon.js';
 import { loadConfig } from '../vault/config.js';
 import { checkpointWorkerSetting, hsmWorkerSettings } from '../vault/core/open.js';
-import { ErrorCodes } from '../vault/errors.js';
+import { ErrorCodes } from '../protocol/errors.js';
 
 let dir: string;
 beforeAll(() => {

@@ -5,8 +5,8 @@ import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import { tempVault, type TestVault } from './helpers/vault.js';
 import { CALLER, enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
-import { utf8 } from '../vault/protocol/bytes.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { utf8 } from '../protocol/bytes.js';
 import { codeOf } from './helpers/codes.js';
 
 let t: TestVault;
@@ -165,7 +165,7 @@ describe('tampered storage never yields a key', () => {
   });
 
   it('below the state check, the verifier and the seal bind user id and generation', async () => {
-    const { verifierInput, sealAad } = await import('../vault/protocol/record.js');
+    const { verifierInput, sealAad } = await import('../protocol/record.js');
     await enroll(t.vault, 'lena', 'pw-lena', key());
     const b = await beginOnly(t.vault, 'lena', 'pw-lena');
     const r = row('lena')!;

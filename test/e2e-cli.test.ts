@@ -11,7 +11,7 @@ import { startDaemon, CLI, TEST_CONFIG, type RunningDaemon } from './helpers/dae
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport } from '../client/transport.js';
 import { readVaultKey } from '../client/cli.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { codeOf } from './helpers/codes.js';
 
 /** The test vault's floor; the CLI's default (64 MiB Argon2id) would only slow the tests down. */

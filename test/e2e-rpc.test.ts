@@ -8,14 +8,14 @@ import WebSocket from 'ws';
 import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport, type Transport } from '../client/transport.js';
-import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, type ErrorCode } from '../vault/errors.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, type ErrorCode } from '../protocol/errors.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { codeOf } from './helpers/codes.js';
 import { RawChannel } from './helpers/adversarial.js';
 import { enrollPayload, finishOprf, startOprf } from '../client/protocol.js';
-import { channelIdOf } from '../vault/protocol/channel.js';
-import { fromB64, toB64 } from '../vault/protocol/bytes.js';
-import type { KdfParams } from '../vault/protocol/kdf.js';
+import { channelIdOf } from '../protocol/channel.js';
+import { fromB64, toB64 } from '../protocol/bytes.js';
+import type { KdfParams } from '../protocol/kdf.js';
 
 let d: RunningDaemon;
 let pinned: Uint8Array;

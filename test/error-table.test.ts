@@ -1,13 +1,13 @@
 // docs/RPC.md against the code, for the parts a client written from the docs
 // alone depends on: the error table (every code's JSON-RPC integer, retryable,
-// admin HTTP status and both exit codes) must be vault/errors.ts's table row by
+// admin HTTP status and both exit codes) must be protocol/errors.ts's table row by
 // row, README's exit codes must be bkv's, and a tenant token made exactly as
 // the Tenants section says must be accepted. No daemon: these are documents.
 import { describe, it, expect } from 'vitest';
 import { createHmac, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ADMIN_EXIT, BKV_EXIT, ERRORS, ErrorCodes, JSONRPC_FRAMING, RETRYABLE, type ErrorCode } from '../vault/errors.js';
+import { ADMIN_EXIT, BKV_EXIT, ERRORS, ErrorCodes, JSONRPC_FRAMING, RETRYABLE, type ErrorCode } from '../protocol/errors.js';
 import { Authenticator } from '../vault/rpc/auth.js';
 import { codeOf } from './helpers/codes.js';
 
@@ -43,7 +43,7 @@ function errorTable(md: string): DocRow[] {
 describe('docs/RPC.md error table', () => {
   const rows = errorTable(doc('docs/RPC.md'));
 
-  it('lists every code once, in the order of vault/errors.ts', () => {
+  it('lists every code once, in the order of protocol/errors.ts', () => {
     expect(rows.map((r) => r.code)).toEqual(Object.keys(ERRORS));
     expect(Object.keys(ERRORS).sort()).toEqual(Object.values(ErrorCodes).sort());
   });

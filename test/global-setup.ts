@@ -8,4 +8,6 @@ export default function setup(): void {
   const tsc = resolve(root, 'node_modules/typescript/bin/tsc');
   execFileSync(process.execPath, [tsc, '-p', root], { stdio: 'inherit' });
   execFileSync(process.execPath, [tsc, '-p', resolve(root, 'tsconfig.test.json')], { stdio: 'inherit' });
+  // protocol/ as a browser sees it: no Node types (protocol/tsconfig.json).
+  execFileSync(process.execPath, [tsc, '-p', resolve(root, 'protocol/tsconfig.json')], { stdio: 'inherit' });
 }

@@ -15,7 +15,7 @@ import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { openKeys, openVault } from '../vault/core/open.js';
 import { WorkerVaultKeys, type WorkerPoolOptions } from '../vault/hsm/worker-keys.js';
 import type { TokenVaultKeys } from '../vault/hsm/vault-keys.js';
-import { VaultError, ErrorCodes, RETRYABLE } from '../vault/errors.js';
+import { VaultError, ErrorCodes, RETRYABLE } from '../protocol/errors.js';
 import { enroll, recover } from './helpers/flows.js';
 import { TEST_KDF } from './helpers/vault.js';
 

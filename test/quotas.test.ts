@@ -15,11 +15,11 @@ import { RawChannel, RawSocket, advConfig, pinnedKeyOf, waitFor } from './helper
 import { startOprf } from '../client/protocol.js';
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport } from '../client/transport.js';
-import { toB64 } from '../vault/protocol/bytes.js';
+import { toB64 } from '../protocol/bytes.js';
 import { ChannelTable } from '../vault/rpc/channels.js';
 import { ChannelParams, parse } from '../vault/rpc/wire.js';
-import type { Descriptor } from '../vault/protocol/descriptor.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import type { Descriptor } from '../protocol/descriptor.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import type { CallerContext } from '../vault/core/vault.js';
 
 const A: CallerContext = { tenant: 'tenant-a' };

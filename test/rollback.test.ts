@@ -6,10 +6,10 @@ import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import { tempVault, type TestVault } from './helpers/vault.js';
 import { enroll, recover } from './helpers/flows.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
-import { sealAad } from '../vault/protocol/record.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { sealAad } from '../protocol/record.js';
 import { codeOf } from './helpers/codes.js';
-import { bucketOf } from '../vault/protocol/state-hash.js';
+import { bucketOf } from '../vault/core/state-hash.js';
 
 const open: TestVault[] = [];
 afterEach(() => {

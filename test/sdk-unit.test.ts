@@ -13,11 +13,11 @@ import { p256 } from '@noble/curves/nist.js';
 import { Channel, VaultClient, decodeDescriptor, raiseKdf } from '../client/sdk.js';
 import { WebSocketTransport, rpcErrorToVaultError } from '../client/transport.js';
 import { CliError, ExitCodes, exitCodeFor, kdfFromEnv, main, parseVaultKey, readVaultKey } from '../client/cli.js';
-import { channelIdOf, channelKeys, openMessage, sealMessage } from '../vault/protocol/channel.js';
-import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../vault/protocol/descriptor.js';
-import { fromB64, fromHex, toB64, toHex } from '../vault/protocol/bytes.js';
-import { MIN_KDF } from '../vault/protocol/kdf.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { channelIdOf, channelKeys, openMessage, sealMessage } from '../protocol/channel.js';
+import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
+import { fromB64, fromHex, toB64, toHex } from '../protocol/bytes.js';
+import { MIN_KDF } from '../protocol/kdf.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { CommanderError } from 'commander';
 import { codeOf } from './helpers/codes.js';
 

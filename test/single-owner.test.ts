@@ -22,7 +22,7 @@ import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport } from '../client/transport.js';
 import { readVaultKey } from '../client/cli.js';
 import { TEST_KDF } from './helpers/vault.js';
-import { ErrorCodes, VaultError } from '../vault/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const work = mkdtempSync(join(tmpdir(), 'bkv-owner-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
@@ -196,7 +196,7 @@ process.stdout.write('ready\\n');
 
 describe('anchor labels', () => {
   it('carry the writer id; labels from before it still parse, without one', async () => {
-    const { anchorLabel, parseAnchorLabel } = await import('../vault/protocol/state-hash.js');
+    const { anchorLabel, parseAnchorLabel } = await import('../vault/core/state-hash.js');
     const root = new Uint8Array(32).fill(7);
     const hex = '07'.repeat(32);
     expect(anchorLabel(5, root, '0123456789abcdef')).toBe(`bkv.anchor 5 ${hex} 0123456789abcdef`);

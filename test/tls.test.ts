@@ -9,7 +9,7 @@ import { loadConfig } from '../vault/config.js';
 import { initVault } from '../vault/setup.js';
 import { startDaemon, devToken } from '../vault/daemon.js';
 import { captureLog } from './helpers/vault.js';
-import { VaultError } from '../vault/errors.js';
+import { VaultError } from '../protocol/errors.js';
 
 describe('transport security', () => {
   it('serves wss:// with the configured certificate and refuses plain ws:// on a non-loopback address', async () => {

@@ -13,14 +13,14 @@ import { join } from 'node:path';
 import { createCipheriv, createHash, createHmac, hkdfSync } from 'node:crypto';
 import { p256, p256_hasher } from '@noble/curves/nist.js';
 import { argon2id } from 'hash-wasm';
-import { VaultError, ErrorCodes } from '../vault/errors.js';
-import { concat, frame, fromHex, toB64, toHex, utf8 } from '../vault/protocol/bytes.js';
-import { DST, PROTOCOL_VERSION, SIZES } from '../vault/protocol/suite.js';
-import { blind, evaluateReference, finalize, hashToGroup, oprfInput, validatePoint } from '../vault/protocol/oprf.js';
-import { argon2Salt, deriveClientKeys, type KdfParams } from '../vault/protocol/kdf.js';
-import { envelopeAad, openEnvelope, sealEnvelope } from '../vault/protocol/envelope.js';
-import { sealAad, verifierInput } from '../vault/protocol/record.js';
-import { descriptorBytes, descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../vault/protocol/descriptor.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
+import { concat, frame, fromHex, toB64, toHex, utf8 } from '../protocol/bytes.js';
+import { DST, PROTOCOL_VERSION, SIZES } from '../protocol/suite.js';
+import { blind, evaluateReference, finalize, hashToGroup, oprfInput, validatePoint } from '../protocol/oprf.js';
+import { argon2Salt, deriveClientKeys, type KdfParams } from '../protocol/kdf.js';
+import { envelopeAad, openEnvelope, sealEnvelope } from '../protocol/envelope.js';
+import { sealAad, verifierInput } from '../protocol/record.js';
+import { descriptorBytes, descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
 import {
   CHANNEL_DST,
   MAX_PLAINTEXT,
@@ -36,7 +36,7 @@ import {
   unpad,
   type Direction,
   type MessageHeader,
-} from '../vault/protocol/channel.js';
+} from '../protocol/channel.js';
 import { mintToken, tenantSecretInput } from '../vault/rpc/auth.js';
 import { finishOprf, passwordBytes, startOprf } from '../client/protocol.js';
 import { codeOf, codeOfSync } from './helpers/codes.js';

@@ -9,14 +9,14 @@ import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { SOFTHSM_CANDIDATES, loadConfig, type Config } from './config.js';
-import { VaultError, ADMIN_EXIT, errorSpec } from './errors.js';
+import { VaultError, ADMIN_EXIT, errorSpec } from '../protocol/errors.js';
 import { initVault, tokenConfig } from './setup.js';
 import { openKeys, openVault } from './core/open.js';
 import { Store } from './store/index.js';
 import { openDb } from './store/db.js';
 import { TenantStore, checkTenantName, type Tenant } from './store/tenants.js';
 import { mintToken, tenantSecretInput } from './rpc/auth.js';
-import { vaultIdOf } from './protocol/descriptor.js';
+import { vaultIdOf } from '../protocol/descriptor.js';
 import { Metrics } from './metrics.js';
 import { logTap, openAudit } from './daemon.js';
 import { acquireLock } from './admin/lock.js';
@@ -32,7 +32,7 @@ import { registerCeremony } from './ceremony/cli.js';
 // Everything an offline command creates (database, token, audit log) is for the vault's user only.
 process.umask(0o077);
 
-/** bkv-admin's exit codes (its --help); which code exits with which is the error table's (vault/errors.ts). */
+/** bkv-admin's exit codes (its --help); which code exits with which is the error table's (protocol/errors.ts). */
 export const EXIT = ADMIN_EXIT;
 
 class CliError extends Error {

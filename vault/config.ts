@@ -5,7 +5,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import { parse as parseYaml } from 'yaml';
-import { VaultError, ErrorCodes } from './errors.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
 
 export const SOFTHSM_CANDIDATES = [
   '/usr/lib/softhsm/libsofthsm2.so',

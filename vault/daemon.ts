@@ -16,15 +16,15 @@ import { startServer, type RunningServer, type RequestEvent } from './rpc/server
 import { tokenConfig } from './setup.js';
 import type { Config } from './config.js';
 import type { VaultKeys } from './hsm/vault-keys.js';
-import { VaultError, ErrorCodes } from './errors.js';
-import { toHex } from './protocol/bytes.js';
+import { VaultError, ErrorCodes } from '../protocol/errors.js';
+import { toHex } from '../protocol/bytes.js';
 import { InstrumentedKeys, Metrics } from './metrics.js';
 import { AuditLog } from './audit/log.js';
 import { auditEventOf, eventOf } from './audit/events.js';
 import { cachedReadiness, readiness, readinessSignals, type Readiness } from './admin/health.js';
 import { daemonStatus } from './admin/status.js';
 import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
-import { writeFileAtomic } from './safe-file.js';
+import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
 

@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import { loadConfig, parseListen } from './config.js';
 import { devToken, logTap, makeLogger, openAudit, startAdmin, startDaemon, type Daemon } from './daemon.js';
 import { initVault } from './setup.js';
-import { VaultError } from './errors.js';
+import { VaultError } from '../protocol/errors.js';
 import { Metrics } from './metrics.js';
 import { acquireLock, type DataLock } from './admin/lock.js';
 import type { AuditLog } from './audit/log.js';

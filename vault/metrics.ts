@@ -4,7 +4,7 @@
 // or anything derived from a password, so a scrape reveals traffic shape and
 // health, nothing about any one user (threat model item 6).
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import { isVaultError } from './errors.js';
+import { isVaultError } from '../protocol/errors.js';
 import type { AnchorState, VaultKeys } from './hsm/vault-keys.js';
 import type { Handler } from './rpc/methods.js';
 import type { RequestEvent } from './rpc/server.js';

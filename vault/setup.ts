@@ -6,15 +6,15 @@ import { createPublicKey, randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, isVaultError } from './errors.js';
+import { VaultError, ErrorCodes, isVaultError } from '../protocol/errors.js';
 import { initToken, Token } from './hsm/token.js';
 import { openKeys, selfTest } from './core/open.js';
 import { Store } from './store/index.js';
 import { Vault } from './core/vault.js';
 import { hsmSettings, readPin, type Config, type HsmSettings } from './config.js';
-import { toHex } from './protocol/bytes.js';
+import { toHex } from '../protocol/bytes.js';
 import type { TokenConfig } from './hsm/token.js';
-import { writeFileAtomic } from './safe-file.js';
+import { writeFileAtomic } from '../lib/safe-file.js';
 
 /** Point SoftHSM at the data folder before the library is first loaded in this process. */
 export function prepareEmbedded(s: HsmSettings): void {

@@ -12,9 +12,9 @@
 //   seal/unseal, counters, anchor). Every recovery checks the returned
 //   envelope byte for byte.
 import { createCipheriv, createDecipheriv, createECDH, createHash, createHmac, hkdfSync } from 'node:crypto';
-import { CHANNEL_DST, channelIdOf, messageAad, messageNonce, pad, unpad, type MessageHeader } from '../../vault/protocol/channel.js';
-import { frame, toB64, fromB64 } from '../../vault/protocol/bytes.js';
-import { SIZES } from '../../vault/protocol/suite.js';
+import { CHANNEL_DST, channelIdOf, messageAad, messageNonce, pad, unpad, type MessageHeader } from '../../protocol/channel.js';
+import { frame, toB64, fromB64 } from '../../protocol/bytes.js';
+import { SIZES } from '../../protocol/suite.js';
 import type { Rpc } from './rpc.js';
 import { RpcError } from './rpc.js';
 

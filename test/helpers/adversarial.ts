@@ -11,15 +11,15 @@ import WebSocket from 'ws';
 import { TEST_CONFIG, type RunningDaemon } from './daemon.js';
 import { readVaultKey } from '../../client/cli.js';
 import { WebSocketTransport, type Transport } from '../../client/transport.js';
-import { ErrorCodes, JSONRPC_FRAMING, VaultError, errorSpec } from '../../vault/errors.js';
+import { ErrorCodes, JSONRPC_FRAMING, VaultError, errorSpec } from '../../protocol/errors.js';
 import { p256 } from '@noble/curves/nist.js';
-import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKeys } from '../../vault/protocol/channel.js';
-import type { Descriptor } from '../../vault/protocol/descriptor.js';
-import { fromB64, toB64 } from '../../vault/protocol/bytes.js';
-import type { KdfParams } from '../../vault/protocol/kdf.js';
+import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKeys } from '../../protocol/channel.js';
+import type { Descriptor } from '../../protocol/descriptor.js';
+import { fromB64, toB64 } from '../../protocol/bytes.js';
+import type { KdfParams } from '../../protocol/kdf.js';
 import { finishOprf, startOprf } from '../../client/protocol.js';
 
-// ---- documented wire vocabulary (docs/RPC.md, vault/errors.ts) ---------------
+// ---- documented wire vocabulary (docs/RPC.md, protocol/errors.ts) ---------------
 
 /** Every code the vault may put in error.data.code (the key ceremony's are bkv-admin's only). */
 export const DOCUMENTED_CODES: ReadonlySet<string> = new Set(Object.values(ErrorCodes).filter((c) => !c.startsWith('CEREMONY_')));

@@ -1,7 +1,7 @@
 // What a call failed with, as the vault's stable error code ('NO_ERROR' when it
 // succeeded). Anything that is not a VaultError is rethrown: a test expecting a
 // code must never pass on a crash.
-import { VaultError } from '../../vault/errors.js';
+import { VaultError } from '../../protocol/errors.js';
 
 export async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string> {
   try {

@@ -7,7 +7,7 @@ import { readVaultKey } from '../../client/cli.js';
 import { startDaemon, type RunningDaemon } from './daemon.js';
 import { VaultClient } from '../../client/sdk.js';
 import { WebSocketTransport } from '../../client/transport.js';
-import { VaultError } from '../../vault/errors.js';
+import { VaultError } from '../../protocol/errors.js';
 import { TEST_KDF } from './vault.js';
 
 /** mulberry32: small, seedable, good enough to pick operations and delays. */

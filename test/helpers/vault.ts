@@ -7,7 +7,7 @@ import pino from 'pino';
 import { makeToken, type TestToken } from './softhsm.js';
 import { openVault } from '../../vault/core/open.js';
 import type { Vault, VaultOptions } from '../../vault/core/vault.js';
-import type { KdfParams } from '../../vault/protocol/kdf.js';
+import type { KdfParams } from '../../protocol/kdf.js';
 
 /** Small Argon2id parameters so tests spend their time on the vault, not the KDF. */
 export const TEST_KDF: KdfParams = { alg: 'argon2id', m: 64, t: 1, p: 1 };

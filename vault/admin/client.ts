@@ -2,7 +2,7 @@
 // folder (<data>/admin.json), authenticate with <data>/admin-token, call it.
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ErrorCodes } from '../errors.js';
+import { ErrorCodes } from '../../protocol/errors.js';
 
 export class AdminCallError extends Error {
   constructor(

@@ -13,7 +13,7 @@
 // cannot bring back an HSM, and real HSMs lock after repeated bad logins).
 import type { Vault } from '../core/vault.js';
 import type { AuditLog } from '../audit/log.js';
-import { toHex } from '../protocol/bytes.js';
+import { toHex } from '../../protocol/bytes.js';
 
 export interface Check {
   ok: boolean;

@@ -15,9 +15,9 @@
 import { readFileSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { tryKernelLock } from '../store/kernel-lock.js';
-import { writeFileAtomic } from '../safe-file.js';
+import { writeFileAtomic } from '../../lib/safe-file.js';
 
 export interface DataLock {
   readonly file: string;

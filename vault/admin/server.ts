@@ -22,7 +22,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { timingSafeEqual } from 'node:crypto';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, ERRORS, errorSpec } from '../errors.js';
+import { VaultError, ErrorCodes, ERRORS, errorSpec } from '../../protocol/errors.js';
 import type { Metrics } from '../metrics.js';
 import { RateLimiter, type Rate } from '../rpc/ratelimit.js';
 import type { Readiness } from './health.js';

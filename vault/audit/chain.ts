@@ -20,8 +20,8 @@
 import { createHash, createPublicKey } from 'node:crypto';
 import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { frame, fromHex, toHex, u64be } from '../protocol/bytes.js';
-import { vaultIdOf } from '../protocol/descriptor.js';
+import { frame, fromHex, toHex, u64be } from '../../protocol/bytes.js';
+import { vaultIdOf } from '../../protocol/descriptor.js';
 
 export const GENESIS = '0'.repeat(64);
 export const CHECKPOINT_DST = 'bkv-v1-audit-checkpoint';

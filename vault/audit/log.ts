@@ -10,10 +10,10 @@
 // which the next start cuts off and records as `audit.recovered`.
 import { closeSync, fstatSync, fsync, fsyncSync, ftruncateSync, readSync, writeSync } from 'node:fs';
 import { promisify } from 'node:util';
-import { VaultError, ErrorCodes } from '../errors.js';
-import { toHex } from '../protocol/bytes.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { toHex } from '../../protocol/bytes.js';
 import { CHECKPOINT_EVENT, GENESIS, checkpointDigest, encodeLine, lineHash, type AuditFields } from './chain.js';
-import { OPEN, openNoFollow } from '../safe-file.js';
+import { OPEN, openNoFollow } from '../../lib/safe-file.js';
 
 export interface AuditSigner {
   vaultId: Uint8Array;

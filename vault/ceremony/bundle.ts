@@ -30,9 +30,9 @@ import { createPublicKey } from 'node:crypto';
 import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import { z } from 'zod';
-import { VaultError, ErrorCodes } from '../errors.js';
-import { frame, fromHex, toHex, utf8 } from '../protocol/bytes.js';
-import { vaultIdOf } from '../protocol/descriptor.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { frame, fromHex, toHex, utf8 } from '../../protocol/bytes.js';
+import { vaultIdOf } from '../../protocol/descriptor.js';
 import { KEY_SET, epochOfLabel, type KeySpec } from '../../hsm-policy/policy.js';
 
 export const TARGET_FORMAT = 'bkv-ceremony-target';

@@ -14,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import type { Handle, Token } from '../hsm/token.js';
-import { equalBytes, frame, fromHex, toHex } from '../protocol/bytes.js';
+import { equalBytes, frame, fromHex, toHex } from '../../protocol/bytes.js';
 import { specOfLabel } from './bundle.js';
 
 export const KAT_DST = 'bkv-v1-ceremony-kat';

@@ -7,14 +7,14 @@
 // moves the clone's anchor forward to it. It never moves an anchor back: that
 // would be the rollback the anchor exists to refuse.
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import type { Token } from '../hsm/token.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { openDb } from '../store/db.js';
 import { RecordStore } from '../store/records.js';
-import { BucketTree, anchorLabel } from '../protocol/state-hash.js';
-import { fromHex, toHex } from '../protocol/bytes.js';
-import { vaultIdOf } from '../protocol/descriptor.js';
+import { BucketTree, anchorLabel } from '../core/state-hash.js';
+import { fromHex, toHex } from '../../protocol/bytes.js';
+import { vaultIdOf } from '../../protocol/descriptor.js';
 import { tokenAnchor } from './steps.js';
 
 export interface ReanchorResult {

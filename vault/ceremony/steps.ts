@@ -11,13 +11,13 @@
 //
 // Every refusal happens before the step changes anything, or undoes what it did.
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { SecurityOfficer, Token, type Handle, type TokenConfig } from '../hsm/token.js';
 import { enforcePolicy, emptyRoot, phaseOf, protectionFor, type ResolvedKeys } from '../../hsm-policy/enforce.js';
 import { ANCHOR, CEREMONY, KEY_SET, PHASE_TEXT, epochOfLabel, sealLabel, type KeySpec, type Phase } from '../../hsm-policy/policy.js';
-import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
-import { fromHex, toHex } from '../protocol/bytes.js';
-import { vaultIdOf } from '../protocol/descriptor.js';
+import { anchorLabel, parseAnchorLabel } from '../core/state-hash.js';
+import { fromHex, toHex } from '../../protocol/bytes.js';
+import { vaultIdOf } from '../../protocol/descriptor.js';
 import {
   groupFingerprint,
   makeTargetFile,

@@ -20,7 +20,7 @@
 import { InterceptingCall, type Interceptor } from '@grpc/grpc-js';
 import { ExponentialBackoff, noop } from 'cockatiel';
 import { ClientClosedError, Etcd3, type IOptions } from 'etcd3';
-import { ErrorCodes, VaultError } from '../errors.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 
 type Policy = NonNullable<NonNullable<IOptions['faultHandling']>['global']>;
 type WatchBackoff = NonNullable<NonNullable<IOptions['faultHandling']>['watchBackoff']>;

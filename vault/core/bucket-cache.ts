@@ -8,8 +8,8 @@
 // is a miss. So the cache can hold nothing the tree does not vouch for, and
 // never needs invalidating: a stale entry simply stops matching.
 import type { BucketLeaf } from '../store/records.js';
-import { bucketHash } from '../protocol/state-hash.js';
-import { equalBytes } from '../protocol/bytes.js';
+import { bucketHash } from './state-hash.js';
+import { equalBytes } from '../../protocol/bytes.js';
 
 /** A bucket's leaves, every one present (a row without a leaf is never cached). */
 export type Leaves = readonly { userId: string; leaf: Uint8Array }[];

@@ -1,7 +1,7 @@
 // Checks on request fields the core accepts from outside. Each failure has its
 // own code and a message that names the field, never its value.
-import { VaultError, ErrorCodes } from '../errors.js';
-import { SIZES } from '../protocol/suite.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { SIZES } from '../../protocol/suite.js';
 
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
 

@@ -19,12 +19,12 @@
 //   whose write was refused stays committed but unanswered; the next start
 //   undoes it if the anchor it finds does not cover it.
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
+import { VaultError, ErrorCodes, isVaultError } from '../../protocol/errors.js';
 import type { AnchorState, VaultKeys } from '../hsm/vault-keys.js';
 import { anchorConflict, isAnchorConflict } from '../hsm/anchor.js';
 import type { RecordStore, StoredRecord } from '../store/records.js';
-import { BucketTree, bucketHash, bucketOf, leafHash } from '../protocol/state-hash.js';
-import { equalBytes, toHex } from '../protocol/bytes.js';
+import { BucketTree, bucketHash, bucketOf, leafHash } from './state-hash.js';
+import { equalBytes, toHex } from '../../protocol/bytes.js';
 import { userRef } from './user-ref.js';
 import { BucketCache, verifiedLeaves, withLeaf } from './bucket-cache.js';
 

@@ -6,7 +6,7 @@
 // Rule of the vault: an attempt is spent at recover.begin, before anything
 // that depends on the guess leaves; a correct password resets the count; the
 // record is destroyed once the limit is spent and no counted guess is pending.
-import { ErrorCodes, type ErrorCode } from '../errors.js';
+import { ErrorCodes, type ErrorCode } from '../../protocol/errors.js';
 import type { StoredRecord } from '../store/records.js';
 
 export type Refusal = { ok: false; code: ErrorCode; change?: StoredRecord };

@@ -2,7 +2,7 @@
 // the database, and hand back a ready Vault. The only place that wires hsm/,
 // hsm-policy/ and store/ together.
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { Token, type TokenConfig } from '../hsm/token.js';
 import { TokenVaultKeys, type VaultKeys } from '../hsm/vault-keys.js';
 import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';

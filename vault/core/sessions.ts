@@ -13,7 +13,7 @@
 // nothing. Every operation is O(1) (amortised over expiries), whatever the
 // table holds.
 import { randomBytes } from 'node:crypto';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 
 export type SessionKind = 'enroll' | 'recover' | 'grant';
 

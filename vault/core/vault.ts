@@ -3,16 +3,16 @@
 // transaction → only then reveal anything. Nothing here parses wire formats
 // (rpc/ does) or touches pkcs11js or SQL directly (hsm/ and store/ do).
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
+import { VaultError, ErrorCodes, isVaultError } from '../../protocol/errors.js';
 import type { VaultKeys } from '../hsm/vault-keys.js';
 import type { StoredRecord } from '../store/records.js';
 import type { Store } from '../store/index.js';
-import { validatePoint } from '../protocol/oprf.js';
-import { checkKdfParams, MIN_KDF, type KdfParams } from '../protocol/kdf.js';
-import { sealAad, verifierInput } from '../protocol/record.js';
-import { descriptorDigest, vaultIdOf, type SignedDescriptor } from '../protocol/descriptor.js';
-import { PROTOCOL_VERSION, SIZES } from '../protocol/suite.js';
-import { toHex } from '../protocol/bytes.js';
+import { validatePoint } from '../../protocol/oprf.js';
+import { checkKdfParams, MIN_KDF, type KdfParams } from '../../protocol/kdf.js';
+import { sealAad, verifierInput } from '../../protocol/record.js';
+import { descriptorDigest, vaultIdOf, type SignedDescriptor } from '../../protocol/descriptor.js';
+import { PROTOCOL_VERSION, SIZES } from '../../protocol/suite.js';
+import { toHex } from '../../protocol/bytes.js';
 import { checkBytes, checkUserId } from './input.js';
 import { SessionTable, type Session, type SessionStats } from './sessions.js';
 import { Ledger } from './ledger.js';

@@ -14,8 +14,8 @@
 // writers racing within one check-and-write can both pass once; the next write
 // of either finds the other's label. Readiness checks the slots the same way.
 import { randomBytes } from 'node:crypto';
-import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
-import { anchorLabel, parseAnchorLabel } from '../protocol/state-hash.js';
+import { VaultError, ErrorCodes, isVaultError } from '../../protocol/errors.js';
+import { anchorLabel, parseAnchorLabel } from '../core/state-hash.js';
 
 export interface AnchorState {
   seq: number;

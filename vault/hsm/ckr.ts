@@ -2,7 +2,7 @@
 // Pkcs11Error with `.code` from most calls but a plain Error whose message is
 // "CKR_NAME:code" from C_CreateObject/C_SetAttributeValue/C_CopyObject, so
 // callers must go through ckrOf() and switch on the number, never on text.
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 
 export const CKR = {
   OK: 0x0,

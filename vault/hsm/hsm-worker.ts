@@ -6,7 +6,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { Token, pinLibrary, type Handle } from './token.js';
 import { enforcePolicy, epochProtection, type ResolvedKeys } from '../../hsm-policy/enforce.js';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { casAnchor, type AnchorExpectation } from './anchor.js';
 
 export interface WorkerInit {

@@ -3,7 +3,7 @@
 // calls the vault and its policy need. Everything above sees opaque handles.
 import pkcs11js from 'pkcs11js';
 import { createHash } from 'node:crypto';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { CKR, ckrOf, isHandleLost, isSessionLost, toVaultError } from './ckr.js';
 
 const P = pkcs11js;

@@ -1,7 +1,7 @@
 // The vault's view of its HSM: exactly the operations the protocol needs, on
 // the key set resolved by hsm-policy. Async on purpose: callers must not care
 // whether a call runs on this thread or in an HSM worker.
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
 import { epochProtection } from '../../hsm-policy/enforce.js';
 import type { Handle, Token } from './token.js';

@@ -39,7 +39,7 @@ import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, type ErrorCode } from '../errors.js';
+import { VaultError, ErrorCodes, type ErrorCode } from '../../protocol/errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
 import { pinLibrary, type TokenConfig } from './token.js';
 import type { VaultKeys } from './vault-keys.js';

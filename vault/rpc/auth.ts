@@ -2,9 +2,9 @@
 // secret is HMAC_hsm(tenant key, frame(DST, vaultId, name, version)), so the
 // vault host stores no tenant secret and a leaked database mints no tokens.
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { VaultError, ErrorCodes } from '../errors.js';
-import { frame, toHex, u32be, utf8 } from '../protocol/bytes.js';
-import { DST } from '../protocol/suite.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { frame, toHex, u32be, utf8 } from '../../protocol/bytes.js';
+import { DST } from '../../protocol/suite.js';
 
 export interface TenantIdentity {
   tenant: string;

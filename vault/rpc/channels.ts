@@ -2,13 +2,13 @@
 // counters, and the per-channel step machine that decides which method may
 // come next. Everything the relay can see or tamper with is checked here;
 // the decrypted bodies go to the core.
-import { VaultError, ErrorCodes, isVaultError } from '../errors.js';
+import { VaultError, ErrorCodes, isVaultError } from '../../protocol/errors.js';
 import type { CallerContext, Vault } from '../core/vault.js';
-import { channelIdOf, channelKeys, type ChannelKeys } from '../protocol/channel.js';
+import { channelIdOf, channelKeys, type ChannelKeys } from '../../protocol/channel.js';
 // Same AEAD as channel.ts, on node:crypto (docs/PERFORMANCE.md).
-import { openMessage, sealMessage } from '../protocol/channel-node.js';
-import { validatePoint } from '../protocol/oprf.js';
-import { equalBytes, toB64 } from '../protocol/bytes.js';
+import { openMessage, sealMessage } from './channel-node.js';
+import { validatePoint } from '../../protocol/oprf.js';
+import { equalBytes, toB64 } from '../../protocol/bytes.js';
 import { Bodies, parse } from './wire.js';
 import type { z } from 'zod';
 import type { ChannelParams } from './wire.js';

@@ -1,8 +1,8 @@
 // The public method table: nothing outside it is reachable from the socket.
 // Operator actions (init, rotation, tenants) live in bkv-admin, never here.
-import { ErrorCodes, VaultError } from '../errors.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 import type { CallerContext, Vault } from '../core/vault.js';
-import { toB64 } from '../protocol/bytes.js';
+import { toB64 } from '../../protocol/bytes.js';
 import type { ChannelTable, ChannelMethod } from './channels.js';
 import { ChannelParams, EmptyParams, UserParams, parse } from './wire.js';
 

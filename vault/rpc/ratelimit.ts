@@ -15,7 +15,7 @@
 //
 // Memory: tenants (bounded by the tenants table) × (1 + userBucketsPerTenant)
 // buckets of ~100 B plus the user id.
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 
 export interface Rate {
   /** Tokens added per second. */

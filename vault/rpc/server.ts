@@ -7,7 +7,7 @@ import { createServer as createHttps } from 'node:https';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from 'pino';
-import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, errorSpec } from '../errors.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, errorSpec } from '../../protocol/errors.js';
 import { userRef } from '../core/vault.js';
 import type { Authenticator, TenantIdentity } from './auth.js';
 import type { RateLimiter } from './ratelimit.js';
@@ -56,7 +56,7 @@ export interface ServerDeps {
 
 /**
  * The JSON-RPC error answer for `e`. The integer and `retryable` come from the
- * error table (vault/errors.ts); `framing` overrides the integer with one of
+ * error table (protocol/errors.ts); `framing` overrides the integer with one of
  * JSON-RPC's own codes. The error's detail sits beside `code` and `retryable`
  * in `data` (e.g. STALE_MESSAGE's `data.now`) and cannot overwrite them.
  */

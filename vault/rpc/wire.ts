@@ -1,8 +1,8 @@
 // Shapes of the RPC params and channel bodies, checked before anything
 // reaches the core. Binary fields are strict base64url with exact lengths.
 import { z } from 'zod';
-import { VaultError, ErrorCodes, type ErrorCode } from '../errors.js';
-import { fromB64 } from '../protocol/bytes.js';
+import { VaultError, ErrorCodes, type ErrorCode } from '../../protocol/errors.js';
+import { fromB64 } from '../../protocol/bytes.js';
 
 export const b64 = (len: number | { max: number }) =>
   z.string().transform((s, ctx) => {

@@ -4,10 +4,10 @@
 // themselves: records.ts), secure_delete so a destroyed record's bytes are
 // overwritten rather than left in free pages.
 import Database from 'better-sqlite3';
-import { VaultError, ErrorCodes } from '../errors.js';
-import { leafHash } from '../protocol/state-hash.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { leafHash } from '../core/state-hash.js';
 import { fromRow, type Row } from './records.js';
-import { createIfMissing, lexists } from '../safe-file.js';
+import { createIfMissing, lexists } from '../../lib/safe-file.js';
 import { lstatSync } from 'node:fs';
 
 export type Db = Database.Database;

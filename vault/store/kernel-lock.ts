@@ -30,7 +30,7 @@
 // another creates and locks a new one.
 import Database from 'better-sqlite3';
 import { chmodSync, lstatSync, type Stats } from 'node:fs';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 
 export interface KernelLock {
   readonly file: string;

@@ -4,9 +4,9 @@
 import { closeSync, fdatasync, fstatSync, openSync } from 'node:fs';
 import { promisify } from 'node:util';
 import type { Db } from './db.js';
-import { VaultError, ErrorCodes } from '../errors.js';
-import type { KdfParams } from '../protocol/kdf.js';
-import { bucketOf, leafHash } from '../protocol/state-hash.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import type { KdfParams } from '../../protocol/kdf.js';
+import { bucketOf, leafHash } from '../core/state-hash.js';
 import { Checkpointer, type CheckpointStats } from './checkpointer.js';
 
 const datasync = promisify(fdatasync);

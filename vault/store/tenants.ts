@@ -1,7 +1,7 @@
 // Backend tenants: who may call the vault. The table holds names, versions and
 // revocations only; a tenant's secret is derived on demand inside the HSM.
 import type { Db } from './db.js';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 
 export interface Tenant {
   name: string;

@@ -5,7 +5,7 @@
 // only, so it hashes with node:crypto: the tree is rebuilt at every start
 // (131 071 hashes) and native SHA-256 does that several times faster.
 import { createHash } from 'node:crypto';
-import { concat, frame, fromHex, toHex, u32be, u64be, utf8 } from './bytes.js';
+import { concat, frame, fromHex, toHex, u32be, u64be, utf8 } from '../../protocol/bytes.js';
 
 export const BUCKET_BITS = 16;
 export const BUCKETS = 1 << BUCKET_BITS;

@@ -16,7 +16,7 @@
 import { p256 } from '@noble/curves/nist.js';
 import { extract, expand } from '@noble/hashes/hkdf.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from './errors.js';
 import { concat, frame, fromUtf8, u32be, u64be, utf8 } from './bytes.js';
 
 export const CHANNEL_DST = {

@@ -3,7 +3,7 @@
 // this signature checks out against its pinned key.
 import { p256 } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from './errors.js';
 import { concat, frame, u32be, utf8 } from './bytes.js';
 import { DST, PROTOCOL_VERSION } from './suite.js';
 import type { KdfParams } from './kdf.js';

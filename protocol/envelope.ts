@@ -1,6 +1,6 @@
 // The envelope: the backup key K encrypted under the client's envKey. The vault
 // stores it (sealed again under an HSM key) but can never open it.
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from './errors.js';
 import { concat, frame, utf8 } from './bytes.js';
 import { DST, SIZES } from './suite.js';
 

@@ -5,8 +5,8 @@
 // of a recovery: ~100 µs per message against ~5 µs here. Byte-for-byte the
 // same construction (test/channel-node.test.ts checks it against channel.ts).
 import { createCipheriv, createDecipheriv } from 'node:crypto';
-import { VaultError, ErrorCodes } from '../errors.js';
-import { MAX_PLAINTEXT, messageAad, messageNonce, pad, unpad, type MessageHeader } from './channel.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { MAX_PLAINTEXT, messageAad, messageNonce, pad, unpad, type MessageHeader } from '../../protocol/channel.js';
 
 const TAG = 16;
 

@@ -4,7 +4,7 @@
 import { argon2id } from 'hash-wasm';
 import { extract, expand } from '@noble/hashes/hkdf.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from './errors.js';
 import { concat, frame, utf8 } from './bytes.js';
 import { DST, SIZES } from './suite.js';
 

@@ -8,7 +8,7 @@
 // x(−Q) = x(Q), so the sign lost by lift_x does not matter. Pure: no I/O.
 import { p256, p256_hasher } from '@noble/curves/nist.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { VaultError, ErrorCodes } from '../errors.js';
+import { VaultError, ErrorCodes } from './errors.js';
 import { concat, frame, utf8 } from './bytes.js';
 import { DST, SIZES } from './suite.js';
 

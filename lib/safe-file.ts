@@ -1,3 +1,6 @@
+// lib/: Node-only helpers shared by the daemon (vault/) and the bkv CLI (client/cli.ts).
+// Never imported by protocol/ or by the browser SDK.
+//
 // Writing files without being led elsewhere. writeFileSync and
 // createWriteStream follow a symbolic link planted at the path (and truncate a
 // planted file they then write into, keeping its owner and mode), so whoever
