@@ -25,7 +25,7 @@ import { checkKdfParams, type KdfParams } from '../protocol/kdf.js';
 import { openBackup, readBackupHeader, sealBackup, HEADER_LENGTH } from './backup-format.js';
 import { formatKeyCode, generateBackupKey, parseKeyCode } from './backup-code.js';
 import { VaultClient } from './sdk.js';
-import { WebSocketTransport } from './transport.js';
+import { WebSocketTransport, parseVaultUrls } from './transport.js';
 
 /** bkv's exit codes (README.md, --help); which error exits with which is the error table's (protocol/errors.ts). */
 export const ExitCodes = BKV_EXIT;
@@ -60,6 +60,7 @@ export function exitCodeFor(e: unknown): number {
 export function messageFor(e: unknown): string {
   let m = e instanceof Error ? e.message : 'unexpected error';
   if (e instanceof VaultError && e.code === ErrorCodes.FORBIDDEN) m = `${m} (check --vault-key)`;
+  if (e instanceof VaultError && e.detail?.outcomeUnknown === true) m = `${m}; see bkv vault status`;
   return m.replace(/\s*[\r\n]+\s*/g, ' ').trim() || 'unexpected error';
 }
 
@@ -301,20 +302,32 @@ interface ConnOpts {
 }
 
 function connect(o: ConnOpts, io: CliIo): { client: VaultClient; close(): void } {
-  const url = o.vault ?? io.env.BKV_VAULT ?? DEFAULT_VAULT;
+  const urls = vaultUrls(o.vault, io.env.BKV_VAULT);
   const token = o.token ?? io.env.BKV_TOKEN;
   const keyPath = o.vaultKey ?? io.env.BKV_VAULT_KEY;
   if (!keyPath) throw usage('no vault key: pass --vault-key FILE or set BKV_VAULT_KEY (the daemon writes <data>/vault-key.pub)');
   if (!token) throw usage('no tenant token: pass --token or set BKV_TOKEN');
   const pinnedKey = readVaultKey(keyPath);
-  let transport: WebSocketTransport;
+  const transports = urls.map((url) => new WebSocketTransport({ url, token }));
+  const kdf = kdfFromEnv(io.env.BKV_KDF);
+  // Several URLs are the nodes of one vault, tried in the order given (like libpq's host lists): the first
+  // that answers serves, a failing one hands over to the next (docs/RPC.md#fail-over).
+  const client = new VaultClient({ transports, pinnedKey, failover: { first: 0 }, ...(kdf ? { kdf } : {}) });
+  return { client, close: () => client.close() };
+}
+
+/**
+ * --vault, else BKV_VAULT, else the default: one URL or several comma-separated
+ * (`ws://a:8787,ws://b:8787`). A bad entry is a usage error naming where it came
+ * from and which entry it is.
+ */
+export function vaultUrls(flag: string | undefined, env: string | undefined): string[] {
+  const [text, source] = flag !== undefined ? [flag, '--vault'] : env !== undefined ? [env, 'BKV_VAULT'] : [DEFAULT_VAULT, 'default vault URL'];
   try {
-    transport = new WebSocketTransport({ url, token });
+    return parseVaultUrls(text, source);
   } catch (e) {
     throw usage(messageFor(e));
   }
-  const kdf = kdfFromEnv(io.env.BKV_KDF);
-  return { client: new VaultClient({ transport, pinnedKey, ...(kdf ? { kdf } : {}) }), close: () => transport.close() };
 }
 
 /**
@@ -332,7 +345,7 @@ export function kdfFromEnv(text: string | undefined): KdfParams | undefined {
 
 function addConnOptions(cmd: Command): Command {
   return cmd
-    .option('--vault <url>', `vault WebSocket URL (env BKV_VAULT, default ${DEFAULT_VAULT})`)
+    .option('--vault <urls>', `vault WebSocket URL, or the nodes of one vault comma-separated, tried in order (env BKV_VAULT, default ${DEFAULT_VAULT})`)
     .option('--token <jwt>', 'tenant token (env BKV_TOKEN; prefer the env var: arguments show in process lists)')
     .option('--vault-key <file>', "the vault's public key to pin: PEM <data>/vault-key.pub or 130 hex digits (env BKV_VAULT_KEY)");
 }
@@ -371,6 +384,7 @@ Exit codes:
 
 Environment:
   BKV_VAULT, BKV_TOKEN, BKV_VAULT_KEY   defaults for --vault, --token, --vault-key
+  BKV_VAULT=ws://a:8787,ws://b:8787     several nodes of one vault: a node that fails hands over to the next
   BKV_KDF   Argon2id for new enrolments as JSON, e.g. {"m":65536,"t":3,"p":4} (raised to the vault's floor)`;
 
 // ---- commands -------------------------------------------------------------------------------

@@ -47,12 +47,14 @@ export type WebSocketCtor = new (
 ) => WebSocketLike;
 
 export interface WebSocketTransportOptions {
-  /** `ws://` (loopback only) or `wss://` URL of the vault. */
+  /** `ws://` (loopback only) or `wss://` URL of the vault (one node; see webSocketTransports for several). */
   url: string;
   /** Tenant JWT, sent as `Authorization: Bearer <token>` on the upgrade. */
   token?: string;
   /** Per-call timeout in ms. Default 30 000. */
   timeoutMs?: number;
+  /** Time to open the connection, in ms: a node that does not accept is given up on sooner. Default min(timeoutMs, 10 000). */
+  connectTimeoutMs?: number;
   /** WebSocket implementation; default: the `ws` package (Node). */
   WebSocket?: WebSocketCtor;
 }
@@ -62,13 +64,71 @@ const OPEN = 1;
 const MAX_FRAME = 64 * 1024;
 const CLOSE_TOKEN_EXPIRED = 4401;
 const CLOSE_TOO_BIG = 1009;
+const CLOSE_GOING_AWAY = 1001;
 
 /** Every code a VaultError may carry, to refuse inventing codes from the wire. */
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
 
-/** A vault we cannot reach or that stopped answering. After a timeout the request's fate is unknown. */
+/**
+ * A vault we cannot reach or that stopped answering. `detail.sent: false` says
+ * the request never left this process (the connection failed first), so the
+ * vault did nothing with it; without it, a request that was sent and got no
+ * answer (closed, timed out) may or may not have taken effect.
+ */
 export function unreachable(why: string, extra: Record<string, string | number | boolean> = {}): VaultError {
   return new VaultError(ErrorCodes.VAULT_UNREACHABLE, `vault unreachable: ${why}`, { unreachable: true, ...extra });
+}
+
+/** The same error, marked as never sent. */
+function notSent(e: unknown): unknown {
+  return e instanceof VaultError ? new VaultError(e.code, e.message, { ...e.detail, sent: false }) : e;
+}
+
+/** An entry as it may be shown in an error: no user info, query or fragment (a token could hide there). */
+function shownUrl(entry: string): string {
+  try {
+    const u = new URL(entry);
+    return `${u.protocol}//${u.host}${u.pathname === '/' ? '' : u.pathname}`;
+  } catch {
+    const cut = entry.replace(/\/\/[^/]*@/, '//…@').replace(/[?#].*$/, '');
+    return cut.length > 80 ? `${cut.slice(0, 80)}…` : cut;
+  }
+}
+
+/**
+ * The vault URLs of one vault: one URL, or the nodes of a cohort as a list or
+ * as one comma-separated string (`ws://a:8787,ws://b:8787`). Each entry must be
+ * a ws:// or wss:// URL with a host, listed once; an error names the bad entry
+ * by its position (`what` names where the list came from).
+ */
+export function parseVaultUrls(input: string | readonly string[], what = 'vault URL'): string[] {
+  const entries = (typeof input === 'string' ? input.split(',') : [...input]).map((e) => (typeof e === 'string' ? e.trim() : ''));
+  const bad = (m: string) => new VaultError(ErrorCodes.BAD_REQUEST, m);
+  if (entries.length === 1 && entries[0] === '') throw bad(`${what}: no URL given`);
+  const n = entries.length;
+  const seen = new Map<string, number>();
+  return entries.map((entry, i) => {
+    const which = n === 1 ? what : `${what} entry ${i + 1} of ${n}`;
+    if (entry === '') throw bad(`${which} is empty (a stray comma?)`);
+    if (!/^wss?:\/\//i.test(entry)) throw bad(`${which} ("${shownUrl(entry)}") must start with ws:// or wss://`);
+    let u: URL;
+    try {
+      u = new URL(entry);
+    } catch {
+      throw bad(`${which} ("${shownUrl(entry)}") is not a valid URL`);
+    }
+    if (!u.hostname) throw bad(`${which} ("${shownUrl(entry)}") has no host`);
+    const key = u.href;
+    const dup = seen.get(key);
+    if (dup !== undefined) throw bad(`${which} ("${shownUrl(entry)}") repeats entry ${dup + 1}`);
+    seen.set(key, i);
+    return entry;
+  });
+}
+
+/** One WebSocketTransport per node of a cohort, same options for each (see parseVaultUrls for `urls`). */
+export function webSocketTransports(urls: string | readonly string[], o: Omit<WebSocketTransportOptions, 'url'> = {}): WebSocketTransport[] {
+  return parseVaultUrls(urls).map((url) => new WebSocketTransport({ ...o, url }));
 }
 
 /** JSON-RPC integer codes, for errors whose data.code is missing or unknown. */
@@ -133,7 +193,8 @@ function connectError(ev: { message?: string; error?: unknown }): VaultError {
 function closeError(code: number): VaultError {
   if (code === CLOSE_TOKEN_EXPIRED) return new VaultError(ErrorCodes.UNAUTHENTICATED, 'vault closed the connection: token expired or revoked');
   if (code === CLOSE_TOO_BIG) return new VaultError(ErrorCodes.PAYLOAD_TOO_LARGE, 'vault closed the connection: frame too large');
-  return unreachable(`connection closed (code ${code})`);
+  if (code === CLOSE_GOING_AWAY) return unreachable('the vault is shutting down (connection closed, code 1001)', { code });
+  return unreachable(`connection closed (code ${code})`, { code });
 }
 
 interface Pending {
@@ -151,14 +212,31 @@ export class WebSocketTransport implements Transport {
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private readonly timeoutMs: number;
+  private readonly connectTimeoutMs: number;
 
   constructor(private readonly o: WebSocketTransportOptions) {
     if (!/^wss?:\/\//i.test(o.url)) throw new VaultError(ErrorCodes.BAD_REQUEST, 'vault URL must start with ws:// or wss://');
     this.timeoutMs = o.timeoutMs ?? 30_000;
+    this.connectTimeoutMs = o.connectTimeoutMs ?? Math.min(this.timeoutMs, 10_000);
+  }
+
+  get url(): string {
+    return this.o.url;
   }
 
   async call(method: string, params: object): Promise<unknown> {
-    const ws = await this.connect();
+    let ws: WebSocketLike;
+    try {
+      ws = await this.connect();
+      // Closed under us before its close event ran: connect again rather than send into it.
+      if (ws.readyState !== OPEN) {
+        await this.forget(ws);
+        ws = await this.connect();
+      }
+    } catch (e) {
+      // Nothing was sent: the caller may send this request to another node as if never tried.
+      throw notSent(e);
+    }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       // A timeout leaves the request's fate unknown (it may have been applied), so it is not marked retryable.
@@ -170,7 +248,7 @@ export class WebSocketTransport implements Transport {
       try {
         ws.send(JSON.stringify({ jsonrpc: '2.0', id, method, params }));
       } catch (e) {
-        this.settle(id)?.reject(unreachable(e instanceof Error ? e.message : 'send failed'));
+        this.settle(id)?.reject(unreachable(e instanceof Error ? e.message : 'send failed', { sent: false }));
       }
     });
   }
@@ -188,6 +266,12 @@ export class WebSocketTransport implements Transport {
     this.pending.delete(id);
     clearTimeout(p.timer);
     return p;
+  }
+
+  /** Drop the cached socket if it is `ws` (and not already a newer one). */
+  private async forget(ws: WebSocketLike): Promise<void> {
+    const p = this.socket;
+    if (p && (await p.catch(() => undefined)) === ws && this.socket === p) this.socket = undefined;
   }
 
   private failAll(e: VaultError): void {
@@ -216,9 +300,9 @@ export class WebSocketTransport implements Transport {
     return new Promise((resolve, reject) => {
       let opened = false;
       const timer = setTimeout(() => {
-        reject(unreachable(`no connection within ${this.timeoutMs} ms`, { timeout: true }));
+        reject(unreachable(`no connection within ${this.connectTimeoutMs} ms`, { timeout: true }));
         ws.close();
-      }, this.timeoutMs);
+      }, this.connectTimeoutMs);
       ws.addEventListener('open', () => {
         opened = true;
         clearTimeout(timer);
@@ -233,9 +317,7 @@ export class WebSocketTransport implements Transport {
         clearTimeout(timer);
         if (!opened) reject(closeError(ev.code));
         // Forget this socket so the next call reconnects, then fail its calls.
-        void this.socket?.then((s) => {
-          if (s === ws) this.socket = undefined;
-        }, () => {});
+        void this.forget(ws);
         this.failAll(closeError(ev.code));
       });
       ws.addEventListener('message', (ev) => this.onMessage(ev.data));
