@@ -17,11 +17,12 @@ import { latency, round } from './lib/stats.js';
 import { emit } from './lib/proc.js';
 import { BENCH_KDF } from './lib/config.js';
 import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport } from '../client/transport.js';
+import { webSocketTransports } from '../client/transport.js';
 
 export interface Spec {
   target: 'vault' | 'peer' | 'sdk';
   op: 'enroll' | 'recover' | 'register' | 'login';
+  /** One URL, or (sdk target) the nodes of one vault comma-separated: each SDK client fails over between them. */
   url: string;
   token?: string;
   /** sdk: the pinned vault key file. */
@@ -44,7 +45,7 @@ type Flow = (i: number) => Promise<void>;
 
 const KDF = { m: BENCH_KDF.m, t: BENCH_KDF.t, p: BENCH_KDF.p };
 
-async function setup(spec: Spec): Promise<{ flow: Flow; close: () => void }> {
+async function setup(spec: Spec): Promise<{ flow: Flow; close: () => void; failovers?: () => number }> {
   const kdf = { alg: 'argon2id' as const, ...(spec.kdf ?? KDF) };
   if (spec.target === 'vault') {
     const pool = await RpcPool.open(spec.url, spec.connections ?? 4, spec.token);
@@ -56,20 +57,22 @@ async function setup(spec: Spec): Promise<{ flow: Flow; close: () => void }> {
   if (spec.target === 'sdk') {
     const jwk = createPublicKey(readFileSync(spec.vaultKeyFile!)).export({ format: 'jwk' });
     const pinnedKey = new Uint8Array(Buffer.concat([Buffer.from([4]), Buffer.from(jwk.x!, 'base64url'), Buffer.from(jwk.y!, 'base64url')]));
+    // Fail-overs are counted, not hidden: a run through a node kill reports how many flows moved.
+    let failovers = 0;
     const clients = Array.from({ length: spec.connections ?? 4 }, () => {
-      const transport = new WebSocketTransport({ url: spec.url, ...(spec.token ? { token: spec.token } : {}), timeoutMs: 60_000 });
-      return { transport, client: new VaultClient({ transport, pinnedKey, kdf, maxRetries: 0 }) };
+      const transports = webSocketTransports(spec.url, { ...(spec.token ? { token: spec.token } : {}), timeoutMs: 60_000 });
+      return new VaultClient({ transports, pinnedKey, kdf, maxRetries: 0, failover: { onFailover: () => void failovers++ } });
     });
     let next = 0;
     const key = (i: number) => new Uint8Array(32).fill(i & 0xff);
     const flow: Flow =
       spec.op === 'enroll'
-        ? async (i) => void (await clients[next++ % clients.length]!.client.enrollPassword(`s${i}`, `password-${i}`, key(i)))
+        ? async (i) => void (await clients[next++ % clients.length]!.enrollPassword(`s${i}`, `password-${i}`, key(i)))
         : async (i) => {
-            const k = await clients[next++ % clients.length]!.client.recoverWithPassword(`s${i}`, `password-${i}`);
+            const k = await clients[next++ % clients.length]!.recoverWithPassword(`s${i}`, `password-${i}`);
             if (!Buffer.from(k).equals(Buffer.from(key(i)))) throw Object.assign(new Error('wrong key'), { code: 'WRONG_RESULT' });
           };
-    return { flow, close: () => clients.forEach((c) => c.transport.close()) };
+    return { flow, close: () => clients.forEach((c) => c.close()), failovers: () => failovers };
   }
   // The OPAQUE reference peer.
   await opaque.ready;
@@ -106,7 +109,7 @@ async function setup(spec: Spec): Promise<{ flow: Flow; close: () => void }> {
 
 async function main(): Promise<void> {
   const spec = JSON.parse(process.argv[2]!) as Spec;
-  const { flow, close } = await setup(spec);
+  const { flow, close, failovers } = await setup(spec);
   const walk = spec.op === 'enroll' || spec.op === 'register';
   const range = spec.to - spec.from;
   let cursor = spec.from;
@@ -209,6 +212,7 @@ async function main(): Promise<void> {
       errors,
       latencyMs: latency(samples),
       loadgenCpuMs: round((cpu.user + cpu.system) / 1000, 0),
+      ...(failovers ? { failovers: failovers() } : {}),
     },
   });
   setImmediate(() => process.exit(0));

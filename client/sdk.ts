@@ -14,14 +14,25 @@ import { channelKeys, clientHandshake, openMessage, sealMessage, type ChannelKey
 import { fromB64, toB64 } from '../protocol/bytes.js';
 import { checkKdfParams, DEFAULT_KDF, type KdfParams } from '../protocol/kdf.js';
 import { SIZES } from '../protocol/suite.js';
-import { enrollPayload, finishOprf, openRecovered, startOprf } from './protocol.js';
+import { enrollPayload, finishOprf, openRecovered, startOprf, type PendingOprf } from './protocol.js';
 import type { Transport } from './transport.js';
+import { afterFailure, FAILOVER_CODES, NodeRing, outcomeUnknown, type Fate, type FailoverEvent, type FailoverOptions, type Step } from './failover.js';
 
 export type { Transport } from './transport.js';
 export type { Descriptor } from '../protocol/descriptor.js';
+export { FAILOVER_CODES, REPEATABLE_WHEN_UNKNOWN, afterFailure } from './failover.js';
+export type { FailoverEvent, FailoverOptions, Fate, Step } from './failover.js';
 
 export interface VaultClientOptions {
-  transport: Transport;
+  /** The vault: one node. Give this or `transports`. */
+  transport?: Transport;
+  /**
+   * The nodes of one vault (a cohort: same keys, one pinned key), in order of
+   * preference. The client fails over between them (docs/RPC.md#fail-over).
+   */
+  transports?: readonly Transport[];
+  /** Node order, tries and backoff when there are several transports (or to restart flows on one). */
+  failover?: FailoverOptions;
   /** The vault's signing key, 65-byte uncompressed SEC1 P-256, obtained out of band. */
   pinnedKey: Uint8Array;
   /** Argon2id for new enrolments; default DEFAULT_KDF, raised to the vault's floor. */
@@ -207,8 +218,29 @@ export class Channel {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * A step that failed, with what became of it (failover.ts: Fate). Internal:
+ * the operation loop unwraps it, the caller only ever sees the VaultError.
+ */
+class StepFailure extends Error {
+  constructor(
+    readonly step: Step,
+    readonly error: VaultError,
+    readonly fate: Fate,
+  ) {
+    super(error.message);
+  }
+}
+
+/** 16 random bytes, base64url: one password guess, the same on every node it is sent to. */
+function newGuessId(): string {
+  return toB64(globalThis.crypto.getRandomValues(new Uint8Array(16)));
+}
+
 export class VaultClient {
-  private readonly transport: Transport;
+  private readonly nodes: readonly Transport[];
+  private readonly ring: NodeRing;
+  private readonly onFailover: ((e: FailoverEvent) => void) | undefined;
   private readonly pinnedKey: Uint8Array;
   private readonly kdf: KdfParams;
   private readonly maxRetries: number;
@@ -226,12 +258,22 @@ export class VaultClient {
     } catch {
       throw new VaultError(ErrorCodes.INVALID_POINT, 'pinnedKey is not a valid P-256 point');
     }
-    this.transport = o.transport;
+    if ((o.transport === undefined) === (o.transports === undefined)) {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, 'give either transport (one vault node) or transports (the nodes of one vault)');
+    }
+    this.nodes = o.transport ? [o.transport] : [...o.transports!];
+    this.ring = new NodeRing(this.nodes.length, o.failover);
+    this.onFailover = o.failover?.onFailover;
     this.pinnedKey = new Uint8Array(o.pinnedKey);
     // Validate the app's own choice once, against the protocol minimum; the vault floor is applied per enrolment.
     this.kdf = o.kdf ? checkKdfParams(o.kdf, ANY_FLOOR) : DEFAULT_KDF;
     this.maxRetries = o.maxRetries ?? 2;
     this.localNow = o.now ?? Date.now;
+  }
+
+  /** Close every transport (calls in flight fail). The client may be used again: transports reconnect. */
+  close(): void {
+    for (const t of this.nodes) t.close();
   }
 
   /** The vault's clock as best we know it: `ts` must be within ±60 s of it. */
@@ -240,10 +282,15 @@ export class VaultClient {
   /** Fetch, verify against the pinned key and cache the descriptor; `refresh` forces a new fetch. */
   async descriptor(opts: { refresh?: boolean } = {}): Promise<Descriptor> {
     if (this.cached && !opts.refresh) return this.cached;
+    return this.operation((t) => this.fetchDescriptor(t));
+  }
+
+  private async fetchDescriptor(t: Transport): Promise<Descriptor> {
     const t0 = this.localNow();
-    const raw = await this.call('vault.descriptor', {});
+    const raw = await this.call(t, 'vault.descriptor', {});
     const t1 = this.localNow();
     const { descriptor, now } = decodeDescriptor(raw);
+    // Every node of a cohort holds the same keys, so every node's descriptor verifies against the one pinned key.
     const d = verifyDescriptor(descriptor, this.pinnedKey);
     // The vault read its clock somewhere inside our round trip; the midpoint halves the error.
     this.offsetMs = now - (t0 + t1) / 2;
@@ -254,66 +301,113 @@ export class VaultClient {
   async enrollPassword(userId: string, password: string, backupKey: Uint8Array): Promise<Enrolled> {
     checkBackupKey(backupKey);
     const d = await this.descriptor();
-    const ch = new Channel(d, userId, this.vaultNow);
-    return this.enrollOn(ch, d, password, backupKey);
+    // Each try on a new channel: a channel belongs to the node that did its handshake.
+    return this.operation((t) => this.enrollOn(t, new Channel(d, userId, this.vaultNow), d, password, backupKey));
   }
 
   /** The escrowed backup key, or WRONG_PASSWORD (detail.attemptsLeft) / LOCKED / RECORD_NOT_FOUND. */
   async recoverWithPassword(userId: string, password: string): Promise<Uint8Array> {
     const d = await this.descriptor();
-    return (await this.recoverOn(new Channel(d, userId, this.vaultNow), d, password)).key;
+    // One guess, however many nodes it takes: the same guess id and blinded element on each try.
+    const guess = { id: newGuessId(), oprf: startOprf(d.vaultId, userId, password) };
+    return (await this.operation((t) => this.recoverOn(t, new Channel(d, userId, this.vaultNow), d, guess))).key;
   }
 
   /**
    * Prove the old password, then re-enrol under the new one. The successful
    * recovery yields a short-lived grant (inside the channel, never visible to
    * the relay) that the vault requires to replace an active record; it is
-   * presented on a second channel. Re-escrows the same key unless `backupKey`
-   * is given.
+   * presented on a second channel, to the node that issued it. Re-escrows the
+   * same key unless `backupKey` is given. If that node fails before the
+   * enrolment is sent, both steps run again on another node (a right password
+   * costs no attempt; a new recovery is a new guess).
    */
   async changePassword(userId: string, oldPassword: string, newPassword: string, backupKey?: Uint8Array): Promise<Enrolled> {
     if (backupKey) checkBackupKey(backupKey);
     const d = await this.descriptor();
-    const { key: current, grant } = await this.recoverOn(new Channel(d, userId, this.vaultNow), d, oldPassword);
-    try {
-      return await this.enrollOn(new Channel(d, userId, this.vaultNow), d, newPassword, backupKey ?? current, grant);
-    } finally {
-      current.fill(0);
-    }
+    let guess = { id: newGuessId(), oprf: startOprf(d.vaultId, userId, oldPassword) };
+    return this.operation(async (t) => {
+      const { key: current, grant } = await this.recoverOn(t, new Channel(d, userId, this.vaultNow), d, guess);
+      // That guess is decided (right); should this try fail, the next recovery is another guess.
+      guess = { id: newGuessId(), oprf: startOprf(d.vaultId, userId, oldPassword) };
+      try {
+        return await this.enrollOn(t, new Channel(d, userId, this.vaultNow), d, newPassword, backupKey ?? current, grant);
+      } finally {
+        current.fill(0);
+      }
+    });
   }
 
   async status(userId: string): Promise<RecordStatus> {
-    return shape(StatusWire, await this.call('record.status', { userId }), 'record.status reply');
+    return this.operation(async (t) => shape(StatusWire, await this.call(t, 'record.status', { userId }), 'record.status reply'));
   }
 
   async delete(userId: string): Promise<void> {
-    await this.call('record.delete', { userId });
+    await this.operation((t) => this.call(t, 'record.delete', { userId }));
+  }
+
+  // ---- fail-over ----
+
+  /**
+   * Run `attempt` on the current node; when a step of it fails in a way
+   * another node may not (failover.ts: afterFailure), start it again on the
+   * next node, at most `maxAttempts` tries in all, with jittered backoff.
+   */
+  private async operation<T>(attempt: (t: Transport) => Promise<T>): Promise<T> {
+    for (let tries = 1; ; tries++) {
+      const node = this.ring.node;
+      try {
+        return await attempt(this.nodes[node]!);
+      } catch (e) {
+        if (!(e instanceof StepFailure)) throw e;
+        const next = afterFailure(e.step, e.error.code, e.fate);
+        if (next === 'unknown') throw outcomeUnknown(e.step, e.error);
+        if (next === 'surface') throw e.error;
+        const to = this.ring.advance(node);
+        if (tries >= this.ring.maxAttempts) {
+          if (tries === 1) throw e.error;
+          const where = this.nodes.length === 1 ? '' : ` on ${this.nodes.length} vault nodes`;
+          throw new VaultError(e.error.code, `${e.error.message} (gave up after ${tries} tries${where})`, { ...e.error.detail, tries });
+        }
+        try {
+          this.onFailover?.({ from: node, to, step: e.step, code: e.error.code, attempt: tries });
+        } catch {
+          // an observer's failure is not the vault's
+        }
+        await sleep(this.ring.delayMs(tries, e.error, to === node));
+      }
+    }
   }
 
   // ---- flows on one channel ----
 
-  private async enrollOn(ch: Channel, d: Descriptor, password: string, backupKey: Uint8Array, grant?: string): Promise<Enrolled> {
+  private async enrollOn(t: Transport, ch: Channel, d: Descriptor, password: string, backupKey: Uint8Array, grant?: string): Promise<Enrolled> {
     const p = startOprf(d.vaultId, ch.userId, password);
     const body = { blinded: toB64(p.blinded), ...(grant ? { grant } : {}) };
-    const begun = shape(Replies['enroll.begin'], await this.send(ch, 'enroll.begin', body), 'enroll.begin reply');
+    const begun = shape(Replies['enroll.begin'], await this.send(t, ch, 'enroll.begin', body), 'enroll.begin reply');
     // The signed floor and the channel's floor can only raise what we use, never lower it.
     const kdf = raiseKdf(this.kdf, d.kdfFloor, checkKdfParams(begun.kdfFloor, ANY_FLOOR));
     const payload = await enrollPayload(p, begun.evaluated, kdf, backupKey);
-    const done = await this.send(ch, 'enroll.finish', {
-      authKey: toB64(payload.authKey),
-      envelope: toB64(payload.envelope),
-      kdf: payload.kdf,
-    });
-    payload.authKey.fill(0);
-    return shape(Replies['enroll.finish'], done, 'enroll.finish reply');
+    try {
+      const done = await this.send(t, ch, 'enroll.finish', {
+        authKey: toB64(payload.authKey),
+        envelope: toB64(payload.envelope),
+        kdf: payload.kdf,
+      });
+      return shape(Replies['enroll.finish'], done, 'enroll.finish reply');
+    } finally {
+      payload.authKey.fill(0);
+    }
   }
 
-  private async recoverOn(ch: Channel, d: Descriptor, password: string): Promise<{ key: Uint8Array; grant: string }> {
-    const p = startOprf(d.vaultId, ch.userId, password);
-    const begun = shape(Replies['recover.begin'], await this.send(ch, 'recover.begin', { blinded: toB64(p.blinded) }), 'recover.begin reply');
+  private async recoverOn(t: Transport, ch: Channel, d: Descriptor, guess: { id: string; oprf: PendingOprf }): Promise<{ key: Uint8Array; grant: string }> {
+    const p = guess.oprf;
+    // `guess` makes a repeated begin idempotent in a cohort: a guess id already counted is not counted again.
+    const body = { blinded: toB64(p.blinded), guess: guess.id };
+    const begun = shape(Replies['recover.begin'], await this.send(t, ch, 'recover.begin', body), 'recover.begin reply');
     const keys = await finishOprf(p, begun.evaluated, checkKdfParams(begun.kdf, ANY_FLOOR));
     try {
-      const r = shape(Replies['recover.finish'], await this.send(ch, 'recover.finish', { authKey: toB64(keys.authKey) }), 'recover.finish reply');
+      const r = shape(Replies['recover.finish'], await this.send(t, ch, 'recover.finish', { authKey: toB64(keys.authKey) }), 'recover.finish reply');
       if (r.outcome === 'wrong-password') {
         const n = r.attemptsLeft;
         throw new VaultError(ErrorCodes.WRONG_PASSWORD, `wrong password: ${n} attempt${n === 1 ? '' : 's'} left`, { attemptsLeft: n });
@@ -331,35 +425,51 @@ export class VaultClient {
   /**
    * One channel message. Outer errors left the channel untouched, so a
    * retryable one is resent as is, and a stale handshake is resealed once
-   * with the clock the vault reported.
+   * with the clock the vault reported. A refusal inside the channel is a step
+   * the vault ran (`answered`).
    */
-  private async send(ch: Channel, method: ChannelMethod, body: unknown): Promise<unknown> {
+  private async send(t: Transport, ch: Channel, method: ChannelMethod, body: unknown): Promise<unknown> {
     let params = await ch.seal(method, body);
     let resynced = false;
     for (;;) {
+      let reply: unknown;
       try {
-        return await ch.open(method, await this.call(method, params));
+        reply = await this.call(t, method, params);
       } catch (e) {
-        if (e instanceof VaultError && e.code === ErrorCodes.STALE_MESSAGE && ch.counter === 0 && !resynced) {
+        const err = e instanceof StepFailure ? e.error : e;
+        if (err instanceof VaultError && err.code === ErrorCodes.STALE_MESSAGE && ch.counter === 0 && !resynced) {
           resynced = true;
-          const now = e.detail?.now;
+          const now = err.detail?.now;
           if (typeof now === 'number') this.offsetMs = now - this.localNow();
-          else await this.descriptor({ refresh: true });
+          else await this.fetchDescriptor(t).catch(() => undefined);
           params = await ch.seal(method, body);
           continue;
         }
         throw e;
       }
+      try {
+        return await ch.open(method, reply);
+      } catch (e) {
+        throw e instanceof VaultError ? new StepFailure(method, e, 'answered') : e;
+      }
     }
   }
 
-  /** transport.call with bounded retries of what the vault guarantees changed nothing. */
-  private async call(method: string, params: object): Promise<unknown> {
+  /**
+   * transport.call with bounded retries, on the same node, of what the vault
+   * guarantees changed nothing; errors that another node may not have are
+   * left to the operation loop when there is another node (or try) to go to.
+   */
+  private async call(t: Transport, method: Step, params: object): Promise<unknown> {
     for (let attempt = 0; ; attempt++) {
       try {
-        return await this.transport.call(method, params);
+        return await t.call(method, params);
       } catch (e) {
-        if (!(e instanceof VaultError) || e.detail?.retryable !== true || attempt >= this.maxRetries) throw e;
+        if (!(e instanceof VaultError)) throw e;
+        // VAULT_UNREACHABLE is the transport's own: sent or not decides. Any other code is the vault's outer answer.
+        const fate: Fate = e.code !== ErrorCodes.VAULT_UNREACHABLE || e.detail?.sent === false ? 'refused' : 'unknown';
+        const moveOn = this.ring.maxAttempts > 1 && FAILOVER_CODES.has(e.code);
+        if (moveOn || e.detail?.retryable !== true || attempt >= this.maxRetries) throw new StepFailure(method, e, fate);
         const after = e.detail.retryAfterMs;
         await sleep(Math.min(typeof after === 'number' && after > 0 ? after : 200 * 2 ** attempt, 5_000));
       }

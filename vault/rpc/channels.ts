@@ -228,6 +228,8 @@ export class ChannelTable {
       }
       case 'recover.begin': {
         const b = parse(Bodies[method], raw);
+        // b.guess (the SDK's id for this password guess) is accepted and not used yet: a single node
+        // never sees a fail-over repeat. The cohort will count a guess id once (issue 17).
         const r = await v.recoverBegin(ctx, ch.userId, b.blinded);
         ch.coreSession = r.sessionId;
         ch.step = 'recover-begun';

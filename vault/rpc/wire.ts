@@ -43,7 +43,9 @@ const kdf = z.object({ alg: z.literal('argon2id'), m: z.number().int(), t: z.num
 export const Bodies = {
   'enroll.begin': z.object({ blinded: b64({ max: 256 }), grant: z.string().max(64).optional() }).strict(),
   'enroll.finish': z.object({ authKey: b64({ max: 256 }), envelope: b64({ max: 256 }), kdf }).strict(),
-  'recover.begin': z.object({ blinded: b64({ max: 256 }) }).strict(),
+  // `guess`: the client's id for this password guess, the same on every node a fail-over sends it to; it
+  // makes a retried begin idempotent in a cohort (a guess id already counted is not counted again).
+  'recover.begin': z.object({ blinded: b64({ max: 256 }), guess: b64(16).optional() }).strict(),
   'recover.finish': z.object({ authKey: b64({ max: 256 }) }).strict(),
 } as const;
 
