@@ -159,7 +159,7 @@ async function run(seconds: number, connections: number, prefix: string, s: Stat
     if (st.attemptsLeft !== 10 - h.counted) s.violations.push(`${h.id}: ${h.counted} wrong guesses acknowledged across connections, vault says ${10 - st.attemptsLeft}`);
   }
   for (const t of transports) t.close();
-  (check as unknown as { transport: RecordingTransport }).transport.close();
+  check.close();
   return { elapsed, hotCounted: hot.reduce((a, h) => a + h.counted, 0) };
 }
 

@@ -151,7 +151,7 @@ export async function crashCycles(opts: { seed: number; cycles: number; users: n
         } else if (s.state !== 'absent') violations.push(`${userId}: never enrolled but state is ${s.state}`);
         m.inFlight = undefined;
       }
-      (check as unknown as { transport: WebSocketTransport }).transport.close();
+      check.close();
       const report = { cycle, killedAfterMs, acknowledged, violations };
       reports.push(report);
       opts.log?.(report);
