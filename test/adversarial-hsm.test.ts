@@ -180,7 +180,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
     }
   });
 
-  it('the anchor write failing: HSM_UNAVAILABLE, nothing revealed, and a user retrying through it loses at most one attempt', async () => {
+  it('the anchor write failing: HSM_UNAVAILABLE, nothing revealed, nothing changed, and a user retrying through it loses no attempt', async () => {
     const f = await flakyVault();
     try {
       await enroll(f.vault, 'kim', 'pw-kim-1', key());
@@ -192,8 +192,11 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       expect(await codeOf(f.vault.delete('ken'))).toBe(ErrorCodes.HSM_UNAVAILABLE);
       expect(await codeOf(enroll(f.vault, 'kat', 'pw-kat-1', key()))).toBe(ErrorCodes.HSM_UNAVAILABLE);
       f.flaky.down = false;
-      // Fifteen tries, one attempt spent: the first begin's commit, anchored once the HSM is back.
-      expect(f.vault.status('kim')).toMatchObject({ state: 'active', attemptsLeft: 9 });
+      // Fifteen tries, no attempt spent: each begin's count was undone before its HSM_UNAVAILABLE
+      // (before issue 15 the first stayed committed and was anchored once the HSM was back).
+      expect(f.vault.status('kim')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+      expect(f.vault.status('ken').state).toBe('active');
+      expect(f.vault.status('kat').state).toBe('absent');
       expect((await recover(f.vault, 'kim', 'pw-kim-1')).outcome).toBe('ok');
       expect(f.vault.status('kim').attemptsLeft).toBe(10);
       // Everything committed is anchored now, and a restart agrees with it.
@@ -206,25 +209,35 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
     }
   });
 
-  // KNOWN GAP (docs/SECURITY.md, finding F5): the change of a request whose anchor write
-  // fails stays committed in SQLite and is anchored by the next successful write (or undone
-  // by a restart), so its HSM_UNAVAILABLE does not yet guarantee "nothing changed". The fix
-  // (undo the unanchored batch at the failure) belongs to the ledger's group-commit work.
-  // it.fails turns red the day the gap is closed, as a reminder to make this a plain it().
-  it.fails('KNOWN GAP: an enrolment whose anchor write fails leaves no trace', async () => {
+  // docs/SECURITY.md F5 (closed by issue 15): the change of a request whose anchor write
+  // fails is undone before the caller hears HSM_UNAVAILABLE, "retryable, nothing changed".
+  // Before the fix it stayed committed and the next successful write anchored it.
+  it('an enrolment whose anchor write fails leaves no trace', async () => {
     const f = await flakyVault();
     try {
+      await enroll(f.vault, 'gil', 'pw-gil-1', key());
       const { startOprf, enrollPayload } = await import('../client/protocol.js');
       const p = startOprf(f.vault.vaultId, 'gap', 'pw-gap-1');
       const b = await f.vault.enrollBegin(CALLER, 'gap', p.blinded);
       const payload = await enrollPayload(p, b.evaluated, TEST_KDF, key());
       secretsSeen.push(payload.authKey);
-      const before = stateDigest(f.dbPath);
+      // The batch number moves on (the undo is a batch of its own); records, buckets and root do not.
+      const before = stateDigest(f.dbPath, { logical: true });
       f.flaky.only = new Set(['writeAnchor']);
       f.flaky.down = true;
       expect(await codeOf(f.vault.enrollFinish(CALLER, b.sessionId, 'gap', payload))).toBe(ErrorCodes.HSM_UNAVAILABLE);
+      expect(f.vault.status('gap').state).toBe('absent');
+      expect(stateDigest(f.dbPath, { logical: true })).toEqual(before);
+      expect(before.records).toBe(1);
+      // A crash now: the start-up repair undoes the undo and then the enrolment, to the anchor it finds.
+      const v = await f.restart();
+      expect(v.status('gap').state).toBe('absent');
       f.flaky.down = false;
-      expect(stateDigest(f.dbPath)).toEqual(before);
+      // The HSM is back: the undo is anchored like any batch, and the user enrols afresh.
+      await enroll(v, 'gap', 'pw-gap-1', key());
+      expect(v.status('gap')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+      expect((await recover(v, 'gil', 'pw-gil-1')).outcome).toBe('ok');
+      expect(v.ledger.status().seq).toBe(v.ledger.status().anchored);
     } finally {
       f.close();
     }

@@ -177,7 +177,11 @@ const META_KEYS = ['vault_id', 'state_seq', 'state_root'];
  * through a second, read-only SQLite connection (WAL lets it run beside the
  * daemon). Equal digests mean no record, counter or anchor state changed.
  */
-export function stateDigest(dbPath: string): { digest: string; records: number } {
+/**
+ * `logical`: only what the state means (rows, root, vault id), not how it is laid out: an undo
+ * leaves the batch number moved on and an emptied bucket's row holding the empty hash.
+ */
+export function stateDigest(dbPath: string, opts: { logical?: boolean } = {}): { digest: string; records: number } {
   const db = new Database(dbPath, { readonly: true, fileMustExist: true });
   try {
     const h = createHash('sha256');
@@ -186,8 +190,8 @@ export function stateDigest(dbPath: string): { digest: string; records: number }
       h.update(JSON.stringify(r));
       records++;
     }
-    for (const r of db.prepare('SELECT id, hex(hash) AS hash FROM buckets ORDER BY id').iterate()) h.update(JSON.stringify(r));
-    for (const k of META_KEYS) h.update(JSON.stringify(db.prepare('SELECT value FROM meta WHERE key = ?').get(k) ?? null));
+    if (!opts.logical) for (const r of db.prepare('SELECT id, hex(hash) AS hash FROM buckets ORDER BY id').iterate()) h.update(JSON.stringify(r));
+    for (const k of META_KEYS) if (k !== 'state_seq' || !opts.logical) h.update(JSON.stringify(db.prepare('SELECT value FROM meta WHERE key = ?').get(k) ?? null));
     return { digest: h.digest('hex'), records };
   } finally {
     db.close();

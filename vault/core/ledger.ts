@@ -309,21 +309,96 @@ export class Ledger {
       await this.keys.writeAnchor({ seq, root });
     } catch (e) {
       this.flushing = false;
-      // The batch stays unanchored: its callers fail, nothing was revealed, and the next sync retries.
-      this.dirty = true;
       if (isAnchorConflict(e)) {
+        // Another writer: nothing more is served; the next start undoes what its anchor does not cover.
+        this.dirty = true;
         this.stop(e, seq);
         return waiters.forEach((w) => w.rej(e));
       }
       const event = isVaultError(e, ErrorCodes.STORE_UNAVAILABLE) ? 'state.sync.failed' : 'state.anchor.failed';
       this.log.error({ event, seq, err: (e as Error).message }, event === 'state.sync.failed' ? 'could not make a batch durable' : 'could not write the HSM anchor');
-      return waiters.forEach((w) => w.rej(e));
+      // The callers are told HSM_UNAVAILABLE / STORE_UNAVAILABLE, "retryable, nothing changed":
+      // make that true before they hear it. Requests of the next batch ran on the state being
+      // undone, so their uncommitted batch goes too, and they get the same answer.
+      const queued = this.waiters;
+      this.waiters = [];
+      this.abandonOpenBatch();
+      try {
+        this.undoUnanchored();
+      } catch (u) {
+        // Could not write the undo (the disk failed too): the change stays committed and the
+        // next sync anchors it, as a restart would either keep or undo it (docs/SECURITY.md F5).
+        this.dirty = true;
+        this.log.error({ event: 'state.undo.failed', seq, err: (u as Error).message }, 'could not undo a batch whose anchor write failed');
+      }
+      return [...waiters, ...queued].forEach((w) => w.rej(e));
     }
     this.flushing = false;
     this.anchored = seq;
     // Not now: a delete outside a batch would cost its own fsync. Stale entries are harmless.
     this.undoObsolete = seq;
     waiters.forEach((w) => w.res());
+  }
+
+  /** Roll back the batch transaction still open (nothing of it reached the disk) and its hashes. */
+  private abandonOpenBatch(): void {
+    const tx = this.batchTx;
+    this.batchTx = undefined;
+    if (tx) {
+      try {
+        this.records.rollback();
+      } catch {
+        /* SQLite rolled back already */
+      }
+      for (const [b, h] of tx) this.tree.set(b, h);
+    }
+    this.dirty = false;
+  }
+
+  /**
+   * Undo every committed batch the anchor does not cover (issue 15, SECURITY.md F5), by a
+   * new batch that writes the anchored values back rather than by deleting the old one: the
+   * failed anchor write may have reached the HSM all the same (a lost reply), and the next
+   * start must find the database at or ahead of whichever anchor the HSM holds. The undo
+   * entries reach both: this batch's restore the failed batch's values (anchor at the failed
+   * number), and the failed batch's restore the values before it (anchor unchanged). Not
+   * anchored here: the next sync() anchors it, so an HSM that stays down costs no busy loop.
+   */
+  private undoUnanchored(): void {
+    const entries = this.records.undoAfter(this.anchored);
+    if (entries.length === 0) return;
+    // Newest batch first: the last value seen per user is the one the anchor covers.
+    const target = new Map<string, StoredRecord | null>();
+    for (const e of entries) target.set(e.userId, e.prev);
+    const before = new Map<number, Uint8Array>();
+    this.records.begin();
+    try {
+      for (const [userId, prev] of target) {
+        this.records.addUndo(this.batch, userId, this.records.get(userId));
+        if (prev) this.records.put(prev);
+        else this.records.remove(userId);
+        const b = bucketOf(userId);
+        if (!before.has(b)) before.set(b, this.tree.bucket(b));
+      }
+      for (const b of before.keys()) {
+        const h = hashBucket(this.records, b);
+        this.records.putBucket(b, h);
+        this.tree.set(b, h);
+      }
+      this.records.setMeta('state_seq', String(this.batch));
+      this.records.setMeta('state_root', toHex(this.tree.root()));
+      this.records.commit();
+    } catch (e) {
+      try {
+        this.records.rollback();
+      } catch {
+        /* SQLite rolled back already */
+      }
+      for (const [b, h] of before) this.tree.set(b, h);
+      throw e;
+    }
+    this.dirty = true;
+    this.log.warn({ event: 'state.undone', users: target.size, toSeq: this.anchored }, 'undid a batch whose anchor write failed; its callers were told nothing changed');
   }
 }
 
