@@ -33,6 +33,8 @@ class FlakyKeys {
   down = false;
   only: Set<string> | undefined;
   failures = 0;
+  /** When set, a failing call waits for it before it fails (a slow HSM timing out). */
+  hold: Promise<void> | undefined;
   calls: Record<string, number> = {};
   constructor(readonly real: VaultKeys) {}
   wrap(): VaultKeys {
@@ -47,7 +49,8 @@ class FlakyKeys {
           if (name === 'ping') return failing ? false : (v as (...a: unknown[]) => unknown).apply(target, args);
           if (failing && name !== 'currentEpoch' && name !== 'epochs') {
             this.failures++;
-            return Promise.reject(new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${name} (0x30)`));
+            const err = new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${name} (0x30)`);
+            return this.hold ? this.hold.then(() => Promise.reject(err)) : Promise.reject(err);
           }
           return (v as (...a: unknown[]) => unknown).apply(target, args);
         };
@@ -238,6 +241,41 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       expect(v.status('gap')).toMatchObject({ state: 'active', attemptsLeft: 10 });
       expect((await recover(v, 'gil', 'pw-gil-1')).outcome).toBe('ok');
       expect(v.ledger.status().seq).toBe(v.ledger.status().anchored);
+    } finally {
+      f.close();
+    }
+  });
+
+  it('requests that commit while a failing anchor write is pending are undone with it, and told so', async () => {
+    const f = await flakyVault();
+    try {
+      await enroll(f.vault, 'kim', 'pw-kim-1', key());
+      await enroll(f.vault, 'ken', 'pw-ken-1', key());
+      const before = stateDigest(f.dbPath, { logical: true });
+      let release!: () => void;
+      f.flaky.hold = new Promise((r) => (release = r));
+      f.flaky.only = new Set(['writeAnchor']);
+      f.flaky.down = true;
+      // The delete's batch reaches the (slow, failing) anchor write; the recovery's count
+      // commits meanwhile into the next batch, on top of the state about to be undone.
+      const del = codeOf(f.vault.delete('ken'));
+      await new Promise((r) => setTimeout(r, 20));
+      const rec = codeOf(recover(f.vault, 'kim', 'pw-kim-1'));
+      await new Promise((r) => setTimeout(r, 50));
+      release();
+      expect(await del).toBe(ErrorCodes.HSM_UNAVAILABLE);
+      expect(await rec).toBe(ErrorCodes.HSM_UNAVAILABLE);
+      f.flaky.down = false;
+      f.flaky.hold = undefined;
+      expect(stateDigest(f.dbPath, { logical: true })).toEqual(before);
+      expect(f.vault.status('ken').state).toBe('active');
+      expect(f.vault.status('kim').attemptsLeft).toBe(10);
+      // And after the outage both work, and a restart agrees.
+      expect((await recover(f.vault, 'kim', 'pw-kim-1')).outcome).toBe('ok');
+      await f.vault.delete('ken');
+      const v = await f.restart();
+      expect(v.status('ken').state).toBe('deleted');
+      expect(v.status('kim')).toMatchObject({ state: 'active', attemptsLeft: 10 });
     } finally {
       f.close();
     }
