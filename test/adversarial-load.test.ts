@@ -14,6 +14,7 @@ import { TEST_KDF } from './helpers/vault.js';
 import { LeakScan, RecordingTransport, advConfig, establishedOn, pinnedKeyOf, quantile, rssOf, waitFor } from './helpers/adversarial.js';
 import { VaultClient } from '../client/sdk.js';
 import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { SOAK } from './helpers/soak.js';
 
 const SECONDS = Number(process.env.BKV_LOAD_SECONDS ?? 10);
 const CONNECTIONS = Number(process.env.BKV_LOAD_CONNECTIONS ?? 50);
@@ -170,7 +171,9 @@ function cpuSecondsOf(pid: number): number {
 }
 
 describe(`load: ${CONNECTIONS} connections for ${SECONDS} s`, () => {
-  it('no lost or doubled counter update, no hanging connection, memory back near baseline', async () => {
+  // Memory back near its baseline is judged only in ./scripts/soak (BKV_SOAK=1): RSS on a
+  // shared machine moves with the other test files. The counters and connections always.
+  it(`no lost or doubled counter update, no hanging connection${SOAK ? ', memory back near baseline' : ''}`, async () => {
     // Warm-up (JIT, pools, SQLite cache), then the baseline with everything idle.
     await run(Math.min(3, SECONDS), Math.min(20, CONNECTIONS), 'warm', { ops: {}, retryable: {}, violations: [], latencies: [] });
     await waitFor(() => establishedOn(d.port) === 0, 10_000);
@@ -203,25 +206,27 @@ describe(`load: ${CONNECTIONS} connections for ${SECONDS} s`, () => {
       leftOpen: establishedOn(d.port),
     };
     // The same load again: a leak grows with every run, allocator and heap slack does not.
-    const s2: Stats = { ops: {}, retryable: {}, violations: [], latencies: [] };
-    await run(SECONDS, CONNECTIONS, 'again', s2);
-    const closedAgain = await waitFor(() => establishedOn(d.port) === 0, 10_000);
-    await new Promise((r) => setTimeout(r, 3000));
-    const afterAgain = rssOf(d.proc.pid!);
-    Object.assign(report, {
-      again: { operations: Object.values(s2.ops).reduce((a, b) => a + b, 0), rssMBAfter: Math.round(afterAgain / 2 ** 20), leftOpen: establishedOn(d.port) },
-    });
-    console.log(`load report ${JSON.stringify(report)}`);
     expect(s.violations.slice(0, 10)).toEqual([]);
-    expect(s2.violations.slice(0, 10)).toEqual([]);
     expect(total).toBeGreaterThan(CONNECTIONS);
     expect(closed).toBe(true);
-    expect(closedAgain).toBe(true);
     expect(d.proc.exitCode).toBeNull();
-    // Back near the baseline: within a quarter of it plus 48 MiB for allocator slack (V8 keeps some heap)...
-    expect(after).toBeLessThan(baseline * 1.25 + 48 * 2 ** 20);
-    // ...and no growth from one run to the next beyond 16 MiB.
-    expect(afterAgain).toBeLessThan(after + 16 * 2 ** 20);
+    if (SOAK) {
+      const s2: Stats = { ops: {}, retryable: {}, violations: [], latencies: [] };
+      await run(SECONDS, CONNECTIONS, 'again', s2);
+      const closedAgain = await waitFor(() => establishedOn(d.port) === 0, 10_000);
+      await new Promise((r) => setTimeout(r, 3000));
+      const afterAgain = rssOf(d.proc.pid!);
+      Object.assign(report, {
+        again: { operations: Object.values(s2.ops).reduce((a, b) => a + b, 0), rssMBAfter: Math.round(afterAgain / 2 ** 20), leftOpen: establishedOn(d.port) },
+      });
+      expect(s2.violations.slice(0, 10)).toEqual([]);
+      expect(closedAgain).toBe(true);
+      // Back near the baseline: within a quarter of it plus 48 MiB for allocator slack (V8 keeps some heap)...
+      expect(after).toBeLessThan(baseline * 1.25 + 48 * 2 ** 20);
+      // ...and no growth from one run to the next beyond 16 MiB.
+      expect(afterAgain).toBeLessThan(after + 16 * 2 ** 20);
+    }
+    console.log(`load report ${JSON.stringify(report)}`);
     // Errors in the daemon's own words: none.
     expect(d.logs.filter((l) => /"level":(50|60)|Unhandled|uncaught/i.test(l)).slice(0, 5)).toEqual([]);
   }, (2 * SECONDS + 150) * 1000);

@@ -23,6 +23,7 @@ import { finishOprf, startOprf } from '../client/protocol.js';
 import { fromB64, toB64 } from '../protocol/bytes.js';
 import type { KdfParams } from '../protocol/kdf.js';
 import type { Descriptor } from '../protocol/descriptor.js';
+import { TIMING } from './helpers/soak.js';
 
 const SAMPLES = Number(process.env.BKV_TIMING_SAMPLES ?? 150);
 
@@ -97,7 +98,7 @@ describe('recover.finish: right vs wrong password, in the core', () => {
 // Clock measurement of the core, main-thread HSM (not the serving configuration): run by
 // ./scripts/timing on a quiet machine, figures in docs/SECURITY.md. Not part of the suite,
 // because beside other test files the machine's noise decides it, not the vault.
-describe.runIf(process.env.BKV_TIMING_CORE === '1')('recover.finish: right vs wrong password, core timing', () => {
+describe.runIf(TIMING)('recover.finish: right vs wrong password, core timing', () => {
   let t: TestVault;
   beforeAll(async () => {
     t = await tempVault();
@@ -126,7 +127,9 @@ describe.runIf(process.env.BKV_TIMING_CORE === '1')('recover.finish: right vs wr
   }, 600_000);
 });
 
-describe('over the wire (what the relay can time)', () => {
+// Also a clock comparison, so also only in ./scripts/timing: in the suite the other test files'
+// noise decided it more than once, and its last case only measures (asserts sample counts).
+describe.runIf(TIMING)('over the wire (what the relay can time)', () => {
   let d: RunningDaemon;
   let desc: Descriptor;
   let t: RecordingTransport;

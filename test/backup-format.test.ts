@@ -12,6 +12,7 @@ import {
 } from '../client/backup-format.js';
 import { formatKeyCode, parseKeyCode, generateBackupKey } from '../client/backup-code.js';
 import { VaultError, ErrorCodes, type ErrorCode } from '../protocol/errors.js';
+import { SOAK } from './helpers/soak.js';
 
 const CS = 4096; // smallest allowed chunk size keeps multi-chunk tests fast
 const SEALED = CS + TAG_LENGTH;
@@ -336,6 +337,7 @@ describe('BKV1 streaming', () => {
     // 1 MiB chunks plus not-yet-collected garbage stays far below it.
     // Typical here: ~22 MiB arrayBuffers, ~45 MiB rss. A leak of consumed pieces measured 144 / 283.
     expect(peakAB, 'peak arrayBuffers growth').toBeLessThan(32 * 1024 * 1024);
-    expect(peakRss, 'peak rss growth').toBeLessThan(80 * 1024 * 1024);
+    // RSS also moves with whatever else the machine runs: judged only in ./scripts/soak.
+    if (SOAK) expect(peakRss, 'peak rss growth').toBeLessThan(80 * 1024 * 1024);
   }, 20_000);
 });
