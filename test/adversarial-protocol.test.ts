@@ -16,7 +16,7 @@ import { finishOprf, enrollPayload, startOprf, type PendingOprf } from '../clien
 import { channelIdOf } from '../protocol/channel.js';
 import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
 import { fromB64, toB64 } from '../protocol/bytes.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { ErrorCodes } from '../protocol/errors.js';
 import type { KdfParams } from '../protocol/kdf.js';
 
 const TTL_SEC = 5;

@@ -176,7 +176,7 @@ process.stdout.write('ready\\n');
         for (const s of pool) s.p.stdin!.write('try\n');
         const answers = await Promise.all(pool.map((s) => s.next()));
         const won = pool.filter((_, i) => answers[i] === 'won');
-        for (const [i, a] of answers.entries()) if (a !== 'won') expect(a, `round ${round}`).toMatch(/^lost .*in use by /);
+        for (const a of answers) if (a !== 'won') expect(a, `round ${round}`).toMatch(/^lost .*in use by /);
         winners.push(won.length);
         // More than one owner is the bug: kill them all and go on counting.
         for (const w of won.slice(1)) await killHard(w);
