@@ -18,7 +18,7 @@ import { TenantStore, checkTenantName, type Tenant } from './store/tenants.js';
 import { mintToken, tenantSecretInput } from './rpc/auth.js';
 import { vaultIdOf } from '../protocol/descriptor.js';
 import { Metrics } from './metrics.js';
-import { logTap, openAudit } from './daemon.js';
+import { logTap, openAudit } from './logging.js';
 import { acquireLock } from './admin/lock.js';
 import { offlineStatus, phaseLines, type StatusReport } from './admin/status.js';
 import { AdminCallError, adminCall, adminStream, findDaemon, ping, type DaemonEndpoint } from './admin/client.js';
@@ -28,6 +28,7 @@ import { dataPermissions } from './admin/perms.js';
 import type { AuditLog } from './audit/log.js';
 import type { VaultKeys } from './hsm/vault-keys.js';
 import { registerCeremony } from './ceremony/cli.js';
+import { isEntryPoint } from './entry.js';
 
 // Everything an offline command creates (database, token, audit log) is for the vault's user only.
 process.umask(0o077);
@@ -539,8 +540,20 @@ function exitCodeOf(e: unknown): number {
 
 registerCeremony(program);
 
-program.parseAsync().catch((e: unknown) => {
-  const code = e instanceof VaultError || e instanceof AdminCallError ? `${e.code}: ` : '';
-  process.stderr.write(`bkv-admin: ${code}${(e as Error).message}\n`);
-  process.exit(exitCodeOf(e));
-});
+/** The whole command tree, for tests that read its help without spawning a process per command. */
+export { program as adminProgram };
+
+/** Run bkv-admin on `argv` (the arguments after the program name); exits the process when done. */
+export function runAdmin(argv: string[] = process.argv.slice(2)): Promise<void> {
+  return program.parseAsync(argv, { from: 'user' }).then(
+    () => undefined,
+    (e: unknown) => {
+      const code = e instanceof VaultError || e instanceof AdminCallError ? `${e.code}: ` : '';
+      process.stderr.write(`bkv-admin: ${code}${(e as Error).message}\n`);
+      process.exit(exitCodeOf(e));
+    },
+  );
+}
+
+// Run only as the program (bin/bkv-admin, node dist/vault/admin.js), never on import.
+if (isEntryPoint(import.meta.url)) void runAdmin();

@@ -4,7 +4,7 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import pino, { type Logger, type StreamEntry } from 'pino';
+import type { Logger } from 'pino';
 import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
@@ -20,65 +20,12 @@ import { VaultError, ErrorCodes } from '../protocol/errors.js';
 import { toHex } from '../protocol/bytes.js';
 import { InstrumentedKeys, Metrics } from './metrics.js';
 import { AuditLog } from './audit/log.js';
-import { auditEventOf, eventOf } from './audit/events.js';
 import { cachedReadiness, readiness, readinessSignals, type Readiness } from './admin/health.js';
 import { daemonStatus } from './admin/status.js';
 import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
 import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
-
-const LEVELS = { trace: 10, debug: 20, info: 30, warn: 40, error: 50, fatal: 60 } as const;
-
-/**
- * The vault's logger. With a `tap`, every line at info or above is also handed
- * to it (audit log and metrics), whatever the configured level, so turning
- * logging down never turns auditing off.
- */
-export function makeLogger(c: Config, tap?: (line: string) => void): Logger {
-  const opts = {
-    base: { svc: 'bkv-vault' },
-    // Defence in depth: nothing secret is ever logged on purpose, but should a
-    // future change pass a request object, these paths are blanked.
-    redact: { paths: ['req.headers.authorization', '*.password', '*.authKey', '*.pin', '*.token', '*.envelope', '*.secret'], censor: '[redacted]' },
-  };
-  if (!tap) return pino({ ...opts, level: c.log.level });
-  const streams: StreamEntry[] = [];
-  if (c.log.level !== 'silent') streams.push({ level: c.log.level, stream: pino.destination({ dest: 1, sync: true }) });
-  streams.push({ level: 'info', stream: { write: tap } });
-  const level = c.log.level !== 'silent' && LEVELS[c.log.level] < LEVELS.info ? c.log.level : 'info';
-  return pino({ ...opts, level }, pino.multistream(streams));
-}
-
-/** The log tap: security events into the audit log, event counts into metrics. */
-export function logTap(metrics: Metrics, audit?: AuditLog): (line: string) => void {
-  return (line) => {
-    const ev = eventOf(line);
-    if (!ev) return;
-    metrics.onLogEvent(ev);
-    if (!audit) return;
-    const a = auditEventOf(line);
-    if (a) {
-      audit.append(a.event, a.fields, a.time);
-      metrics.securityEvents.inc({ event: a.event });
-    }
-  };
-}
-
-/** Open the audit log with metrics wired in; errors are logged through `log()` once it exists. */
-export function openAudit(c: Config, metrics: Metrics, log: () => Logger | undefined): AuditLog {
-  return AuditLog.open(c.audit.file ?? join(c.dataDir, 'audit.log'), {
-    checkpointEvery: c.audit.checkpointEvery,
-    checkpointSec: c.audit.checkpointSec,
-    onAppend: () => metrics.auditEvents.inc(),
-    onCheckpoint: () => metrics.auditCheckpoints.inc(),
-    // "audit.error" is not an audited event, so this cannot loop back into the audit log.
-    onError: (what, e) => {
-      metrics.auditErrors.inc();
-      log()?.error({ event: 'audit.error', what, err: (e as Error)?.message }, 'audit log write failed');
-    },
-  });
-}
 
 export interface DaemonHooks {
   onRequest?: (e: RequestEvent) => void;

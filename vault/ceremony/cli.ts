@@ -21,7 +21,7 @@ import { PHASE_TEXT } from '../../hsm-policy/policy.js';
 import { vaultIdOf } from '../../protocol/descriptor.js';
 import { fromHex } from '../../protocol/bytes.js';
 import { Metrics } from '../metrics.js';
-import { logTap, openAudit } from '../daemon.js';
+import { logTap, openAudit } from '../logging.js';
 import { acquireLock } from '../admin/lock.js';
 import { adminCall, findDaemon } from '../admin/client.js';
 import { ensureEmbeddedToken, publicKeyPem, tokenConfig } from '../setup.js';
