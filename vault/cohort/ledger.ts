@@ -791,6 +791,11 @@ export class CohortLedger {
       }
       this.replica.apply(rev, ops, chainStep(this.replica.chainHead, rev, ops));
     }
+    this.wake();
+  }
+
+  /** Resolves the waiters the replica has reached. */
+  private wake(): void {
     const applied = this.replica.appliedRevision;
     if (this.waiters.length > 0) {
       const ready = this.waiters.filter((w) => w.revision <= applied);
@@ -878,6 +883,7 @@ export class CohortLedger {
     this.hints.clear();
     this.replica.reset(rev!, entries, snapshotHead(rev!, entries), cluster);
     if (rev! > this.seenRevision) this.seenRevision = rev!;
+    this.wake();
   }
 
   /** The watch start was compacted away (or the server ended it): snapshot again, then watch on. */
