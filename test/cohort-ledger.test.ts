@@ -254,6 +254,31 @@ describe('cohort ledger on a 3-member etcd', () => {
     await b.close();
   });
 
+  it('serves a read only after applying etcd\'s current revision, and stops on a replica that disagrees with etcd\'s history', async () => {
+    const a = await startNode(cluster.endpoints, 't-cont', 'a');
+    const b = await startNode(cluster.endpoints, 't-cont', 'b');
+    for (let k = 1; k <= 20; k++) {
+      await a.ledger.commit('c1', () => u32(k));
+      // No wait in between: b's read waits for the revision etcd is at.
+      expect(num((await b.ledger.read('c1')).value)).toBe(k);
+    }
+    // b's copy of c1 altered at the same mod_revision (an old database file
+    // put back under a newer anchor): the next change of c1 carries etcd's
+    // previous version, which b never applied.
+    const key = b.ledger.recordKey('c1');
+    const entries = b.replica.entries();
+    const e = entries.get(key)!;
+    entries.set(key, { modRevision: e.modRevision, value: encodeEnvelope(newCommitId(), u32(0)) });
+    b.replica.reset(b.replica.appliedRevision, entries, b.replica.chainHead, b.replica.clusterId!);
+    await a.ledger.commit('c1', increment);
+    await expect(b.ledger.read('c1')).rejects.toMatchObject({ code: 'STATE_ROLLBACK_DETECTED' });
+    expect(b.ledger.stopped?.message).toMatch(/never applied/);
+    await expect(b.ledger.commit('c2', increment)).rejects.toMatchObject({ code: 'STATE_ROLLBACK_DETECTED' });
+    expect(a.ledger.stopped).toBeUndefined();
+    await a.close();
+    await b.close();
+  });
+
   it('a txn that committed but whose answer was lost is found by its commit id, and decide() runs once', async () => {
     const proxy = await holdingProxy(cluster.endpoints[0]!);
     const n = await startNode([proxy.url], 't-doubt', 'p0', { client: { attemptTimeoutMs: 400 } });
