@@ -208,6 +208,22 @@ describe('cohort ledger on a 3-member etcd', () => {
     expect(num((await n.ledger.read('cc')).value)).toBe(100);
     expect(num((await n.ledger.read('b00c7')).value)).toBe(199);
 
+    // A delete leaves a tombstone that decide() can tell from "never written".
+    const seen: { cur: number | undefined; deleted: boolean }[] = [];
+    const look = (cur: Uint8Array | undefined, info: { deleted: boolean }) => {
+      seen.push({ cur: num(cur), deleted: info.deleted });
+      return undefined;
+    };
+    await Promise.all([n.ledger.commit('ee', look), n.ledger.commit('ee', () => u32(1)), n.ledger.commit('ee', look), n.ledger.commit('ee', () => null), n.ledger.commit('ee', look)]);
+    await n.ledger.commit('ee', look);
+    expect(seen).toEqual([
+      { cur: undefined, deleted: false },
+      { cur: 1, deleted: false },
+      { cur: undefined, deleted: true },
+      { cur: undefined, deleted: true },
+    ]);
+    expect((await n.ledger.read('ee')).value).toBeUndefined();
+
     await n.close();
   });
 

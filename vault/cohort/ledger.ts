@@ -51,7 +51,14 @@ import { watchFrom, type WatchFrom } from './watch.js';
  * no change. It may run several times (after a lost race); only the result of
  * its last run is committed, so it must not have effects of its own.
  */
-export type Decide = (current: Uint8Array | undefined) => Uint8Array | null | undefined;
+export type Decide = (current: Uint8Array | undefined, info: DecideInfo) => Uint8Array | null | undefined;
+
+export interface DecideInfo {
+  /** The record was deleted (a tombstone), as opposed to never written: a destroyed record can be kept from coming back. */
+  deleted: boolean;
+  /** mod_revision of the version decided on (0: never written); an earlier op of the same batch may have changed it since. */
+  modRevision: bigint;
+}
 
 export interface CommitResult {
   /** The etcd revision at which a quorum validated this decision (the write's revision, or the read's for no change). */
@@ -524,6 +531,7 @@ export class CohortLedger {
     for (const [key, ops] of byKey) {
       const base = this.baseOf(key);
       let payload: Uint8Array | undefined;
+      let deleted = false;
       if (base.raw) {
         const env = decodeEnvelope(base.raw);
         if (!env) {
@@ -531,6 +539,7 @@ export class CohortLedger {
           continue;
         }
         payload = env.payload;
+        deleted = env.payload === undefined;
       }
       // A key with an op in doubt is always re-written: its old txn compared
       // this same mod_revision, and must never be able to land after this one.
@@ -539,7 +548,7 @@ export class CohortLedger {
       for (const op of ops) {
         let next: Uint8Array | null | undefined;
         try {
-          next = op.decide(payload);
+          next = op.decide(payload, { deleted, modRevision: base.mod });
         } catch (e) {
           this.settle(op, undefined, e);
           continue;
@@ -548,6 +557,7 @@ export class CohortLedger {
         if (next === undefined) op.pending = { value: payload, changed: false };
         else {
           payload = next === null ? undefined : Uint8Array.from(next);
+          deleted = next === null;
           write = true;
           op.pending = { value: payload, changed: true };
         }
