@@ -429,6 +429,10 @@ describe('rollback detection', () => {
       expect(applied).toBeGreaterThanOrEqual(maxRev(rs));
       const yReplica = y.replica;
       await y.close();
+      // What x's HSM would anchor; a wiped x given it starts on the genuine cluster.
+      const xAnchor = { revision: x.replica.appliedRevision, checkpoint: x.ledger.status().checkpoint! };
+      expect(xAnchor.checkpoint.modRevision).toBeGreaterThan(maxRev(rs));
+      await (await startNode(c.endpoints, 't-rb', 'x', { anchor: xAnchor })).close();
 
       // Restore the copy: the attempts above are gone from etcd.
       for (const i of all) await c.kill(i, 'SIGTERM');
@@ -443,6 +447,11 @@ describe('rollback detection', () => {
       expect(x.ledger.stopped?.code).toBe('STATE_ROLLBACK_DETECTED');
       await expect(x.ledger.read('02')).rejects.toMatchObject({ code: 'STATE_ROLLBACK_DETECTED' });
       await x.close();
+      // x wiped: its anchor alone refuses etcd below the anchored revision.
+      await expect(startNode(c.endpoints, 't-rb', 'x', { anchor: { revision: xAnchor.revision } })).rejects.toMatchObject({
+        code: 'STATE_ROLLBACK_DETECTED',
+        message: expect.stringMatching(/anchored revision/),
+      });
 
       // Advance the restored history past what y applied, then start y on its replica.
       const raw = connectEtcd(c.endpoints);
@@ -451,8 +460,13 @@ describe('rollback detection', () => {
       expect(BigInt((await raw.get('t-rb/.').exec()).header.revision)).toBeGreaterThan(applied);
       raw.close();
       await expect(startNode(c.endpoints, 't-rb', 'y', { replica: yReplica })).rejects.toMatchObject({ code: 'STATE_ROLLBACK_DETECTED' });
+      // x wiped, past its anchored revision now: its own last checkpoint is missing from etcd.
+      await expect(startNode(c.endpoints, 't-rb', 'x', { anchor: xAnchor })).rejects.toMatchObject({
+        code: 'STATE_ROLLBACK_DETECTED',
+        message: expect.stringMatching(/last checkpoint/),
+      });
 
-      // What the engine cannot do: a node with no history of its own has nothing to compare.
+      // What the engine cannot do: a node with no history and no anchor has nothing to compare.
       const fresh = await startNode(c.endpoints, 't-rb', 'z');
       expect(num((await fresh.ledger.read('01')).value)).toBe(1);
       await fresh.close();

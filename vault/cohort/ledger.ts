@@ -36,8 +36,10 @@
 // modified at or before A equals the replica's; every watch event's prev_kv
 // equals the replica's entry. Checkpoint keys (one per node, written after new
 // record writes, read back by verify()) make a rewind that lost any checkpoint
-// write show up within one verify period. Any violation stops the engine with
-// STATE_ROLLBACK_DETECTED.
+// write show up within one verify period. A node whose replica is gone or old
+// can be given its HSM anchor (revision, own last checkpoint): etcd must not be
+// below either. Any violation stops the engine with STATE_ROLLBACK_DETECTED.
+import { createHash } from 'node:crypto';
 import type { Etcd3, IEvent, IKeyValue, IResponseHeader } from 'etcd3';
 import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 import { commitOutcome, isTransientNotApplied } from './etcd.js';
@@ -85,6 +87,25 @@ export interface CohortLedgerOptions {
   checkpointMs?: number;
   /** Keys per page of a snapshot. */
   snapshotPage?: number;
+  /**
+   * What this node's HSM anchor says it had reached, for a replica that may be
+   * older than that or gone (wiped): etcd must be at least at `revision`, and
+   * this node's own checkpoint key must be the one it last wrote, or a later one.
+   */
+  anchor?: LedgerAnchor;
+}
+
+export interface LedgerAnchor {
+  revision: bigint;
+  /** From status().checkpoint after the node's last checkpoint write. */
+  checkpoint?: CheckpointMark;
+}
+
+export interface CheckpointMark {
+  /** The etcd mod_revision of the node's last checkpoint write. */
+  modRevision: bigint;
+  /** SHA-256 (hex) of that checkpoint's payload. */
+  digest: string;
 }
 
 export interface LedgerStats {
@@ -112,6 +133,8 @@ export interface LedgerStatus {
   chainHead: string;
   clusterId: string | undefined;
   stopped: string | undefined;
+  /** This node's last checkpoint write (anchor it in the HSM with the applied revision and head). */
+  checkpoint: CheckpointMark | undefined;
   stats: LedgerStats;
 }
 
@@ -159,6 +182,7 @@ const RECORD_ID = /^[0-9a-f]{2,128}$/;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const jitter = (ms: number) => ms / 2 + Math.random() * (ms / 2);
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
+const sha256hex = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0;
@@ -191,6 +215,10 @@ export class CohortLedger {
   private readonly snapshotPage: number;
   private readonly ckptPrefix: string;
   private readonly ckptKey: string;
+  private readonly anchor: LedgerAnchor | undefined;
+  /** etcd may never be seen below this revision: the anchor's, whatever the replica says. */
+  private readonly floor: bigint;
+  private lastCheckpoint: CheckpointMark | undefined;
 
   private queue: Op[] = [];
   private looping = false;
@@ -226,6 +254,8 @@ export class CohortLedger {
     this.applyWaitMs = o.applyWaitMs ?? 5_000;
     this.checkpointMs = o.checkpointMs ?? 1_000;
     this.snapshotPage = o.snapshotPage ?? 1_000;
+    this.anchor = o.anchor;
+    this.floor = o.anchor?.revision ?? 0n;
     if (!(this.maxBatchKeys >= 1 && this.maxBatchKeys <= 128)) throw bad('maxBatchKeys must be 1..128');
     this.ckptPrefix = `${o.prefix}/ckpt/`;
     this.ckptKey = `${this.ckptPrefix}${o.nodeId}`;
@@ -243,7 +273,7 @@ export class CohortLedger {
   async start(): Promise<void> {
     this.lastCheckpointRevision = this.replica.appliedRevision;
     if (this.replica.appliedRevision === 0n) await this.snapshot();
-    else await this.verify();
+    await this.verify();
     this.lastCheckpointRevision = this.replica.appliedRevision;
     this.lastRecordRevision = this.replica.appliedRevision;
     this.startWatch();
@@ -336,12 +366,23 @@ export class CohortLedger {
   async verify(): Promise<void> {
     if (this.stoppedBy) throw this.stoppedBy;
     const a0 = this.replica.appliedRevision;
+    // As of the request's departure: a checkpoint written while it is in flight must not count against it.
+    const mark = this.lastCheckpoint ?? this.anchor?.checkpoint;
     const p = Buffer.from(this.ckptPrefix);
     const res = await this.etcd.kv.range({ key: p, range_end: prefixEnd(p) });
     this.guard(() => {
       this.checkHeader(res.header, a0);
       const r = BigInt(res.header.revision);
       const seen = new Set<string>();
+      if (mark) {
+        // Only this node writes its checkpoint key: etcd must hold the one it last wrote, or a later one.
+        const own = res.kvs.find((kv) => kv.key.toString() === this.ckptKey);
+        const mod = own ? BigInt(own.mod_revision) : 0n;
+        const payload = own ? decodeEnvelope(own.value)?.payload : undefined;
+        if (mod < mark.modRevision || (mod === mark.modRevision && (!payload || sha256hex(payload) !== mark.digest))) {
+          throw rollbackDetected('this node\'s last checkpoint is not in etcd');
+        }
+      }
       for (const kv of res.kvs) {
         seen.add(kv.key.toString());
         this.checkRead(kv.key.toString(), kv, a0, r);
@@ -359,8 +400,9 @@ export class CohortLedger {
     const a = this.replica.appliedRevision;
     if (!force && this.lastRecordRevision <= this.lastCheckpointRevision) return;
     const body = Buffer.from(JSON.stringify({ node: this.nodeId, revision: String(a), head: hex(this.replica.chainHead) }));
-    await this.enqueue(this.ckptKey, () => body);
+    const r = await this.enqueue(this.ckptKey, () => body);
     this.lastCheckpointRevision = a;
+    if (!this.lastCheckpoint || r.revision > this.lastCheckpoint.modRevision) this.lastCheckpoint = { modRevision: r.revision, digest: sha256hex(body) };
   }
 
   status(): LedgerStatus {
@@ -373,6 +415,7 @@ export class CohortLedger {
       chainHead: hex(this.replica.chainHead),
       clusterId: this.clusterId,
       stopped: this.stoppedBy?.message,
+      checkpoint: this.lastCheckpoint,
       stats: { ...this.stats },
     };
   }
@@ -697,6 +740,7 @@ export class CohortLedger {
     this.checkCluster(h.cluster_id);
     const rev = BigInt(h.revision);
     if (rev < a0) throw rollbackDetected(`etcd is at revision ${rev}, below the applied revision ${a0}`);
+    if (rev < this.floor) throw rollbackDetected(`etcd is at revision ${rev}, below the anchored revision ${this.floor}`);
     if (rev > this.seenRevision) this.seenRevision = rev;
   }
 
