@@ -74,15 +74,18 @@ async function converge(nodes: Node[]): Promise<bigint> {
  * etcd sends (and deliver it later, in order): a txn goes through and
  * commits, but its answer arrives only after the client gave up on it.
  */
-async function holdingProxy(target: string): Promise<{ url: string; hold(): void; release(): void; close(): Promise<void> }> {
+async function holdingProxy(
+  target: string,
+): Promise<{ url: string; hold(): void; holdRequests(): void; release(): void; close(): Promise<void> }> {
   const t = new URL(target);
   let holding = false;
+  let holdingUp = false;
   const held: (() => void)[] = [];
   const socks = new Set<Socket>();
   const server: Server = createServer((c) => {
     const up = connect(Number(t.port), t.hostname);
     socks.add(c).add(up);
-    c.on('data', (d) => up.write(d));
+    c.on('data', (d) => (holdingUp ? held.push(() => up.write(d)) : up.write(d)));
     up.on('data', (d) => (holding ? held.push(() => c.write(d)) : c.write(d)));
     const end = () => {
       c.destroy();
@@ -96,8 +99,10 @@ async function holdingProxy(target: string): Promise<{ url: string; hold(): void
   return {
     url: `http://127.0.0.1:${port}`,
     hold: () => (holding = true),
+    holdRequests: () => (holdingUp = true),
     release() {
       holding = false;
+      holdingUp = false;
       for (const f of held.splice(0)) f();
     },
     async close() {
@@ -349,6 +354,54 @@ describe('cohort ledger on a 3-member etcd', () => {
       await n.close();
       await proxy.close();
     }
+  });
+
+  it('a txn held up on its way to etcd, then delivered after the client gave up, counts once whichever way it went', async () => {
+    const proxy = await holdingProxy(cluster.endpoints[1]!);
+    const n = await startNode([proxy.url], 't-doubt2', 'q0', { client: { attemptTimeoutMs: 400 } });
+    try {
+      await n.ledger.commit('d2', () => u32(10));
+      let calls = 0;
+      proxy.holdRequests();
+      const p = n.ledger.commit('d2', (cur) => {
+        calls++;
+        return u32(num(cur)! - 1);
+      });
+      await sleep(1_200);
+      proxy.release(); // the txn reaches etcd late; it may apply, or be cancelled
+      const r = await p;
+      expect(n.ledger.stats.ambiguous).toBeGreaterThanOrEqual(1);
+      expect(num(r.value)).toBe(9);
+      expect(calls).toBeLessThanOrEqual(2);
+      await n.ledger.waitApplied(r.revision);
+      const direct = connectEtcd(cluster.endpoints);
+      const raw = (await direct.get(n.ledger.recordKey('d2')).exec()).kvs[0]!;
+      direct.close();
+      expect(num(decodeEnvelope(raw.value)!.payload)).toBe(9);
+      console.log(`cohort: late txn: decide ran ${calls}x, landed-in-doubt ${n.ledger.stats.landedInDoubt}`);
+    } finally {
+      await n.close();
+      await proxy.close();
+    }
+  });
+
+  it('stops (INTERNAL) rather than skip a revision the replica failed to apply', async () => {
+    class Flaky extends MemoryReplica {
+      fail = false;
+      override apply(...a: Parameters<MemoryReplica['apply']>): void {
+        if (this.fail) throw new Error('disk full');
+        super.apply(...a);
+      }
+    }
+    const replica = new Flaky();
+    const n = await startNode(cluster.endpoints, 't-flaky', 'f0', { replica });
+    await n.ledger.waitApplied((await n.ledger.commit('a1', () => u32(1))).revision);
+    replica.fail = true;
+    const r = await n.ledger.commit('a1', increment); // committed by the quorum; the local apply fails
+    await expect(n.ledger.waitApplied(r.revision)).rejects.toMatchObject({ code: 'INTERNAL' });
+    expect(n.ledger.stopped?.message).toMatch(/could not apply/);
+    await expect(n.ledger.commit('a1', increment)).rejects.toMatchObject({ code: 'INTERNAL' });
+    await n.close();
   });
 
   it('writers on 3 nodes continue after kill -9 of the etcd leader, and no acknowledged commit is lost', async () => {

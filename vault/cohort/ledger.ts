@@ -420,7 +420,7 @@ export class CohortLedger {
     };
   }
 
-  /** The error that stopped the engine, if any (STATE_ROLLBACK_DETECTED). */
+  /** The error that stopped the engine, if any: STATE_ROLLBACK_DETECTED, or INTERNAL when the replica failed to apply. */
   get stopped(): VaultError | undefined {
     return this.stoppedBy;
   }
@@ -476,7 +476,9 @@ export class CohortLedger {
         const again: Op[] = [];
         for (const op of retry) {
           if (op.settled) continue;
-          if (++op.attempts >= this.maxAttempts) {
+          if (this.closed) {
+            this.settle(op, undefined, op.inDoubt.size ? new CommitOutcomeUnknown('ledger closed') : new VaultError(ErrorCodes.STORE_UNAVAILABLE, 'cohort: ledger closed'));
+          } else if (++op.attempts >= this.maxAttempts) {
             this.settle(op, undefined, op.inDoubt.size
               ? new CommitOutcomeUnknown(`gave up after ${op.attempts} attempts`)
               : new VaultError(ErrorCodes.OVERLOADED, `cohort: commit gave up after ${op.attempts} attempts (contention or etcd unavailable)`));
@@ -799,8 +801,13 @@ export class CohortLedger {
             this.checkCluster(header.cluster_id);
             this.applyEvents(events);
           });
-        } catch {
-          // fail() has run: the engine is stopped and the watch closed.
+        } catch (e) {
+          // A rollback has already stopped the engine. Anything else (the
+          // replica could not apply) stops it too: watch.ts has moved past
+          // these events, and going on would leave a gap in the replica.
+          if (!this.stoppedBy) {
+            this.fail(new VaultError(ErrorCodes.INTERNAL, `cohort: the replica could not apply a change (${e instanceof Error ? e.message : String(e)}); engine stopped`));
+          }
         }
       },
       onCanceled: () => {
