@@ -268,7 +268,8 @@ export class CohortLedger {
   /**
    * Loads a snapshot (fresh replica) or verifies etcd against the replica,
    * starts the applier, and resolves once the replica has caught up with
-   * etcd's revision at start. Throws STATE_ROLLBACK_DETECTED on a contradiction.
+   * etcd's revision at start. Throws STATE_ROLLBACK_DETECTED on a contradiction,
+   * etcd's errors when it cannot be reached; close() the ledger after a failed start.
    */
   async start(): Promise<void> {
     this.lastCheckpointRevision = this.replica.appliedRevision;
@@ -277,7 +278,17 @@ export class CohortLedger {
     this.lastCheckpointRevision = this.replica.appliedRevision;
     this.lastRecordRevision = this.replica.appliedRevision;
     this.startWatch();
-    await this.waitApplied(await this.readIndex());
+    // A long replay may take more than applyWaitMs: give up only when it stops advancing.
+    const target = await this.readIndex();
+    for (let last = -1n; ; ) {
+      try {
+        await this.waitApplied(target);
+        break;
+      } catch (e) {
+        if (this.stoppedBy || this.replica.appliedRevision === last) throw e;
+        last = this.replica.appliedRevision;
+      }
+    }
     if (this.checkpointMs > 0) {
       const tick = () => {
         this.timer = setTimeout(() => {
