@@ -325,6 +325,37 @@ describe('cohort ledger on a 3-member etcd', () => {
     await b.close();
   });
 
+  it('catches an old copy of its replica up from etcd, and refuses one whose history is not the anchored one', async () => {
+    const clone = (r: MemoryReplica, head = r.chainHead) => {
+      const c = new MemoryReplica();
+      c.reset(r.appliedRevision, r.entries(), head, r.clusterId!);
+      return c;
+    };
+    const n = await startNode(cluster.endpoints, 't-old', 'o1');
+    for (let k = 0; k < 5; k++) await n.ledger.waitApplied((await n.ledger.commit('a1', increment)).revision);
+    const old = clone(n.replica);
+    for (let k = 0; k < 5; k++) await n.ledger.waitApplied((await n.ledger.commit('a1', increment)).revision);
+    // What the HSM would hold: the highest applied revision and the head there.
+    const anchor = { revision: n.replica.appliedRevision, head: n.replica.chainHead };
+    await n.close();
+
+    const caught = await startNode(cluster.endpoints, 't-old', 'o1', { replica: clone(old), anchor });
+    expect(num((await caught.ledger.read('a1')).value)).toBe(10);
+    expect(caught.ledger.status().chainHead).toBe(Buffer.from(anchor.head).toString('hex'));
+    await caught.close();
+
+    // A copy with another history behind it (its head differs) reaches the anchored revision with another head.
+    const forged = clone(old, new Uint8Array(32).fill(7));
+    await expect(startNode(cluster.endpoints, 't-old', 'o1', { replica: forged, anchor })).rejects.toMatchObject({
+      code: 'STATE_ROLLBACK_DETECTED',
+      message: expect.stringMatching(/chain head/),
+    });
+    // One at the anchored revision already is checked before anything else.
+    const atAnchor = clone(old, new Uint8Array(32).fill(7));
+    atAnchor.reset(anchor.revision, old.entries(), new Uint8Array(32).fill(7), old.clusterId!);
+    await expect(startNode(cluster.endpoints, 't-old', 'o1', { replica: atAnchor, anchor })).rejects.toMatchObject({ code: 'STATE_ROLLBACK_DETECTED' });
+  });
+
   it('a txn that committed but whose answer was lost is found by its commit id, and decide() runs once', async () => {
     const proxy = await holdingProxy(cluster.endpoints[0]!);
     const n = await startNode([proxy.url], 't-doubt', 'p0', { client: { attemptTimeoutMs: 400 } });

@@ -97,6 +97,12 @@ export interface CohortLedgerOptions {
 
 export interface LedgerAnchor {
   revision: bigint;
+  /**
+   * The replica's chain head at `revision`. A replica at that revision must have
+   * it; an older copy (same origin) must reach it when it has caught up to
+   * `revision`: otherwise its history is not the one this node applied.
+   */
+  head?: Uint8Array;
   /** From status().checkpoint after the node's last checkpoint write. */
   checkpoint?: CheckpointMark;
 }
@@ -277,6 +283,7 @@ export class CohortLedger {
     await this.verify();
     this.lastCheckpointRevision = this.replica.appliedRevision;
     this.lastRecordRevision = this.replica.appliedRevision;
+    this.guard(() => this.checkAnchorHead());
     this.startWatch();
     // A long replay may take more than applyWaitMs: give up only when it stops advancing.
     const target = await this.readIndex();
@@ -784,6 +791,14 @@ export class CohortLedger {
     }
   }
 
+  /** At the anchored revision, the replica's head must be the anchored one. */
+  private checkAnchorHead(): void {
+    const head = this.anchor?.head;
+    // A replica loaded from a snapshot has another origin, hence another chain: nothing to compare.
+    if (!head || this.epoch > 0 || this.replica.appliedRevision !== this.floor) return;
+    if (!equalBytes(head, this.replica.chainHead)) throw rollbackDetected(`the replica's chain head at the anchored revision ${this.floor} is not the anchored one`);
+  }
+
   /** Stops the engine for good: everything waiting fails with `err`. */
   private fail(err: VaultError): void {
     if (this.stoppedBy) return;
@@ -862,6 +877,7 @@ export class CohortLedger {
         }
       }
       this.replica.apply(rev, ops, chainStep(this.replica.chainHead, rev, ops));
+      if (rev === this.floor) this.checkAnchorHead();
     }
     this.wake();
   }
