@@ -8,6 +8,8 @@ import pino, { type Logger, type StreamEntry } from 'pino';
 import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
+import type { TenantStore } from './store/tenants.js';
+import type { NamespacePolicy } from './core/namespace.js';
 import { ChannelTable } from './rpc/channels.js';
 import { Authenticator, mintToken } from './rpc/auth.js';
 import { RateLimiter } from './rpc/ratelimit.js';
@@ -174,7 +176,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       {
         auth,
         limiter,
-        methods: metrics.wrapMethods(methodTable(vault, channels)),
+        methods: metrics.wrapMethods(methodTable(vault, channels, namespacePolicy(c, vault.store.tenants))),
         log,
         now,
         onRequest: (e) => {
@@ -261,6 +263,16 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
         vault.keys.close();
       })()),
   };
+}
+
+/**
+ * Where each tenant's requests may act (core/namespace.ts): its home from the tenants table
+ * (its own name, or "_legacy" for tenants from before namespaces), and the namespaces
+ * `tenants.grants` names for it. Read per request: a grant edit needs a restart, a new tenant does not.
+ */
+export function namespacePolicy(c: Config, tenants: TenantStore): NamespacePolicy {
+  const grants = new Map(Object.entries(c.tenants.grants));
+  return { home: (t) => tenants.home(t), granted: (t) => grants.get(t) ?? [] };
 }
 
 /** The development tenant (`--dev`): created once, and a fresh 24 h token written to the data folder. */
