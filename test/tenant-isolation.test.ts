@@ -1,0 +1,215 @@
+// Tenant isolation (issue 14, finding 5; threat model R8 and R6). Before the fix
+// every tenant shared one record namespace: any tenant could read the status of,
+// spend the attempts of, and delete every other tenant's users, and watch their
+// `attemptsLeft` reset after a success. Now a record belongs to (namespace, user
+// id), a tenant acts in its own namespace, and reaches another only when
+// `tenants.grants` says so. On the real daemon (SoftHSM2, SQLite) and, for the
+// migration and the binding, on the real core.
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { randomBytes } from 'node:crypto';
+import Database from 'better-sqlite3';
+import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
+import { adminApi, type AdminApi } from './helpers/admin-api.js';
+import { RawSocket, advConfig, pinnedKeyOf } from './helpers/adversarial.js';
+import { TEST_KDF, tempVault, type TestVault } from './helpers/vault.js';
+import { enroll, recover } from './helpers/flows.js';
+import { codeOf } from './helpers/codes.js';
+import { VaultClient } from '../client/sdk.js';
+import { WebSocketTransport } from '../client/transport.js';
+import { ErrorCodes } from '../protocol/errors.js';
+import { sealAad as sealAadV1, verifierInput as verifierInputV1 } from '../protocol/record.js';
+import { sealAad, verifierInput } from '../vault/core/binding.js';
+import { LEGACY_NAMESPACE, parseRecordKey, recordKey, resolveNamespace } from '../vault/core/namespace.js';
+import { namespacePolicy } from '../vault/daemon.js';
+import { loadConfig } from '../vault/config.js';
+import { SCHEMA_VERSION } from '../vault/store/db.js';
+
+const key = () => new Uint8Array(randomBytes(32));
+
+describe('tenants on one daemon (R8, R6)', () => {
+  let d: RunningDaemon;
+  let api: AdminApi;
+  let pinned: Uint8Array;
+  const transports: WebSocketTransport[] = [];
+  const tokens = new Map<string, string>();
+
+  const sdk = (tenant: string, namespace?: string): VaultClient => {
+    const transport = new WebSocketTransport({ url: d.url, token: tokens.get(tenant)! });
+    transports.push(transport);
+    return new VaultClient({ transport, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0, ...(namespace ? { namespace } : {}) });
+  };
+
+  beforeAll(async () => {
+    // "auditor" may act in acme's namespace; nobody else is granted anything.
+    d = await startDaemon({ config: { ...advConfig(), tenants: { grants: { auditor: ['acme'] } } } });
+    api = await adminApi(d);
+    pinned = pinnedKeyOf(d);
+    for (const t of ['acme', 'globex', 'auditor']) tokens.set(t, (await api.tenant(t)).token);
+  });
+  afterAll(async () => {
+    for (const t of transports) t.close();
+    await d?.cleanup();
+  });
+
+  it("another tenant's user is absent to a tenant without a grant: no status, no attempt spent, no delete", async () => {
+    const acme = sdk('acme');
+    const globex = sdk('globex');
+    const k = key();
+    await acme.enrollPassword('alice', 'pw-alice', k);
+    expect(await acme.status('alice')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+
+    // Before the fix: state "active", a guess counted against alice, and her record deleted.
+    expect(await globex.status('alice')).toEqual({ userId: 'alice', state: 'absent', attemptsLeft: 0, attemptLimit: 10 });
+    expect(await codeOf(globex.recoverWithPassword('alice', 'a guess'))).toBe(ErrorCodes.RECORD_NOT_FOUND);
+    expect(await codeOf(globex.delete('alice'))).toBe(ErrorCodes.RECORD_NOT_FOUND);
+    expect(await acme.status('alice')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+
+    // R6 for other tenants: a wrong guess and then a success (which resets the count) show nothing to globex.
+    expect(await codeOf(acme.recoverWithPassword('alice', 'wrong'))).toBe(ErrorCodes.WRONG_PASSWORD);
+    expect(await acme.status('alice')).toMatchObject({ attemptsLeft: 9 });
+    const seenBefore = await globex.status('alice');
+    expect(Buffer.from(await acme.recoverWithPassword('alice', 'pw-alice'))).toEqual(Buffer.from(k));
+    expect(await acme.status('alice')).toMatchObject({ attemptsLeft: 10 });
+    expect(await globex.status('alice')).toEqual(seenBefore);
+  });
+
+  it('one user id under two tenants is two independent records', async () => {
+    const acme = sdk('acme');
+    const globex = sdk('globex');
+    const ka = key();
+    const kg = key();
+    await acme.enrollPassword('bob', 'pw-acme-bob', ka);
+    // Before the fix: RECORD_EXISTS (one shared record).
+    await globex.enrollPassword('bob', 'pw-globex-bob', kg);
+    expect(Buffer.from(await acme.recoverWithPassword('bob', 'pw-acme-bob'))).toEqual(Buffer.from(ka));
+    expect(Buffer.from(await globex.recoverWithPassword('bob', 'pw-globex-bob'))).toEqual(Buffer.from(kg));
+    // acme's password is a wrong guess at globex's bob, and counts there only.
+    expect(await codeOf(globex.recoverWithPassword('bob', 'pw-acme-bob'))).toBe(ErrorCodes.WRONG_PASSWORD);
+    expect(await globex.status('bob')).toMatchObject({ attemptsLeft: 9 });
+    expect(await acme.status('bob')).toMatchObject({ attemptsLeft: 10 });
+    await globex.delete('bob');
+    expect(await globex.status('bob')).toMatchObject({ state: 'deleted' });
+    expect(await acme.status('bob')).toMatchObject({ state: 'active' });
+    expect(Buffer.from(await acme.recoverWithPassword('bob', 'pw-acme-bob'))).toEqual(Buffer.from(ka));
+  });
+
+  it('a granted namespace is reachable with the namespace param; an ungranted one is NAMESPACE_NOT_GRANTED', async () => {
+    const k = key();
+    await sdk('acme').enrollPassword('carol', 'pw-carol', k);
+    const auditorInAcme = sdk('auditor', 'acme');
+    expect(await auditorInAcme.status('carol')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+    expect(Buffer.from(await auditorInAcme.recoverWithPassword('carol', 'pw-carol'))).toEqual(Buffer.from(k));
+    // Without the param, auditor is in its own namespace, where carol does not exist.
+    expect(await sdk('auditor').status('carol')).toMatchObject({ state: 'absent' });
+
+    // Not granted: refused before any record is read, the same for a user that exists and one that does not.
+    for (const [tenant, ns] of [['globex', 'acme'], ['auditor', 'globex'], ['acme', LEGACY_NAMESPACE]] as const) {
+      for (const user of ['carol', 'nobody']) {
+        expect(await codeOf(sdk(tenant, ns).status(user)), `${tenant} → ${ns}`).toBe(ErrorCodes.NAMESPACE_NOT_GRANTED);
+        expect(await codeOf(sdk(tenant, ns).delete(user))).toBe(ErrorCodes.NAMESPACE_NOT_GRANTED);
+        expect(await codeOf(sdk(tenant, ns).recoverWithPassword(user, 'pw-carol'))).toBe(ErrorCodes.NAMESPACE_NOT_GRANTED);
+      }
+    }
+    expect(await sdk('acme').status('carol')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+
+    // On the wire: -32001, not retryable; a namespace that is no tenant name is BAD_REQUEST.
+    const s = await RawSocket.open(d.url, tokens.get('globex')!);
+    try {
+      const a = await s.call('record.status', { userId: 'carol', namespace: 'acme' });
+      expect(a.error).toMatchObject({ code: -32001, data: { code: ErrorCodes.NAMESPACE_NOT_GRANTED, retryable: false } });
+      const bad = await s.call('record.status', { userId: 'carol', namespace: 'Acme!' });
+      expect(bad.error?.data.code).toBe(ErrorCodes.BAD_REQUEST);
+      // Naming its own namespace is the same as naming none.
+      const own = await s.call('record.status', { userId: 'carol', namespace: 'globex' });
+      expect(own.result).toMatchObject({ state: 'absent' });
+    } finally {
+      s.close();
+    }
+  });
+});
+
+describe('migration: records and tenants from before namespaces', () => {
+  let t: TestVault;
+  afterAll(() => t?.close());
+
+  it('keeps a pre-existing record recoverable by the tenants that existed, and isolates tenants added later', async () => {
+    t = await tempVault();
+    const k = key();
+    // Written in the only namespace there was, by a tenant of that time.
+    await enroll(t.vault, 'old-user', 'pw-old', k);
+    await recover(t.vault, 'old-user', 'wrong');
+    t.vault.store.tenants.add('acme', Date.now());
+    t.stop();
+    // Back to schema 4 exactly: the tenants table without its namespace column.
+    const db = new Database(t.dbPath);
+    db.exec('ALTER TABLE tenants DROP COLUMN namespace; PRAGMA user_version = 4;');
+    db.close();
+
+    await t.reopen();
+    expect(SCHEMA_VERSION).toBe(5);
+    const after = new Database(t.dbPath, { readonly: true });
+    expect(after.pragma('user_version', { simple: true })).toBe(5);
+    after.close();
+    t.vault.store.tenants.add('newco', Date.now());
+    // A new credential version of an old tenant keeps its home.
+    t.vault.store.tenants.add('acme', Date.now());
+    const policy = namespacePolicy(loadConfig({ env: {} }), t.vault.store.tenants);
+    expect(policy.home('acme')).toBe(LEGACY_NAMESPACE);
+    expect(policy.home('newco')).toBe('newco');
+    expect(t.vault.store.tenants.list().map((x) => [x.name, x.version, x.namespace])).toEqual([
+      ['acme', 1, LEGACY_NAMESPACE],
+      ['acme', 2, LEGACY_NAMESPACE],
+      ['newco', 1, 'newco'],
+    ]);
+
+    const acme = { tenant: 'acme', namespace: resolveNamespace(policy, 'acme', undefined) };
+    const newco = { tenant: 'newco', namespace: resolveNamespace(policy, 'newco', undefined) };
+    expect(t.vault.status('old-user', acme)).toMatchObject({ state: 'active', attemptsLeft: 9 });
+    expect(t.vault.status('old-user', newco)).toMatchObject({ state: 'absent' });
+    expect(await codeOf(t.vault.delete('old-user', newco))).toBe(ErrorCodes.RECORD_NOT_FOUND);
+    const r = await recover(t.vault, 'old-user', 'pw-old', acme);
+    expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
+    // The legacy row is where it always was: its key is the bare user id.
+    expect(t.vault.store.records.get('old-user')?.state).toBe('active');
+  });
+});
+
+describe('the namespace is part of the record key and of the verifier/seal binding', () => {
+  let t: TestVault;
+  afterAll(() => t?.close());
+
+  it('keys are one-to-one and the legacy binding is the protocol one (old records verify)', () => {
+    expect(recordKey(LEGACY_NAMESPACE, 'u')).toBe('u');
+    expect(recordKey('acme', 'u')).not.toBe(recordKey('globex', 'u'));
+    expect(parseRecordKey(recordKey('acme', 'a.b@c'))).toEqual({ namespace: 'acme', userId: 'a.b@c' });
+    expect(parseRecordKey('plain')).toEqual({ namespace: LEGACY_NAMESPACE, userId: 'plain' });
+    const vid = new Uint8Array(32).fill(7);
+    const ak = new Uint8Array(32).fill(9);
+    const ver = new Uint8Array(32).fill(3);
+    expect(verifierInput(vid, 'u', 1, ak)).toEqual(verifierInputV1(vid, 'u', 1, ak));
+    expect(sealAad(vid, 'u', 1, 1, ver)).toEqual(sealAadV1(vid, 'u', 1, 1, ver));
+    const inputs = [verifierInput(vid, 'u', 1, ak), verifierInput(vid, recordKey('acme', 'u'), 1, ak), verifierInput(vid, recordKey('globex', 'u'), 1, ak)];
+    expect(new Set(inputs.map((x) => Buffer.from(x).toString('hex'))).size).toBe(3);
+    const aads = [sealAad(vid, 'u', 1, 1, ver), sealAad(vid, recordKey('acme', 'u'), 1, 1, ver), sealAad(vid, recordKey('globex', 'u'), 1, 1, ver)];
+    expect(new Set(aads.map((x) => Buffer.from(x).toString('hex'))).size).toBe(3);
+  });
+
+  it("a sealed record moved to another namespace's key does not open, even with the right password", async () => {
+    t = await tempVault();
+    const acme = { tenant: 'acme', namespace: 'acme' };
+    const globex = { tenant: 'globex', namespace: 'globex' };
+    const k = key();
+    await enroll(t.vault, 'dan', 'pw-dan', k, undefined, acme);
+    const row = t.vault.ledger.get(recordKey('acme', 'dan'))!;
+    expect(row).toBeDefined();
+    // Move it through the ledger (so the anchored state vouches for it): only the binding can stop it now.
+    t.vault.ledger.transaction(() => t.vault.ledger.put({ ...row, userId: recordKey('globex', 'dan') }));
+    await t.vault.ledger.sync();
+    expect(t.vault.status('dan', globex)).toMatchObject({ state: 'active' });
+    const moved = await codeOf(recover(t.vault, 'dan', 'pw-dan', globex));
+    expect(moved).toBe(ErrorCodes.RECORD_CORRUPT);
+    // The original still opens where it belongs.
+    const r = await recover(t.vault, 'dan', 'pw-dan', acme);
+    expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
+  });
+});
