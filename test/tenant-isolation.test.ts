@@ -7,8 +7,9 @@
 // migration and the binding, on the real core.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import Database from 'better-sqlite3';
-import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
+import { CLI, startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { adminApi, type AdminApi } from './helpers/admin-api.js';
 import { RawSocket, advConfig, pinnedKeyOf } from './helpers/adversarial.js';
 import { TEST_KDF, tempVault, type TestVault } from './helpers/vault.js';
@@ -125,6 +126,21 @@ describe('tenants on one daemon (R8, R6)', () => {
     } finally {
       s.close();
     }
+  });
+
+  it('bkv passes --namespace (and BKV_NAMESPACE) through', async () => {
+    await sdk('acme').enrollPassword('erin', 'pw-erin', key());
+    const bkv = (args: string[], env: Record<string, string> = {}) =>
+      spawnSync(process.execPath, [CLI, 'vault', 'status', '--user', 'erin', ...args], {
+        env: { ...d.cliEnv, BKV_TOKEN: tokens.get('auditor')!, ...env },
+        encoding: 'utf8',
+      });
+    expect(bkv([]).stdout).toBe('erin: absent\n');
+    expect(bkv(['--namespace', 'acme']).stdout).toBe('erin: active, 10 of 10 attempts left\n');
+    expect(bkv([], { BKV_NAMESPACE: 'acme' }).stdout).toBe('erin: active, 10 of 10 attempts left\n');
+    const refused = bkv(['--namespace', 'globex']);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr).toMatch(/not granted/);
   });
 });
 
