@@ -144,6 +144,28 @@ describe('tenants on one daemon (R8, R6)', () => {
   });
 });
 
+describe('tenants.grants in the configuration', () => {
+  it('is validated with messages naming the field; grants resolve by name only', () => {
+    const bad = (grants: unknown) => {
+      try {
+        loadConfig({ env: {}, overrides: { tenants: { grants } } as Record<string, unknown> });
+      } catch (e) {
+        return (e as Error).message;
+      }
+      return 'accepted';
+    };
+    expect(bad({ 'Not A Tenant': ['acme'] })).toMatch(/tenants\.grants\.Not A Tenant: is not a tenant name/);
+    expect(bad({ support: ['acme', 'no spaces'] })).toMatch(/tenants\.grants\.support\.1: must be a tenant name or "_legacy"/);
+    expect(bad({ support: 'acme' })).toMatch(/tenants\.grants\.support/);
+    const c = loadConfig({ env: {}, overrides: { tenants: { grants: { support: ['acme', LEGACY_NAMESPACE] } } } });
+    const homes = { home: (t: string) => t, granted: (t: string) => c.tenants.grants[t] ?? [] };
+    expect(resolveNamespace(homes, 'support', undefined)).toBe('support');
+    expect(resolveNamespace(homes, 'support', 'acme')).toBe('acme');
+    expect(resolveNamespace(homes, 'support', LEGACY_NAMESPACE)).toBe(LEGACY_NAMESPACE);
+    expect(() => resolveNamespace(homes, 'acme', 'support')).toThrow(/not granted/);
+  });
+});
+
 describe('migration: records and tenants from before namespaces', () => {
   let t: TestVault;
   afterAll(() => t?.close());
@@ -162,9 +184,8 @@ describe('migration: records and tenants from before namespaces', () => {
     db.close();
 
     await t.reopen();
-    expect(SCHEMA_VERSION).toBe(5);
     const after = new Database(t.dbPath, { readonly: true });
-    expect(after.pragma('user_version', { simple: true })).toBe(5);
+    expect(after.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
     after.close();
     t.vault.store.tenants.add('newco', Date.now());
     // A new credential version of an old tenant keeps its home.

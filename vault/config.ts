@@ -92,10 +92,15 @@ const Schema = z
      */
     tenants: z
       .object({
-        grants: z.record(
-          z.string().regex(TENANT_NAME, 'must be a tenant name: 1-63 of a-z, 0-9, "_", ".", "-", starting with a letter or digit'),
-          z.array(z.string().regex(NAMESPACE_NAME, 'must be a tenant name or "_legacy"')).max(1000),
-        ),
+        grants: z
+          .record(z.string(), z.array(z.string().regex(NAMESPACE_NAME, 'must be a tenant name or "_legacy"')).max(1000))
+          .superRefine((g, ctx) => {
+            for (const k of Object.keys(g)) {
+              if (!TENANT_NAME.test(k)) {
+                ctx.addIssue({ code: 'custom', path: [k], message: 'is not a tenant name (1-63 of a-z, 0-9, "_", ".", "-", starting with a letter or digit)' });
+              }
+            }
+          }),
       })
       .strict(),
   })
