@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import Database from 'better-sqlite3';
 import { CLI, startDaemon, type RunningDaemon } from './helpers/daemon.js';
 import { adminApi, type AdminApi } from './helpers/admin-api.js';
-import { RawSocket, advConfig, pinnedKeyOf } from './helpers/adversarial.js';
+import { RawChannel, RawSocket, advConfig, pinnedKeyOf } from './helpers/adversarial.js';
 import { TEST_KDF, tempVault, type TestVault } from './helpers/vault.js';
 import { enroll, recover } from './helpers/flows.js';
 import { codeOf } from './helpers/codes.js';
@@ -24,6 +24,11 @@ import { LEGACY_NAMESPACE, parseRecordKey, recordKey, resolveNamespace } from '.
 import { namespacePolicy } from '../vault/daemon.js';
 import { loadConfig } from '../vault/config.js';
 import { SCHEMA_VERSION } from '../vault/store/db.js';
+import { ChannelTable } from '../vault/rpc/channels.js';
+import { ChannelParams, parse } from '../vault/rpc/wire.js';
+import { startOprf } from '../client/protocol.js';
+import { toB64 } from '../protocol/bytes.js';
+import type { Descriptor } from '../protocol/descriptor.js';
 
 const key = () => new Uint8Array(randomBytes(32));
 
@@ -248,5 +253,45 @@ describe('the namespace is part of the record key and of the verifier/seal bindi
     // The original still opens where it belongs.
     const r = await recover(t.vault, 'dan', 'pw-dan', acme);
     expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
+  });
+});
+
+describe('a channel belongs to the tenant and namespace that opened it', () => {
+  let t: TestVault;
+  afterAll(() => t?.close());
+
+  it("another tenant cannot step it (as if unknown); its owner cannot move it to another namespace", async () => {
+    t = await tempVault();
+    const v = t.vault;
+    const acme = { tenant: 'acme', namespace: 'acme' };
+    await enroll(v, 'fay', 'pw-fay', key(), undefined, acme);
+    const channels = new ChannelTable(v, {
+      ttlMs: 120_000,
+      freshnessMs: 60_000,
+      now: () => t.clock.now,
+      maxChannels: 100,
+      tenantChannels: 10,
+      tenantEnrollChannels: 5,
+      tenantClosedChannels: 100,
+    });
+    const ch = new RawChannel({ vaultId: v.vaultId, channelKey: v.keys.channelPublic } as Descriptor, () => undefined as never, 'fay');
+    const step = async (ctx: { tenant: string; namespace: string }, method: 'recover.begin' | 'recover.finish', body: object, n: number) => {
+      try {
+        await channels.handle(ctx, method, parse(ChannelParams, await ch.params(method, body, n, { ts: t.clock.now })));
+        return 'ok';
+      } catch (e) {
+        return (e as { code: string }).code;
+      }
+    };
+    expect(await step(acme, 'recover.begin', { blinded: toB64(startOprf(v.vaultId, 'fay', 'pw-fay').blinded) }, 0)).toBe('ok');
+    expect(v.status('fay', acme).attemptsLeft).toBe(9);
+    const finish = { authKey: toB64(new Uint8Array(32)) };
+    // Before: any tenant's connection could relay the next message of any channel.
+    expect(await step({ tenant: 'globex', namespace: 'globex' }, 'recover.finish', finish, 1)).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    expect(await step({ tenant: 'globex', namespace: 'acme' }, 'recover.finish', finish, 1)).toBe(ErrorCodes.SESSION_NOT_FOUND);
+    expect(await step({ tenant: 'acme', namespace: LEGACY_NAMESPACE }, 'recover.finish', finish, 1)).toBe(ErrorCodes.BAD_REQUEST);
+    // Nothing changed: the owner's finish still goes through (a wrong authKey: the guess counted at begin stands).
+    expect(await step(acme, 'recover.finish', finish, 1)).toBe('ok');
+    expect(v.status('fay', acme)).toMatchObject({ state: 'active', attemptsLeft: 9 });
   });
 });
