@@ -162,6 +162,7 @@ describe('tenants.grants in the configuration', () => {
     expect(bad({ 'Not A Tenant': ['acme'] })).toMatch(/tenants\.grants\.Not A Tenant: is not a tenant name/);
     expect(bad({ support: ['acme', 'no spaces'] })).toMatch(/tenants\.grants\.support\.1: must be a tenant name or "_legacy"/);
     expect(bad({ support: 'acme' })).toMatch(/tenants\.grants\.support/);
+    expect(() => loadConfig({ env: {}, overrides: { tenants: { isolate: ['ok', 'Not OK'] } } })).toThrow(/tenants\.isolate\.1: is not a tenant name/);
     const c = loadConfig({ env: {}, overrides: { tenants: { grants: { support: ['acme', LEGACY_NAMESPACE] } } } });
     const homes = { home: (t: string) => t, granted: (t: string) => c.tenants.grants[t] ?? [] };
     expect(resolveNamespace(homes, 'support', undefined)).toBe('support');
@@ -213,6 +214,15 @@ describe('migration: records and tenants from before namespaces', () => {
     expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
     // The legacy row is where it always was: its key is the bare user id.
     expect(t.vault.store.records.get('old-user')?.state).toBe('active');
+
+    // The operator isolates acme (tenants.isolate) and grants it _legacy for its old records.
+    const later = namespacePolicy(loadConfig({ env: {}, overrides: { tenants: { isolate: ['acme'], grants: { acme: [LEGACY_NAMESPACE] } } } }), t.vault.store.tenants);
+    expect(later.home('acme')).toBe('acme');
+    const own = { tenant: 'acme', namespace: resolveNamespace(later, 'acme', undefined) };
+    expect(t.vault.status('old-user', own)).toMatchObject({ state: 'absent' });
+    const legacy = { tenant: 'acme', namespace: resolveNamespace(later, 'acme', LEGACY_NAMESPACE) };
+    expect(t.vault.status('old-user', legacy)).toMatchObject({ state: 'active', attemptsLeft: 10 });
+    expect(() => resolveNamespace(namespacePolicy(loadConfig({ env: {}, overrides: { tenants: { isolate: ['acme'] } } }), t.vault.store.tenants), 'acme', LEGACY_NAMESPACE)).toThrow(/not granted/);
   });
 });
 

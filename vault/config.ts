@@ -89,6 +89,8 @@ const Schema = z
      * Record namespaces (vault/core/namespace.ts). A tenant acts in its home namespace (its own
      * name; "_legacy" for tenants from before namespaces); `grants` lists, per tenant, the other
      * namespaces it may name with a request's `namespace` param. Nothing else is reachable.
+     * `isolate` lists tenants from before namespaces whose home becomes their own name
+     * instead of "_legacy" (docs/OPERATIONS.md, "Namespaces").
      */
     tenants: z
       .object({
@@ -101,6 +103,9 @@ const Schema = z
               }
             }
           }),
+        isolate: z
+          .array(z.string().regex(TENANT_NAME, 'is not a tenant name (1-63 of a-z, 0-9, "_", ".", "-", starting with a letter or digit)'))
+          .max(10_000),
       })
       .strict(),
   })
@@ -134,7 +139,7 @@ export const DEFAULTS: Config = {
   log: { level: 'info' },
   admin: { host: '127.0.0.1', port: 8788 },
   audit: { checkpointEvery: 1000, checkpointSec: 300 },
-  tenants: { grants: {} },
+  tenants: { grants: {}, isolate: [] },
 };
 
 type Json = { [k: string]: unknown };

@@ -267,18 +267,20 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
 
 /**
  * Where each tenant's requests may act (core/namespace.ts): its home from the tenants table
- * (its own name, or "_legacy" for tenants from before namespaces), and the namespaces
- * `tenants.grants` names for it. A grant edit needs a restart. A home never changes once the
- * tenant exists (new versions inherit it), so it is read once per tenant, not per request;
- * only authenticated tenants reach this, so the map is bounded by the tenants table.
+ * (its own name, or "_legacy" for tenants from before namespaces) unless `tenants.isolate`
+ * names it (then its own name), and the namespaces `tenants.grants` names for it. A config
+ * edit needs a restart. A home never changes once the tenant exists (new versions inherit
+ * it), so it is read once per tenant, not per request; only authenticated tenants reach
+ * this, so the map is bounded by the tenants table.
  */
 export function namespacePolicy(c: Config, tenants: TenantStore): NamespacePolicy {
   const grants = new Map(Object.entries(c.tenants.grants));
+  const isolated = new Set(c.tenants.isolate);
   const homes = new Map<string, string>();
   return {
     home(t) {
       let h = homes.get(t);
-      if (h === undefined) homes.set(t, (h = tenants.home(t)));
+      if (h === undefined) homes.set(t, (h = isolated.has(t) ? t : tenants.home(t)));
       return h;
     },
     granted: (t) => grants.get(t) ?? [],
