@@ -299,6 +299,7 @@ interface ConnOpts {
   vault?: string;
   token?: string;
   vaultKey?: string;
+  namespace?: string;
 }
 
 function connect(o: ConnOpts, io: CliIo): { client: VaultClient; close(): void } {
@@ -310,9 +311,11 @@ function connect(o: ConnOpts, io: CliIo): { client: VaultClient; close(): void }
   const pinnedKey = readVaultKey(keyPath);
   const transports = urls.map((url) => new WebSocketTransport({ url, token }));
   const kdf = kdfFromEnv(io.env.BKV_KDF);
+  // Another tenant's record namespace, if the vault grants it to this token's tenant (docs/RPC.md#namespaces).
+  const namespace = o.namespace ?? (io.env.BKV_NAMESPACE || undefined);
   // Several URLs are the nodes of one vault, tried in the order given (like libpq's host lists): the first
   // that answers serves, a failing one hands over to the next (docs/RPC.md#fail-over).
-  const client = new VaultClient({ transports, pinnedKey, failover: { first: 0 }, ...(kdf ? { kdf } : {}) });
+  const client = new VaultClient({ transports, pinnedKey, failover: { first: 0 }, ...(kdf ? { kdf } : {}), ...(namespace ? { namespace } : {}) });
   return { client, close: () => client.close() };
 }
 
@@ -347,7 +350,8 @@ function addConnOptions(cmd: Command): Command {
   return cmd
     .option('--vault <urls>', `vault WebSocket URL, or the nodes of one vault comma-separated, tried in order (env BKV_VAULT, default ${DEFAULT_VAULT})`)
     .option('--token <jwt>', 'tenant token (env BKV_TOKEN; prefer the env var: arguments show in process lists)')
-    .option('--vault-key <file>', "the vault's public key to pin: PEM <data>/vault-key.pub or 130 hex digits (env BKV_VAULT_KEY)");
+    .option('--vault-key <file>', "the vault's public key to pin: PEM <data>/vault-key.pub or 130 hex digits (env BKV_VAULT_KEY)")
+    .option('--namespace <name>', "record namespace, if not the tenant's own; the vault must grant it (env BKV_NAMESPACE)");
 }
 
 const CREATE_HELP = `
@@ -385,7 +389,8 @@ Exit codes:
 Environment:
   BKV_VAULT, BKV_TOKEN, BKV_VAULT_KEY   defaults for --vault, --token, --vault-key
   BKV_VAULT=ws://a:8787,ws://b:8787     several nodes of one vault: a node that fails hands over to the next
-  BKV_KDF   Argon2id for new enrolments as JSON, e.g. {"m":65536,"t":3,"p":4} (raised to the vault's floor)`;
+  BKV_KDF   Argon2id for new enrolments as JSON, e.g. {"m":65536,"t":3,"p":4} (raised to the vault's floor)
+  BKV_NAMESPACE   default for --namespace (another tenant's records, where the vault grants it)`;
 
 // ---- commands -------------------------------------------------------------------------------
 

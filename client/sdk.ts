@@ -41,6 +41,11 @@ export interface VaultClientOptions {
   maxRetries?: number;
   /** Local clock (ms); injectable for tests. */
   now?: () => number;
+  /**
+   * The record namespace to act in (docs/RPC.md#namespaces). Omit for the tenant's own; another
+   * one must be granted to the tenant by the vault's `tenants.grants`, else NAMESPACE_NOT_GRANTED.
+   */
+  namespace?: string;
 }
 
 export interface RecordStatus {
@@ -248,6 +253,8 @@ export class VaultClient {
   private cached: Descriptor | undefined;
   /** vault clock − local clock, from the last descriptor fetch. */
   private offsetMs = 0;
+  /** `namespace` for every request's params, when one was chosen. */
+  private readonly scope: { namespace?: string };
 
   constructor(o: VaultClientOptions) {
     if (!(o.pinnedKey instanceof Uint8Array) || o.pinnedKey.length !== SIZES.point || o.pinnedKey[0] !== 0x04) {
@@ -269,6 +276,7 @@ export class VaultClient {
     this.kdf = o.kdf ? checkKdfParams(o.kdf, ANY_FLOOR) : DEFAULT_KDF;
     this.maxRetries = o.maxRetries ?? 2;
     this.localNow = o.now ?? Date.now;
+    this.scope = o.namespace === undefined ? {} : { namespace: o.namespace };
   }
 
   /** Close every transport (calls in flight fail). The client may be used again: transports reconnect. */
@@ -339,11 +347,11 @@ export class VaultClient {
   }
 
   async status(userId: string): Promise<RecordStatus> {
-    return this.operation(async (t) => shape(StatusWire, await this.call(t, 'record.status', { userId }), 'record.status reply'));
+    return this.operation(async (t) => shape(StatusWire, await this.call(t, 'record.status', { userId, ...this.scope }), 'record.status reply'));
   }
 
   async delete(userId: string): Promise<void> {
-    await this.operation((t) => this.call(t, 'record.delete', { userId }));
+    await this.operation((t) => this.call(t, 'record.delete', { userId, ...this.scope }));
   }
 
   // ---- fail-over ----
@@ -429,7 +437,7 @@ export class VaultClient {
    * the vault ran (`answered`).
    */
   private async send(t: Transport, ch: Channel, method: ChannelMethod, body: unknown): Promise<unknown> {
-    let params = await ch.seal(method, body);
+    let params = { ...(await ch.seal(method, body)), ...this.scope };
     let resynced = false;
     for (;;) {
       let reply: unknown;
@@ -442,7 +450,7 @@ export class VaultClient {
           const now = err.detail?.now;
           if (typeof now === 'number') this.offsetMs = now - this.localNow();
           else await this.fetchDescriptor(t).catch(() => undefined);
-          params = await ch.seal(method, body);
+          params = { ...(await ch.seal(method, body)), ...this.scope };
           continue;
         }
         throw e;

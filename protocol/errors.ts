@@ -28,6 +28,8 @@ export const ErrorCodes = {
   // Service side.
   UNAUTHENTICATED: 'UNAUTHENTICATED',
   FORBIDDEN: 'FORBIDDEN',
+  /** A request named a record namespace its tenant is not granted (vault/core/namespace.ts). */
+  NAMESPACE_NOT_GRANTED: 'NAMESPACE_NOT_GRANTED',
   RATE_LIMITED: 'RATE_LIMITED',
   OVERLOADED: 'OVERLOADED',
   HSM_UNAVAILABLE: 'HSM_UNAVAILABLE',
@@ -165,6 +167,7 @@ export const ERRORS: { readonly [C in ErrorCode]: ErrorSpec } = {
   STATE_ROLLBACK_DETECTED: spec(-32004, false, 500, B.OTHER, A.NOT_CONFORM),
   UNAUTHENTICATED: spec(-32001, false, 401, B.UNAUTHENTICATED, A.FAILED),
   FORBIDDEN: spec(-32001, false, 403, B.OTHER, A.FAILED),
+  NAMESPACE_NOT_GRANTED: spec(-32001, false, 403, B.OTHER, A.FAILED),
   RATE_LIMITED: spec(-32003, true, 429, B.UNAVAILABLE, A.UNAVAILABLE),
   OVERLOADED: spec(-32003, true, 503, B.UNAVAILABLE, A.UNAVAILABLE),
   HSM_UNAVAILABLE: spec(-32003, true, 503, B.UNAVAILABLE, A.UNAVAILABLE),

@@ -1,6 +1,8 @@
 // What the vault feeds to its HSM keys for one record. Binding user id,
 // generation and epoch into every MAC and AAD is what makes a row copied from
-// another user, or from an older enrolment, useless.
+// another user, or from an older enrolment, useless. This is binding version 1,
+// used for records of the legacy namespace; every other namespace's records also
+// bind the namespace (version 2, vault-side: vault/core/binding.ts, docs/PROTOCOL.md).
 import { frame, u32be, u64be, utf8 } from './bytes.js';
 import { DST } from './suite.js';
 

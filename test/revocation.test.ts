@@ -18,14 +18,16 @@ let api: AdminApi;
 let pinned: Uint8Array;
 const transports: WebSocketTransport[] = [];
 
-function sdk(token: string): VaultClient {
+function sdk(token: string, namespace?: string): VaultClient {
   const transport = new WebSocketTransport({ url: d.url, token });
   transports.push(transport);
-  return new VaultClient({ transport, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0 });
+  return new VaultClient({ transport, pinnedKey: pinned, kdf: TEST_KDF, maxRetries: 0, ...(namespace ? { namespace } : {}) });
 }
 
 beforeAll(async () => {
-  d = await startDaemon({ config: advConfig() });
+  // The dev tenant checks acme's record after the revoke: since tenant isolation (issue 14,
+  // finding 5) only a tenant granted acme's namespace can see it.
+  d = await startDaemon({ config: { ...advConfig(), tenants: { grants: { dev: ['acme'] } } } });
   api = await adminApi(d);
   pinned = pinnedKeyOf(d);
 });
@@ -78,7 +80,7 @@ describe('revocation reaches open connections (issue 14, finding 3)', () => {
     // Right after the revoke returned: a request that would delete the record.
     const late = await answer(sockets[0]!, 'record.delete', { userId: 'acme-user' });
     const closes = await Promise.all(sockets.map((s) => closeWithin(s, t0, 1_000)));
-    expect(await sdk(d.token).status('acme-user')).toMatchObject({ state: 'active', attemptsLeft: 10 });
+    expect(await sdk(d.token, 'acme').status('acme-user')).toMatchObject({ state: 'active', attemptsLeft: 10 });
     expect(['closed', 'UNAUTHENTICATED']).toContain(late);
     for (const c of closes) {
       expect(c?.code).toBe(4401);

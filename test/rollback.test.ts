@@ -10,6 +10,7 @@ import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { sealAad } from '../protocol/record.js';
 import { codeOf } from './helpers/codes.js';
 import { bucketOf } from '../vault/core/state-hash.js';
+import { SCHEMA_VERSION } from '../vault/store/db.js';
 
 const open: TestVault[] = [];
 afterEach(() => {
@@ -223,13 +224,16 @@ describe('schema migration 4 (leaf column)', () => {
     }
     await recover(t.vault, 'mg-3', 'wrong');
     t.stop();
-    // Back to schema 3 exactly: no leaf column, the old bucket index.
+    // Back to schema 3 exactly: no leaf column, the old bucket index, no tenant namespace (migration 5).
     const db = new Database(t.dbPath);
-    db.exec('DROP INDEX records_leaves; ALTER TABLE records DROP COLUMN leaf; CREATE INDEX records_bucket ON records (bucket, user_id); PRAGMA user_version = 3;');
+    db.exec(
+      'DROP INDEX records_leaves; ALTER TABLE records DROP COLUMN leaf; CREATE INDEX records_bucket ON records (bucket, user_id); ' +
+        'ALTER TABLE tenants DROP COLUMN namespace; PRAGMA user_version = 3;',
+    );
     db.close();
     await t.reopen();
     const after = new Database(t.dbPath, { readonly: true });
-    expect(after.pragma('user_version', { simple: true })).toBe(4);
+    expect(after.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
     expect((after.prepare('SELECT count(*) AS n FROM records WHERE leaf IS NULL').get() as { n: number }).n).toBe(0);
     expect(after.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' AND sql IS NOT NULL ORDER BY name").all()).toEqual([
       { name: 'records_epoch' },

@@ -113,10 +113,10 @@ function printStatus(s: StatusReport): void {
 
 function printTenants(list: Tenant[]): void {
   if (list.length === 0) return out('no tenants');
-  out('NAME                 VERSION  STATE    CREATED                   REVOKED');
+  out('NAME                 VERSION  STATE    CREATED                   REVOKED                   NAMESPACE');
   for (const t of list) {
     out(
-      `${t.name.padEnd(20)} ${String(t.version).padEnd(8)} ${t.state.padEnd(8)} ${new Date(t.createdAt).toISOString().padEnd(25)} ${t.revokedAt ? new Date(t.revokedAt).toISOString() : '-'}`,
+      `${t.name.padEnd(20)} ${String(t.version).padEnd(8)} ${t.state.padEnd(8)} ${new Date(t.createdAt).toISOString().padEnd(25)} ${(t.revokedAt ? new Date(t.revokedAt).toISOString() : '-').padEnd(25)} ${t.namespace}`,
     );
   }
 }

@@ -13,6 +13,10 @@ export const SOFTHSM_CANDIDATES = [
   '/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so',
 ];
 
+// Spelled here as in store/tenants.ts and core/namespace.ts (config loads without the core).
+const TENANT_NAME = /^[a-z0-9][a-z0-9_.-]{0,62}$/;
+const NAMESPACE_NAME = /^(?:_legacy|[a-z0-9][a-z0-9_.-]{0,62})$/;
+
 const Schema = z
   .object({
     dataDir: z.string().min(1),
@@ -81,6 +85,29 @@ const Schema = z
         checkpointSec: z.number().int().min(1).max(86_400),
       })
       .strict(),
+    /**
+     * Record namespaces (vault/core/namespace.ts). A tenant acts in its home namespace (its own
+     * name; "_legacy" for tenants from before namespaces); `grants` lists, per tenant, the other
+     * namespaces it may name with a request's `namespace` param. Nothing else is reachable.
+     * `isolate` lists tenants from before namespaces whose home becomes their own name
+     * instead of "_legacy" (docs/OPERATIONS.md, "Namespaces").
+     */
+    tenants: z
+      .object({
+        grants: z
+          .record(z.string(), z.array(z.string().regex(NAMESPACE_NAME, 'must be a tenant name or "_legacy"')).max(1000))
+          .superRefine((g, ctx) => {
+            for (const k of Object.keys(g)) {
+              if (!TENANT_NAME.test(k)) {
+                ctx.addIssue({ code: 'custom', path: [k], message: 'is not a tenant name (1-63 of a-z, 0-9, "_", ".", "-", starting with a letter or digit)' });
+              }
+            }
+          }),
+        isolate: z
+          .array(z.string().regex(TENANT_NAME, 'is not a tenant name (1-63 of a-z, 0-9, "_", ".", "-", starting with a letter or digit)'))
+          .max(10_000),
+      })
+      .strict(),
   })
   .strict();
 
@@ -112,6 +139,7 @@ export const DEFAULTS: Config = {
   log: { level: 'info' },
   admin: { host: '127.0.0.1', port: 8788 },
   audit: { checkpointEvery: 1000, checkpointSec: 300 },
+  tenants: { grants: {}, isolate: [] },
 };
 
 type Json = { [k: string]: unknown };

@@ -8,6 +8,8 @@ import type { Logger } from 'pino';
 import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
+import type { TenantStore } from './store/tenants.js';
+import type { NamespacePolicy } from './core/namespace.js';
 import { ChannelTable } from './rpc/channels.js';
 import { Authenticator, mintToken } from './rpc/auth.js';
 import { RateLimiter } from './rpc/ratelimit.js';
@@ -121,7 +123,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       {
         auth,
         limiter,
-        methods: metrics.wrapMethods(methodTable(vault, channels)),
+        methods: metrics.wrapMethods(methodTable(vault, channels, namespacePolicy(c, vault.store.tenants))),
         log,
         now,
         onRequest: (e) => {
@@ -207,6 +209,28 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
         vault.store.close();
         vault.keys.close();
       })()),
+  };
+}
+
+/**
+ * Where each tenant's requests may act (core/namespace.ts): its home from the tenants table
+ * (its own name, or "_legacy" for tenants from before namespaces) unless `tenants.isolate`
+ * names it (then its own name), and the namespaces `tenants.grants` names for it. A config
+ * edit needs a restart. A home never changes once the tenant exists (new versions inherit
+ * it), so it is read once per tenant, not per request; only authenticated tenants reach
+ * this, so the map is bounded by the tenants table.
+ */
+export function namespacePolicy(c: Config, tenants: TenantStore): NamespacePolicy {
+  const grants = new Map(Object.entries(c.tenants.grants));
+  const isolated = new Set(c.tenants.isolate);
+  const homes = new Map<string, string>();
+  return {
+    home(t) {
+      let h = homes.get(t);
+      if (h === undefined) homes.set(t, (h = isolated.has(t) ? t : tenants.home(t)));
+      return h;
+    },
+    granted: (t) => grants.get(t) ?? [],
   };
 }
 

@@ -2,6 +2,12 @@
 // method is check input → ask the HSM → decide and commit in one SQLite
 // transaction → only then reveal anything. Nothing here parses wire formats
 // (rpc/ does) or touches pkcs11js or SQL directly (hsm/ and store/ do).
+//
+// Namespaces (issue 14): a public method takes a user id and the caller's
+// namespace (CallerContext) and turns them into the record key at once
+// (keyOf, core/namespace.ts). From there on, every `userId` of a record, a
+// session, the ledger or a log reference is that key; only what goes back to
+// the caller is the plain user id again.
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../../protocol/errors.js';
 import type { VaultKeys } from '../hsm/vault-keys.js';
@@ -9,7 +15,8 @@ import type { StoredRecord } from '../store/records.js';
 import type { Store } from '../store/index.js';
 import { validatePoint } from '../../protocol/oprf.js';
 import { checkKdfParams, MIN_KDF, type KdfParams } from '../../protocol/kdf.js';
-import { sealAad, verifierInput } from '../../protocol/record.js';
+import { sealAad, verifierInput } from './binding.js';
+import { LEGACY_NAMESPACE, parseRecordKey, recordKey } from './namespace.js';
 import { descriptorDigest, vaultIdOf, type SignedDescriptor } from '../../protocol/descriptor.js';
 import { PROTOCOL_VERSION, SIZES } from '../../protocol/suite.js';
 import { toHex } from '../../protocol/bytes.js';
@@ -150,7 +157,7 @@ export class Vault {
     blindedIn: unknown,
     opts: { grant?: string } = {},
   ): Promise<{ sessionId: string; evaluated: Uint8Array; attemptLimit: number; kdfFloor: KdfParams }> {
-    const userId = checkUserId(userIdIn);
+    const userId = keyOf(ctx, checkUserId(userIdIn));
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
     // The session's slot first: a flood of unfinished enrolments is refused here, before the
     // database read and the HSM, and within its own tenant's enrolment quota.
@@ -171,12 +178,12 @@ export class Vault {
   }
 
   async enrollFinish(
-    _ctx: CallerContext,
+    ctx: CallerContext,
     sessionIdIn: unknown,
     userIdIn: unknown,
     req: { authKey: unknown; envelope: unknown; kdf: unknown; grant?: string },
   ): Promise<{ generation: number; attemptLimit: number }> {
-    const userId = checkUserId(userIdIn);
+    const userId = keyOf(ctx, checkUserId(userIdIn));
     const authKey = checkBytes(req.authKey, SIZES.authKey, 'authKey');
     const envelope = checkBytes(req.envelope, SIZES.envelope, 'envelope');
     const kdf = checkKdfParams(req.kdf, this.options.kdfFloor);
@@ -245,7 +252,7 @@ export class Vault {
     userIdIn: unknown,
     blindedIn: unknown,
   ): Promise<{ sessionId: string; evaluated: Uint8Array; kdf: KdfParams; attemptsLeft: number; attemptLimit: number }> {
-    const userId = checkUserId(userIdIn);
+    const userId = keyOf(ctx, checkUserId(userIdIn));
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
     // After a failed anchor write, count no new guess until the anchor has caught up:
     // otherwise a user retrying through an HSM storage outage spends an attempt per
@@ -299,7 +306,7 @@ export class Vault {
     }
   }
 
-  async recoverFinish(_ctx: CallerContext, sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
+  async recoverFinish(ctx: CallerContext, sessionIdIn: unknown, authKeyIn: unknown): Promise<RecoverOutcome & { userId: string }> {
     const authKey = checkBytes(authKeyIn, SIZES.authKey, 'authKey');
     const sessionId = checkSessionId(sessionIdIn);
     const session = this.sessions.take(sessionId, 'recover', this.options.now());
@@ -308,7 +315,15 @@ export class Vault {
     // commit), or released.
     let kept = false;
     try {
-      return await this.finishRecovery(session, authKey, () => (kept = true));
+      // A session of another namespace is not this caller's to finish: as if unknown, and left as it was.
+      if (parseRecordKey(session.userId).namespace !== (ctx.namespace ?? LEGACY_NAMESPACE)) {
+        this.sessions.restore(session);
+        kept = true;
+        throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no recover session with this id');
+      }
+      const r = await this.finishRecovery(session, authKey, () => (kept = true));
+      // The caller named the user id; the record key stays inside the vault.
+      return { ...r, userId: parseRecordKey(r.userId).userId };
     } finally {
       if (!kept) this.sessions.release(session);
     }
@@ -396,9 +411,11 @@ export class Vault {
 
   // ---- status, delete, expiry -------------------------------------------------
 
-  status(userIdIn: unknown): RecordStatus {
+  /** `ctx` absent: the legacy namespace (in-process operator tools). */
+  status(userIdIn: unknown, ctx?: CallerContext): RecordStatus {
     const userId = checkUserId(userIdIn);
-    const rec = this.ledger.get(userId);
+    // Another namespace's record is a different key: a tenant without a grant sees "absent" (R6, R8).
+    const rec = this.ledger.get(keyOf(ctx, userId));
     if (!rec) return { userId, state: 'absent', attemptsLeft: 0, attemptLimit: this.options.attemptLimit };
     return {
       userId,
@@ -408,8 +425,9 @@ export class Vault {
     };
   }
 
-  async delete(userIdIn: unknown): Promise<void> {
-    const userId = checkUserId(userIdIn);
+  /** `ctx` absent: the legacy namespace (in-process operator tools). */
+  async delete(userIdIn: unknown, ctx?: CallerContext): Promise<void> {
+    const userId = keyOf(ctx, checkUserId(userIdIn));
     const now = this.options.now();
     this.ledger.transaction(() => {
       const d = decideDelete(this.ledger.get(userId), now);
@@ -543,6 +561,11 @@ function bindStore(store: Store, vaultId: Uint8Array): void {
   else if (bound !== id) {
     throw new VaultError(ErrorCodes.STATE_ROLLBACK_DETECTED, `database belongs to vault ${bound}, not to this HSM's vault ${id}`);
   }
+}
+
+/** The record key of a checked user id in the caller's namespace (core/namespace.ts). */
+function keyOf(ctx: CallerContext | undefined, userId: string): string {
+  return recordKey(ctx?.namespace ?? LEGACY_NAMESPACE, userId);
 }
 
 function checkSessionId(v: unknown): string {

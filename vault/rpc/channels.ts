@@ -10,6 +10,7 @@ import { openMessage, sealMessage } from './channel-node.js';
 import { validatePoint } from '../../protocol/oprf.js';
 import { equalBytes, toB64 } from '../../protocol/bytes.js';
 import { Bodies, parse } from './wire.js';
+import { LEGACY_NAMESPACE } from '../core/namespace.js';
 import type { z } from 'zod';
 import type { ChannelParams } from './wire.js';
 
@@ -34,6 +35,8 @@ interface Channel {
   owner: string;
   /** Opened with enroll.begin: counts against the tenant's enrolment quota too. */
   enroll: boolean;
+  /** The record namespace it acts in, resolved for `owner` when it opened; fixed for its life. */
+  namespace: string;
   userId: string;
   next: number;
   step: Step;
@@ -151,7 +154,18 @@ export class ChannelTable {
       try {
         const z = await this.vault.keys.channelAgree(m.epk);
         const keys = channelKeys(z, m.epk, this.vault.vaultId, this.vault.keys.channelPublic);
-        ch = { keys, owner: ctx.tenant, enroll, userId, next: 0, step: 'new', busy: false, expiresAt: now + this.o.ttlMs, ts: m.ts };
+        ch = {
+          keys,
+          owner: ctx.tenant,
+          enroll,
+          namespace: ctx.namespace ?? LEGACY_NAMESPACE,
+          userId,
+          next: 0,
+          step: 'new',
+          busy: false,
+          expiresAt: now + this.o.ttlMs,
+          ts: m.ts,
+        };
       } catch (e) {
         this.unadmit(ctx.tenant, enroll);
         throw e;
@@ -159,8 +173,9 @@ export class ChannelTable {
       fresh = true;
     } else {
       if (m.epk) throw new VaultError(ErrorCodes.BAD_REQUEST, 'epk is only sent with the first message');
-      if (!ch) {
-        if (this.spent.has(id)) throw new VaultError(ErrorCodes.SESSION_EXPIRED, 'this channel is closed or expired');
+      // Another tenant's channel is as good as unknown to this one: it cannot step it (issue 14, R8).
+      if (!ch || ch.owner !== ctx.tenant) {
+        if (this.spent.get(id)?.owner === ctx.tenant) throw new VaultError(ErrorCodes.SESSION_EXPIRED, 'this channel is closed or expired');
         throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no open channel with this id');
       }
       if (now > ch.expiresAt) {
@@ -170,6 +185,7 @@ export class ChannelTable {
       if (m.n < ch.next) throw new VaultError(ErrorCodes.REPLAY, 'message counter already used');
       if (m.n > ch.next || ch.busy) throw new VaultError(ErrorCodes.OUT_OF_ORDER, 'message counter ahead of the channel');
       if (userId !== ch.userId) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel belongs to another user');
+      if ((ctx.namespace ?? LEGACY_NAMESPACE) !== ch.namespace) throw new VaultError(ErrorCodes.BAD_REQUEST, 'channel belongs to another namespace');
     }
     const header = { channelId: m.id, counter: m.n, method, userId };
     let body: unknown;

@@ -5,6 +5,7 @@ import type { CallerContext, Vault } from '../core/vault.js';
 import { toB64 } from '../../protocol/bytes.js';
 import type { ChannelTable, ChannelMethod } from './channels.js';
 import { ChannelParams, EmptyParams, UserParams, parse } from './wire.js';
+import { recordKey, resolveNamespace, type NamespacePolicy } from '../core/namespace.js';
 
 export const VERSION = '0.1.0';
 
@@ -12,21 +13,32 @@ export interface CallResult {
   result: unknown;
   /** What happened, for the request log and metrics (e.g. "ok", "wrong-password", "LOCKED"). */
   outcome: string;
-  /** For per-user rate limits and pseudonymous logging. */
+  /** For per-user rate limits and pseudonymous logging: the record key (core/namespace.ts), not the bare user id. */
   userId?: string;
 }
 
 /** `ctx`: the authenticated caller, for the core methods that need it. */
 export type Handler = (params: unknown, ctx: CallerContext, beforeWork: (userId?: string) => void) => Promise<CallResult>;
 
-export function methodTable(vault: Vault, channels: ChannelTable): Record<string, Handler> {
+/**
+ * `namespaces`: each tenant's home namespace and the others the configuration grants it.
+ * Every method that names a user acts in the tenant's home unless its `namespace` param
+ * names a granted one; another tenant's users are then simply not there (absent, not found).
+ */
+export function methodTable(vault: Vault, channels: ChannelTable, namespaces: NamespacePolicy): Record<string, Handler> {
+  // Resolved before any record is read or any limit taken: an ungranted namespace costs nothing and reveals nothing.
+  const scoped = (ctx: CallerContext, p: { userId: string; namespace?: string | undefined }) => {
+    const namespace = resolveNamespace(namespaces, ctx.tenant, p.namespace);
+    return { ctx: { tenant: ctx.tenant, namespace }, key: recordKey(namespace, p.userId) };
+  };
   const channel =
     (m: ChannelMethod): Handler =>
     async (params, ctx, beforeWork) => {
       const p = parse(ChannelParams, params);
-      beforeWork(p.userId);
-      const r = await channels.handle(ctx, m, p);
-      return { result: { channel: { n: r.n, ct: r.ct } }, outcome: r.outcome, userId: p.userId };
+      const s = scoped(ctx, p);
+      beforeWork(s.key);
+      const r = await channels.handle(s.ctx, m, p);
+      return { result: { channel: { n: r.n, ct: r.ct } }, outcome: r.outcome, userId: s.key };
     };
   return {
     'vault.descriptor': async (params, _ctx, beforeWork) => {
@@ -53,16 +65,18 @@ export function methodTable(vault: Vault, channels: ChannelTable): Record<string
     'enroll.finish': channel('enroll.finish'),
     'recover.begin': channel('recover.begin'),
     'recover.finish': channel('recover.finish'),
-    'record.status': async (params, _ctx, beforeWork) => {
-      const { userId } = parse(UserParams, params);
-      beforeWork(userId);
-      return { result: vault.status(userId), outcome: 'ok', userId };
+    'record.status': async (params, ctx, beforeWork) => {
+      const p = parse(UserParams, params);
+      const s = scoped(ctx, p);
+      beforeWork(s.key);
+      return { result: vault.status(p.userId, s.ctx), outcome: 'ok', userId: s.key };
     },
-    'record.delete': async (params, _ctx, beforeWork) => {
-      const { userId } = parse(UserParams, params);
-      beforeWork(userId);
-      await vault.delete(userId);
-      return { result: { deleted: true }, outcome: 'ok', userId };
+    'record.delete': async (params, ctx, beforeWork) => {
+      const p = parse(UserParams, params);
+      const s = scoped(ctx, p);
+      beforeWork(s.key);
+      await vault.delete(p.userId, s.ctx);
+      return { result: { deleted: true }, outcome: 'ok', userId: s.key };
     },
     health: async (params, _ctx, beforeWork) => {
       parse(EmptyParams, params ?? {});

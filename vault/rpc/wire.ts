@@ -19,10 +19,14 @@ export const b64 = (len: number | { max: number }) =>
   });
 
 const userId = z.string().min(1).max(512);
+// The record namespace to act in (core/namespace.ts); absent: the tenant's home. Its spelling is
+// checked when it is resolved against the tenant's grants (NAMESPACE_NOT_GRANTED, BAD_REQUEST).
+const namespace = z.string().min(1).max(64).optional();
 
 export const ChannelParams = z
   .object({
     userId,
+    namespace,
     channel: z
       .object({
         id: b64(16),
@@ -35,7 +39,7 @@ export const ChannelParams = z
   })
   .strict();
 
-export const UserParams = z.object({ userId }).strict();
+export const UserParams = z.object({ userId, namespace }).strict();
 export const EmptyParams = z.object({}).strict();
 
 const kdf = z.object({ alg: z.literal('argon2id'), m: z.number().int(), t: z.number().int(), p: z.number().int() }).strict();

@@ -71,6 +71,15 @@ const MIGRATIONS: (string | ((db: Db) => void))[] = [
     }
     db.exec('CREATE INDEX records_leaves ON records (bucket, user_id, leaf); DROP INDEX records_bucket;');
   },
+  // Record namespaces (issue 14; core/namespace.ts). Each tenant acts in a home namespace:
+  // NULL means its own name. Records written before namespaces are in the legacy namespace
+  // "_legacy", with their rows, keys and leaf hashes unchanged, so the anchored state needs no
+  // rewrite. The tenants that exist now wrote them (the vault never recorded which one), so
+  // their home becomes "_legacy": after the upgrade they see exactly what they saw before, and
+  // a single-tenant deployment notices nothing. Tenants added later are isolated in their own
+  // namespace. The name is spelled out here, not imported: a shipped migration never changes.
+  `ALTER TABLE tenants ADD COLUMN namespace TEXT;
+   UPDATE tenants SET namespace = '_legacy';`,
 ];
 
 /**

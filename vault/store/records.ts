@@ -16,6 +16,11 @@ const STATE_CODE: Record<RecordState, number> = { active: 1, locked: 2, deleted:
 const STATE_NAME: Record<number, RecordState> = { 1: 'active', 2: 'locked', 3: 'deleted' };
 
 export interface StoredRecord {
+  /**
+   * The record key (core/namespace.ts): the user id for the legacy namespace, "<namespace>
+   * U+001F <user id>" for every other. The column keeps its name: rows of the legacy
+   * namespace are the rows written before namespaces, unchanged.
+   */
   userId: string;
   state: RecordState;
   /** Bumped on every enrolment for this user; bound into the verifier and the seal. */

@@ -9,6 +9,8 @@ export interface Tenant {
   state: 'active' | 'revoked';
   createdAt: number;
   revokedAt: number | null;
+  /** Its home namespace (core/namespace.ts): its own name, or "_legacy" for tenants from before namespaces. */
+  namespace: string;
 }
 
 const NAME = /^[a-z0-9][a-z0-9_.-]{0,62}$/;
@@ -27,18 +29,32 @@ export class TenantStore {
   private readonly revokeStmt;
   private readonly revokeVersionStmt;
   private readonly listStmt;
+  private readonly homeStmt;
 
   constructor(private readonly db: Db) {
     this.activeStmt = db.prepare<[string, number], { n: number }>(
       'SELECT count(*) AS n FROM tenants WHERE name = ? AND version = ? AND state = 1',
     );
     this.maxStmt = db.prepare<[string], { v: number | null }>('SELECT max(version) AS v FROM tenants WHERE name = ?');
-    this.insertStmt = db.prepare('INSERT INTO tenants (name, version, state, created_at) VALUES (?, ?, 1, ?)');
+    // A new credential version keeps the home namespace of the versions before it.
+    this.insertStmt = db.prepare(
+      `INSERT INTO tenants (name, version, state, created_at, namespace)
+       VALUES (?, ?, 1, ?, (SELECT namespace FROM tenants WHERE name = ? ORDER BY version DESC LIMIT 1))`,
+    );
     this.revokeStmt = db.prepare('UPDATE tenants SET state = 2, revoked_at = ? WHERE name = ? AND state = 1');
     this.revokeVersionStmt = db.prepare('UPDATE tenants SET state = 2, revoked_at = ? WHERE name = ? AND version = ? AND state = 1');
-    this.listStmt = db.prepare<[], { name: string; version: number; state: number; created_at: number; revoked_at: number | null }>(
-      'SELECT * FROM tenants ORDER BY name, version',
+    this.listStmt = db.prepare<
+      [],
+      { name: string; version: number; state: number; created_at: number; revoked_at: number | null; namespace: string | null }
+    >('SELECT * FROM tenants ORDER BY name, version');
+    this.homeStmt = db.prepare<[string], { namespace: string | null }>(
+      'SELECT namespace FROM tenants WHERE name = ? ORDER BY version DESC LIMIT 1',
     );
+  }
+
+  /** The namespace a tenant's requests act in when they name none: its own name unless migration 5 made it "_legacy". */
+  home(name: string): string {
+    return this.homeStmt.get(name)?.namespace ?? name;
   }
 
   isActive(name: string, version: number): boolean {
@@ -50,7 +66,7 @@ export class TenantStore {
     checkTenantName(name);
     return this.db.transaction(() => {
       const version = (this.maxStmt.get(name)!.v ?? 0) + 1;
-      this.insertStmt.run(name, version, now);
+      this.insertStmt.run(name, version, now, name);
       return version;
     }).immediate();
   }
@@ -67,6 +83,7 @@ export class TenantStore {
       state: r.state === 1 ? 'active' : 'revoked',
       createdAt: r.created_at,
       revokedAt: r.revoked_at,
+      namespace: r.namespace ?? r.name,
     }));
   }
 }
