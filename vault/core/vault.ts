@@ -23,6 +23,8 @@ import { toHex } from '../../protocol/bytes.js';
 import { checkBytes, checkUserId } from './input.js';
 import { SessionTable, type Session, type SessionStats } from './sessions.js';
 import { Ledger } from './ledger.js';
+import { LocalRecordLog, type LogEntry, type PendingGuess, type RecordLog } from './record-log.js';
+import { randomBytes } from 'node:crypto';
 import { userRef } from './user-ref.js';
 import type { CallerContext } from './caller.js';
 import {
@@ -85,6 +87,10 @@ export class Vault {
   private readonly finishing = new Map<string, number>();
   /** The last anchor write failed: changes are committed but not anchored (see recoverBegin). */
   private anchorFailing = false;
+  /** Where records are read and changed: this node's ledger, or the cohort (core/record-log.ts). */
+  readonly records: RecordLog;
+  /** Cohort mode: the id of the pending guess each live recover session put in its record. */
+  private readonly guessOf = new Map<string, string>();
 
   private constructor(
     readonly keys: VaultKeys,
@@ -92,7 +98,9 @@ export class Vault {
     readonly ledger: Ledger,
     private readonly log: Logger,
     options: Partial<VaultOptions>,
+    records?: RecordLog,
   ) {
+    this.records = records ?? new LocalRecordLog(ledger, () => this.anchored());
     this.options = { ...DEFAULT_OPTIONS, ...options };
     this.vaultId = vaultIdOf(keys.signingPublic);
     this.sessions = new SessionTable({
@@ -104,10 +112,18 @@ export class Vault {
   }
 
   /** Bind the database to this HSM's vault, check it against the HSM anchor, and start. */
-  static async open(keys: VaultKeys, store: Store, log: Logger, options: Partial<VaultOptions> = {}): Promise<Vault> {
+  static async open(
+    keys: VaultKeys,
+    store: Store,
+    log: Logger,
+    options: Partial<VaultOptions> = {},
+    records?: RecordLog,
+  ): Promise<Vault> {
     bindStore(store, vaultIdOf(keys.signingPublic));
+    // Cohort mode (`records` given) keeps the single-node ledger open over its empty record
+    // table: health and status checks of the HSM anchor keep working on it unchanged.
     const ledger = await Ledger.open(store.records, keys, log);
-    return new Vault(keys, store, ledger, log, options);
+    return new Vault(keys, store, ledger, log, options, records);
   }
 
   /** Sweep expired sessions periodically (destroys records whose last guess was abandoned). */
@@ -165,7 +181,7 @@ export class Vault {
     let opened = false;
     try {
       const grantGeneration = this.grantGeneration(opts.grant, userId);
-      const decision = decideEnroll(this.ledger.get(userId), grantGeneration);
+      const decision = decideEnroll(this.records.peek(userId).rec, grantGeneration);
       if (!decision.ok) throw refusal(decision.code);
       const evaluated = await this.keys.oprfEvaluate(blinded);
       const session = this.sessions.open(slot, 'enroll', userId, decision.generation, this.options.now());
@@ -218,13 +234,13 @@ export class Vault {
     c: { verifier: Uint8Array; sealed: Uint8Array; epoch: number; kdf: KdfParams; grant: string | undefined; now: number },
   ): Promise<{ generation: number; attemptLimit: number }> {
     const { verifier, sealed, epoch, kdf, now } = c;
-    this.ledger.transaction(() => {
-      const rec = this.ledger.get(userId);
-      const grantGeneration = this.grantGeneration(c.grant, userId);
-      const decision = decideEnroll(rec, grantGeneration);
+    const grantGeneration = this.grantGeneration(c.grant, userId);
+    await this.records.update(userId, (cur) => {
+      const decision = decideEnroll(cur.rec, grantGeneration);
       // Someone else enrolled this user while our HSM calls ran: our verifier is for a stale generation.
       if (!decision.ok || decision.generation !== generation) throw refusal(ErrorCodes.RECORD_EXISTS);
-      this.ledger.put({
+      // A new generation: guesses counted on the old one no longer hold anything off.
+      const rec: StoredRecord = {
         userId,
         state: 'active',
         generation,
@@ -236,9 +252,9 @@ export class Vault {
         kdf,
         createdAt: now,
         updatedAt: now,
-      });
+      };
+      return { next: { rec, guesses: [] }, result: undefined };
     });
-    await this.anchored();
     // Old sessions and grants were for the previous generation.
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'enroll.finish', user: userRef(userId), generation }, 'record enrolled');
@@ -260,33 +276,45 @@ export class Vault {
     // (test/adversarial-hsm.test.ts). Fails with HSM_UNAVAILABLE, nothing counted.
     if (this.anchorFailing) await this.anchored();
     // Cheap refusal first, so locked or unknown users cost no HSM work.
-    const pre = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, this.options.now()), this.options.now());
+    const peeked = this.records.peek(userId);
+    const pre = decideRecoverBegin(peeked.rec, this.pendingIn(peeked, userId, this.options.now()), this.options.now());
     if (!pre.ok && !pre.change) throw refusal(pre.code);
     // The session's slot before anything is counted: a full table refuses here, nothing
     // spent. (Before issue 14 the attempt was committed and only then did the table say
     // OVERLOADED, "retryable": ten honest retries destroyed the record unread.)
     const slot = pre.ok ? this.sessions.reserve(ctx.tenant, 'recover', this.options.now()) : undefined;
     let kept = false;
+    let session = undefined as Session | undefined;
     try {
       // Evaluate before counting, reveal only after counting: an HSM failure costs no attempt,
       // and nothing that depends on the guess leaves before its attempt is durable.
       const evaluated = slot ? await this.keys.oprfEvaluate(blinded) : undefined;
       const now = this.options.now();
-      const committed = this.ledger.transaction(() => {
-        const d = decideRecoverBegin(this.ledger.get(userId), this.pendingGuesses(userId, now), now);
-        // Counted only with its slot and evaluation in hand, so nothing after the commit can
-        // refuse. (The row moved from "destroy" to "count" while we ran: nothing is written.)
-        if (d.ok && !slot) throw new VaultError(ErrorCodes.OVERLOADED, 'the record changed while this request ran; retry');
-        if (d.change) this.ledger.put(d.change);
-        return d;
-      });
-      // The counted guess is pending from its commit on, not only once its answer leaves:
-      // otherwise a begin racing in while this one awaits the anchor sees the limit spent
-      // and nothing pending, and destroys the record under a guess that may be right
-      // (found by test/adversarial-guessing.test.ts).
-      const session = committed.ok ? this.sessions.open(slot!, 'recover', userId, committed.change.generation, now) : undefined;
-      // Commit before reveal: the attempt is durable and anchored before X leaves.
-      if (committed.change) await this.anchored();
+      // Cohort mode: the guess goes into the record itself, so every node counts it as pending.
+      const guessId = this.records.mode === 'cohort' ? randomBytes(12).toString('base64url') : '';
+      // Commit before reveal: update() resolves once the attempt is durable and anchored
+      // (single node) or quorum-committed and applied (cohort), before X leaves.
+      const committed = await this.records.update(
+        userId,
+        (cur) => {
+          const d = decideRecoverBegin(cur.rec, this.pendingIn(cur, userId, now), now);
+          // Counted only with its slot and evaluation in hand, so nothing after the commit can
+          // refuse. (The row moved from "destroy" to "count" while we ran: nothing is written.)
+          if (d.ok && !slot) throw new VaultError(ErrorCodes.OVERLOADED, 'the record changed while this request ran; retry');
+          if (!d.change) return { result: d };
+          const guesses = d.ok && guessId ? [...live(cur.guesses, now), { id: guessId, expiresAt: now + this.options.sessionTtlMs }] : d.ok ? live(cur.guesses, now) : [];
+          return { next: { rec: d.change, guesses }, result: d };
+        },
+        // The counted guess is pending from its commit on, not only once its answer leaves:
+        // otherwise a begin racing in while this one awaits the anchor sees the limit spent
+        // and nothing pending, and destroys the record under a guess that may be right
+        // (found by test/adversarial-guessing.test.ts).
+        (d) => {
+          if (!d.ok) return;
+          session = this.sessions.open(slot!, 'recover', userId, d.change.generation, now);
+          if (guessId) this.guessOf.set(session.id, guessId);
+        },
+      );
       if (!committed.ok) {
         if (committed.change) this.log.warn({ event: 'record.locked', user: userRef(userId) }, 'record destroyed: attempt limit reached');
         throw refusal(committed.code);
@@ -303,6 +331,7 @@ export class Vault {
     } finally {
       // A refusal, an HSM failure or a failed anchor write: the slot (and any session on it) goes.
       if (slot && !kept) this.sessions.release(slot);
+      if (session && !kept) this.guessOf.delete(session.id);
     }
   }
 
@@ -338,11 +367,22 @@ export class Vault {
     // Still a pending guess until decided below: a concurrent wrong finish must not destroy
     // the record while this one (maybe the right password) is being compared.
     this.finishing.set(userId, (this.finishing.get(userId) ?? 0) + 1);
+    let finished = false;
+    const doneFinishing = () => {
+      if (finished) return;
+      finished = true;
+      const n = (this.finishing.get(userId) ?? 1) - 1;
+      if (n > 0) this.finishing.set(userId, n);
+      else this.finishing.delete(userId);
+    };
+    // Cohort mode: this guess's entry in the record; the finish removes it.
+    const guessId = this.guessOf.get(session.id);
+    let retry = false;
     let d: ReturnType<typeof decideRecoverFinish>;
     let envelope: Uint8Array | null = null;
     let now = this.options.now();
     try {
-      const rec = this.ledger.get(userId);
+      const rec = this.records.peek(userId).rec;
       let verified = false;
       if (rec && rec.state === 'active' && rec.generation === generation && rec.verifier && rec.sealed) {
         try {
@@ -358,30 +398,37 @@ export class Vault {
           // Nothing was decided: the caller may finish this session again.
           if (isVaultError(e, ErrorCodes.HSM_UNAVAILABLE)) {
             this.sessions.restore(session);
+            retry = true;
             keep();
           }
           throw e;
         }
       }
       now = this.options.now();
-      d = this.ledger.transaction(() => {
-        const current = this.ledger.get(userId);
-        // Verified against the row we read; if the row changed meanwhile, decide on the new one.
-        const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
-        // Other pending guesses: live sessions and other finishes in progress (not this one).
-        const d = decideRecoverFinish(current, generation, verified && !!same, this.pendingGuesses(userId, now) - 1, now);
-        // Write either way: a wrong password touches the record and the anchor like the
-        // other outcomes, so neither the disk nor the answer's timing tells them apart.
-        const write = d.ok ? (d.change ?? (current ? { ...current, updatedAt: now } : undefined)) : undefined;
-        if (write) this.ledger.put(write);
-        return d;
-      });
+      const at = now;
+      // Resolves once the outcome is durable and anchored (or quorum-committed): commit before reveal.
+      d = await this.records.update(
+        userId,
+        (cur) => {
+          const current = cur.rec;
+          // Verified against the row we read; if the row changed meanwhile, decide on the new one.
+          const same = current && rec && current.generation === rec.generation && sameBytes(current.verifier, rec.verifier);
+          // Other pending guesses: live sessions and other finishes in progress (not this one).
+          const pending = this.records.mode === 'cohort' ? live(cur.guesses, at, guessId).length : this.pendingGuesses(userId, at) - 1;
+          const d = decideRecoverFinish(current, generation, verified && !!same, pending, at);
+          // Write either way: a wrong password touches the record and the anchor like the
+          // other outcomes, so neither the disk nor the answer's timing tells them apart.
+          const write = d.ok ? (d.change ?? (current ? { ...current, updatedAt: at } : undefined)) : undefined;
+          if (!write) return { result: d };
+          const guesses = d.ok && d.outcome === 'locked' ? [] : live(cur.guesses, at, guessId);
+          return { next: { rec: write, guesses }, result: d };
+        },
+        doneFinishing,
+      );
     } finally {
-      const n = (this.finishing.get(userId) ?? 1) - 1;
-      if (n > 0) this.finishing.set(userId, n);
-      else this.finishing.delete(userId);
+      doneFinishing();
+      if (!retry) this.guessOf.delete(session.id);
     }
-    if (d.ok) await this.anchored();
     if (!d.ok) throw refusal(d.code);
     if (d.outcome === 'ok') {
       this.sessions.cancelUser(userId, ['recover', 'grant']);
@@ -415,26 +462,25 @@ export class Vault {
   status(userIdIn: unknown, ctx?: CallerContext): RecordStatus {
     const userId = checkUserId(userIdIn);
     // Another namespace's record is a different key: a tenant without a grant sees "absent" (R6, R8).
-    const rec = this.ledger.get(keyOf(ctx, userId));
-    if (!rec) return { userId, state: 'absent', attemptsLeft: 0, attemptLimit: this.options.attemptLimit };
-    return {
-      userId,
-      state: rec.state,
-      attemptsLeft: rec.state === 'active' ? Math.max(0, rec.attemptLimit - rec.attempts) : 0,
-      attemptLimit: rec.attemptLimit,
-    };
+    return statusOf(userId, this.records.peek(keyOf(ctx, userId)).rec, this.options.attemptLimit);
+  }
+
+  /** status() as of now: a cohort node answers only after applying etcd's current revision. */
+  async currentStatus(userIdIn: unknown, ctx?: CallerContext): Promise<RecordStatus> {
+    const userId = checkUserId(userIdIn);
+    if (this.records.mode === 'single') return this.status(userId, ctx);
+    return statusOf(userId, (await this.records.read(keyOf(ctx, userId))).rec, this.options.attemptLimit);
   }
 
   /** `ctx` absent: the legacy namespace (in-process operator tools). */
   async delete(userIdIn: unknown, ctx?: CallerContext): Promise<void> {
     const userId = keyOf(ctx, checkUserId(userIdIn));
     const now = this.options.now();
-    this.ledger.transaction(() => {
-      const d = decideDelete(this.ledger.get(userId), now);
+    await this.records.update(userId, (cur) => {
+      const d = decideDelete(cur.rec, now);
       if (!d.ok) throw refusal(d.code);
-      this.ledger.put(d.change);
+      return { next: { rec: d.change, guesses: [] }, result: undefined };
     });
-    await this.anchored();
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'record.delete', user: userRef(userId) }, 'record deleted');
   }
@@ -444,14 +490,16 @@ export class Vault {
     const now = this.options.now();
     let destroyedCount = 0;
     for (const s of this.sessions.sweep(now)) {
-      const change = this.ledger.transaction(() => {
-        const c = decideExpiry(this.ledger.get(s.userId), s.generation, this.pendingGuesses(s.userId, now), now);
-        if (c) this.ledger.put(c);
-        return c;
+      const guessId = this.guessOf.get(s.id);
+      this.guessOf.delete(s.id);
+      const change = await this.records.update(s.userId, (cur) => {
+        // Cohort: the expired guess ages out of the record by its own expiry; others may still be pending.
+        const pending = this.records.mode === 'cohort' ? live(cur.guesses, now, guessId).length : this.pendingGuesses(s.userId, now);
+        const c = decideExpiry(cur.rec, s.generation, pending, now);
+        return c ? { next: { rec: c, guesses: [] }, result: c } : { result: c };
       });
       if (change) {
         destroyedCount++;
-        await this.anchored();
         this.log.warn({ event: 'record.locked', user: userRef(s.userId) }, 'record destroyed: last guess abandoned at the limit');
       }
     }
@@ -471,6 +519,8 @@ export class Vault {
     opts: { resume?: boolean; batchSize?: number; onProgress?: (done: number, remaining: number) => void } = {},
   ): Promise<{ epoch: number; resealed: number; unreadable: number; destroyedEpochs: number[] }> {
     if (this.rotating) throw new VaultError(ErrorCodes.BAD_REQUEST, 'a rotation is already running');
+    // Rotation across a cohort (a new epoch on every node's HSM, the old one destroyed on all) is not built yet.
+    if (this.records.mode === 'cohort') throw new VaultError(ErrorCodes.BAD_REQUEST, 'seal-epoch rotation is not available in cohort mode yet (docs/COHORT.md)');
     this.rotating = true;
     try {
       const before = this.keys.epochs();
@@ -540,6 +590,11 @@ export class Vault {
     }
   }
 
+  /** Pending guesses for a decision on `cur`: shared in the record (cohort) or this node's own (single). */
+  private pendingIn(cur: LogEntry, userId: string, now: number): number {
+    return this.records.mode === 'cohort' ? live(cur.guesses, now).length : this.pendingGuesses(userId, now);
+  }
+
   /** Counted guesses of a user not yet decided: live recover sessions plus finishes being compared. */
   private pendingGuesses(userId: string, now: number): number {
     return this.sessions.pending(userId, now) + (this.finishing.get(userId) ?? 0);
@@ -561,6 +616,21 @@ function bindStore(store: Store, vaultId: Uint8Array): void {
   else if (bound !== id) {
     throw new VaultError(ErrorCodes.STATE_ROLLBACK_DETECTED, `database belongs to vault ${bound}, not to this HSM's vault ${id}`);
   }
+}
+
+function statusOf(userId: string, rec: StoredRecord | undefined, attemptLimit: number): RecordStatus {
+  if (!rec) return { userId, state: 'absent', attemptsLeft: 0, attemptLimit };
+  return {
+    userId,
+    state: rec.state,
+    attemptsLeft: rec.state === 'active' ? Math.max(0, rec.attemptLimit - rec.attempts) : 0,
+    attemptLimit: rec.attemptLimit,
+  };
+}
+
+/** Cohort mode: the guesses of a record still pending at `now`, without `except` (the caller's own). */
+function live(guesses: readonly PendingGuess[], now: number, except?: string): PendingGuess[] {
+  return guesses.filter((g) => g.expiresAt > now && g.id !== except);
 }
 
 /** The record key of a checked user id in the caller's namespace (core/namespace.ts). */

@@ -69,7 +69,7 @@ export function methodTable(vault: Vault, channels: ChannelTable, namespaces: Na
       const p = parse(UserParams, params);
       const s = scoped(ctx, p);
       beforeWork(s.key);
-      return { result: vault.status(p.userId, s.ctx), outcome: 'ok', userId: s.key };
+      return { result: await vault.currentStatus(p.userId, s.ctx), outcome: 'ok', userId: s.key };
     },
     'record.delete': async (params, ctx, beforeWork) => {
       const p = parse(UserParams, params);
