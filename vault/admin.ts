@@ -107,6 +107,13 @@ function printStatus(s: StatusReport): void {
   if (s.records) out(`records  ${s.records.active} active, ${s.records.locked} locked, ${s.records.deleted} deleted`);
   if (s.tenants) out(`tenants  ${s.tenants.active} active${s.tenants.names.length ? ` (${s.tenants.names.join(', ')})` : ''}, ${s.tenants.revoked} revoked`);
   if (s.anchor) out(`anchor   database batch ${s.anchor.dbSeq}, HSM anchor batch ${s.anchor.hsmSeq}, consistent: ${yes(s.anchor.consistent)}\n         ${s.anchor.detail}`);
+  if (s.cohort) {
+    const k = s.cohort;
+    out(
+      `cohort   node ${k.nodeId}, applied revision ${k.appliedRevision}, lag ${k.lag}, ${k.records} records, chain head ${k.chainHead.slice(0, 16)}…` +
+        `${k.stopped ? `\n         STOPPED: ${k.stopped}` : ''}\n         HSM anchor of the cohort state: not yet written (docs/COHORT.md)`,
+    );
+  }
   if (s.audit) out(`audit    ${s.audit.seq} lines, signed through ${s.audit.signedThrough}, writable: ${yes(s.audit.healthy)}`);
   if (s.permissions) out(`files    private (folders 0700, files 0600): ${yes(s.permissions.ok)}${s.permissions.problems.map((p) => `\n         ${p}`).join('')}`);
 }

@@ -16,6 +16,9 @@ export const SOFTHSM_CANDIDATES = [
 // Spelled here as in store/tenants.ts and core/namespace.ts (config loads without the core).
 const TENANT_NAME = /^[a-z0-9][a-z0-9_.-]{0,62}$/;
 const NAMESPACE_NAME = /^(?:_legacy|[a-z0-9][a-z0-9_.-]{0,62})$/;
+// As in cohort/etcd.ts validateEndpoints (which the daemon runs again at start); repeated
+// here so config loads without the etcd client. No credentials in a URL.
+const ETCD_ENDPOINT = /^https?:\/\/(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})\/?$/;
 
 const Schema = z
   .object({
@@ -108,6 +111,25 @@ const Schema = z
           .max(10_000),
       })
       .strict(),
+    /**
+     * Cohort mode (docs/COHORT.md): records are committed through an etcd quorum and each
+     * node keeps its own replica (`replicaPath`, default <dataDir>/cohort.db). Absent: the
+     * single-node vault. Every node needs its own `nodeId`.
+     */
+    cohort: z
+      .object({
+        endpoints: z
+          .array(z.string().regex(ETCD_ENDPOINT, 'must be http(s)://host:port (no user, path or query)'))
+          .min(1, 'must list at least one etcd member')
+          .max(15)
+          .refine((e) => new Set(e).size === e.length, 'must not repeat an endpoint'),
+        prefix: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}[A-Za-z0-9]$/, 'must be 2-64 of A-Z, a-z, 0-9, ".", "_", "/", "-", not ending in "/"'),
+        nodeId: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/, 'must be 1-32 of A-Z, a-z, 0-9, "_", ".", "-" (unique in the cohort)'),
+        replicaPath: z.string().min(1).optional(),
+        startTimeoutSec: z.number().int().min(1).max(300),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -178,6 +200,14 @@ function fromEnv(env: NodeJS.ProcessEnv): Json {
     log: { level: env.BKV_LOG_LEVEL },
     admin: env.BKV_ADMIN_LISTEN ? parseListen(env.BKV_ADMIN_LISTEN) : undefined,
     audit: { file: env.BKV_AUDIT_FILE },
+    cohort:
+      env.BKV_COHORT_ENDPOINTS || env.BKV_COHORT_NODE_ID || env.BKV_COHORT_PREFIX
+        ? {
+            endpoints: env.BKV_COHORT_ENDPOINTS ? env.BKV_COHORT_ENDPOINTS.split(',').map((e) => e.trim()) : undefined,
+            nodeId: env.BKV_COHORT_NODE_ID,
+            prefix: env.BKV_COHORT_PREFIX,
+          }
+        : undefined,
   };
 }
 
@@ -200,6 +230,10 @@ export function loadConfig(opts: { file?: string; env?: NodeJS.ProcessEnv; overr
     }
   }
   const merged = merge(merge(merge(DEFAULTS as unknown as Json, fileJson), fromEnv(env)), opts.overrides ?? {});
+  // A cohort block gets its defaults only when one is given: no cohort means single node.
+  if (merged.cohort && typeof merged.cohort === 'object' && !Array.isArray(merged.cohort)) {
+    merged.cohort = merge({ prefix: 'bkv/v1', startTimeoutSec: 10 }, merged.cohort as Json);
+  }
   const r = Schema.safeParse(merged);
   if (!r.success) {
     const lines = r.error.issues.map((i) => `  ${i.path.join('.') || '(root)'}: ${i.message}`);

@@ -28,6 +28,7 @@ import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } fr
 import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
+import { CohortNode } from './cohort/node.js';
 
 export interface DaemonHooks {
   onRequest?: (e: RequestEvent) => void;
@@ -44,6 +45,8 @@ export interface Daemon {
   auth: Authenticator;
   metrics: Metrics;
   audit: AuditLog | undefined;
+  /** Set in cohort mode (config `cohort`): the replication engine this node serves through. */
+  cohort: CohortNode | undefined;
   startedAt: number;
   readiness(): Promise<Readiness>;
   stop(): Promise<void>;
@@ -62,26 +65,47 @@ function malloc(): 'jemalloc' | 'libc' {
   }
 }
 
-async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<Vault> {
+async function openServingVault(
+  c: Config,
+  log: Logger,
+  metrics: Metrics,
+  wrap?: (k: VaultKeys) => VaultKeys,
+): Promise<{ vault: Vault; cohort: CohortNode | undefined }> {
   // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
   const checkpointWorker = checkpointWorkerSetting();
   const raw = await openServingKeys(tokenConfig(c), log);
   let store: Store | undefined;
+  let cohort: CohortNode | undefined;
   try {
     const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);
     await selfTest(keys);
     // WAL checkpoints off the event loop; a failure here only moves them back onto it.
     const onFailure = (code: string) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed');
     store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'), checkpointWorker ? { checkpointWorker: { onFailure } } : {});
-    return await Vault.open(keys, store, log, {
+    // Cohort mode: records come from (and go through) etcd; no quorum at start is an error, never a fallback.
+    if (c.cohort) {
+      cohort = await CohortNode.start(
+        {
+          endpoints: c.cohort.endpoints,
+          prefix: c.cohort.prefix,
+          nodeId: c.cohort.nodeId,
+          replicaPath: c.cohort.replicaPath ?? join(c.dataDir, 'cohort.db'),
+          startTimeoutMs: c.cohort.startTimeoutSec * 1000,
+        },
+        log,
+      );
+    }
+    const vault = await Vault.open(keys, store, log, {
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
       kdfFloor: { alg: 'argon2id', ...c.vault.kdfFloor },
       maxSessions: c.limits.maxSessions,
       tenantSessions: c.limits.tenantSessions,
       tenantEnrollments: c.limits.tenantEnrollments,
-    });
+    }, cohort?.records);
+    return { vault, cohort };
   } catch (e) {
+    await cohort?.close();
     store?.close();
     raw.close();
     throw e;
@@ -90,7 +114,7 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
 
 export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   const metrics = hooks.metrics ?? new Metrics({ processMetrics: false });
-  const vault = await openServingVault(c, log, metrics, hooks.wrapKeys);
+  const { vault, cohort } = await openServingVault(c, log, metrics, hooks.wrapKeys);
   const now = vault.options.now;
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
@@ -143,6 +167,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       },
     );
   } catch (e) {
+    await cohort?.close();
     vault.store.close();
     vault.keys.close();
     throw e;
@@ -152,6 +177,18 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     ledger: () => vault.ledger.status(),
     epoch: () => vault.keys.currentEpoch(),
     connections: () => server.connections(),
+    cohort: () => {
+      if (!cohort) return undefined;
+      const st = cohort.ledger.status();
+      return {
+        node: st.nodeId,
+        applied: Number(st.appliedRevision),
+        lag: Number(st.lag),
+        txns: st.stats.txns,
+        compareFailed: st.stats.compareFailed,
+        commits: st.stats.commits,
+      };
+    },
     tables: () => {
       const s = vault.sessionStats();
       const ch = channels.stats();
@@ -170,6 +207,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       vaultId: toHex(vault.vaultId),
       epoch: vault.keys.currentEpoch(),
       anchorSeq: vault.ledger.status().anchored,
+      ...(cohort ? { cohortNode: cohort.settings.nodeId, cohortRevision: cohort.replica.appliedRevision.toString() } : {}),
       pid: process.pid,
       version: VERSION,
       malloc: malloc(),
@@ -192,10 +230,11 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     auth,
     metrics,
     audit,
+    cohort,
     startedAt,
     readiness: cachedReadiness(
-      () => readiness(vault, audit),
-      () => readinessSignals(vault, audit),
+      () => readiness(vault, audit, { ...(cohort ? { cohort } : {}) }),
+      () => readinessSignals(vault, audit) + (cohort ? `|${cohort.ledger.stopped?.message ?? ''}` : ''),
       { onEvaluate: () => metrics.readyEvaluations.inc() },
     ),
     stop: () =>
@@ -203,6 +242,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
         await server.close();
         clearInterval(sweep);
         vault.close();
+        await cohort?.close();
         log.info({ event: 'stopped' }, 'vault stopped');
         // Last: the final audit checkpoint still needs the HSM.
         await audit?.close();
@@ -264,7 +304,13 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
     return v;
   };
   return {
-    status: () => daemonStatus(c, vault, { ...(d.audit ? { audit: d.audit } : {}), startedAt: d.startedAt, connections: () => d.server.connections() }),
+    status: () =>
+      daemonStatus(c, vault, {
+        ...(d.audit ? { audit: d.audit } : {}),
+        ...(d.cohort ? { cohort: d.cohort.report() } : {}),
+        startedAt: d.startedAt,
+        connections: () => d.server.connections(),
+      }),
     rotate: (o, onProgress) => vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
     tenants: () => ({ tenants: vault.store.tenants.list() }),
     async addTenant(name) {

@@ -101,5 +101,6 @@ program
 program.parseAsync().catch((e: unknown) => {
   const msg = e instanceof VaultError ? `${e.code}: ${e.message}` : (e as Error).message;
   process.stderr.write(`bkv-vault: ${msg}\n`);
-  process.exit(e instanceof VaultError && e.code === 'BAD_REQUEST' ? 2 : 1);
+  // 3: a cohort node found no etcd quorum at start (cohort/node.ts); it never serves alone.
+  process.exit(e instanceof VaultError && e.detail?.cohort === 'no-quorum' ? 3 : e instanceof VaultError && e.code === 'BAD_REQUEST' ? 2 : 1);
 });

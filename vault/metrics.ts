@@ -17,6 +17,8 @@ export interface MetricsSource {
   connections(): number;
   /** Entries of the bounded in-memory tables (docs/OPERATIONS.md "Limits and quotas"). */
   tables?(): Record<'sessions' | 'enrolments' | 'channels' | 'closed_channel_ids' | 'rate_buckets', number>;
+  /** Cohort mode (cohort/node.ts): this node's id, applied revision, lag behind etcd and engine counters. */
+  cohort?(): { node: string; applied: number; lag: number; txns: number; compareFailed: number; commits: number } | undefined;
 }
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -114,6 +116,23 @@ export class Metrics {
         for (const [table, n] of Object.entries(t)) this.set({ table }, n);
       },
     });
+    // Cohort mode only; labelled with the node id so a dashboard tells the nodes apart.
+    const cohortGauge = (name: string, help: string, pick: (c: NonNullable<ReturnType<NonNullable<MetricsSource['cohort']>>>) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['node'],
+        registers: r,
+        collect() {
+          const c = self.safe(() => self.source?.cohort?.());
+          if (c) this.set({ node: c.node }, pick(c));
+        },
+      });
+    cohortGauge('bkv_cohort_applied_revision', 'etcd revision this node\'s replica has applied', (c) => c.applied);
+    cohortGauge('bkv_cohort_lag_revisions', 'revisions etcd is known to hold that this node has not applied yet', (c) => c.lag);
+    cohortGauge('bkv_cohort_txns', 'group-commit txns this node sent to etcd since start', (c) => c.txns);
+    cohortGauge('bkv_cohort_compare_failed', 'txns that lost a compare (another node changed a record first) since start', (c) => c.compareFailed);
+    cohortGauge('bkv_cohort_commits', 'record commits resolved through the quorum since start', (c) => c.commits);
     new Gauge({
       name: 'bkv_rpc_connections',
       help: 'open WebSocket connections',

@@ -14,6 +14,7 @@
 import type { Vault } from '../core/vault.js';
 import type { AuditLog } from '../audit/log.js';
 import { toHex } from '../../protocol/bytes.js';
+import type { CohortNode } from '../cohort/node.js';
 
 export interface Check {
   ok: boolean;
@@ -22,7 +23,14 @@ export interface Check {
 
 export interface Readiness {
   ready: boolean;
-  checks: { hsm: Check; anchor: Check & { seq?: number; anchored?: number; hsmSeq?: number; lag?: number }; db: Check; audit?: Check };
+  checks: {
+    hsm: Check;
+    anchor: Check & { seq?: number; anchored?: number; hsmSeq?: number; lag?: number };
+    db: Check;
+    audit?: Check;
+    /** Cohort mode: a quorum answers and this node has applied etcd's current revision. */
+    cohort?: Check & { node: string; appliedRevision: string; lag: string };
+  };
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
@@ -35,7 +43,7 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]);
 }
 
-export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutMs?: number } = {}): Promise<Readiness> {
+export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutMs?: number; cohort?: CohortNode } = {}): Promise<Readiness> {
   const timeoutMs = opts.timeoutMs ?? 2000;
   let hsm: Check;
   try {
@@ -116,6 +124,7 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
     const s = audit.status();
     checks.audit = s.healthy ? { ok: true } : { ok: false, detail: 'the audit log cannot be written' };
   }
+  if (opts.cohort) checks.cohort = { node: opts.cohort.settings.nodeId, ...(await opts.cohort.readiness(Math.min(timeoutMs, 1_500))) };
   return { ready: Object.values(checks).every((c) => c.ok), checks };
 }
 

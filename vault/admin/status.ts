@@ -18,6 +18,7 @@ import { vaultIdOf } from '../../protocol/descriptor.js';
 import { toHex } from '../../protocol/bytes.js';
 import type { Vault } from '../core/vault.js';
 import type { AuditLog } from '../audit/log.js';
+import type { CohortReport } from '../cohort/node.js';
 import { hsmSettings, type Config } from '../config.js';
 import { tokenConfig } from '../setup.js';
 import { dataPermissions, type PermissionReport } from './perms.js';
@@ -46,6 +47,8 @@ export interface StatusReport {
   anchor?: { dbSeq: number; hsmSeq: number; consistent: boolean; lag: number; detail: string };
   audit?: { seq: number; signedThrough: number; healthy: boolean };
   daemon?: { pid: number; uptimeSec: number; connections: number };
+  /** Cohort mode: this node's id (its role), applied revision, lag and engine figures. */
+  cohort?: CohortReport;
   /** Folders looser than 0700, files looser than 0600 in the data folder (admin/perms.ts). */
   permissions?: PermissionReport;
 }
@@ -105,7 +108,7 @@ function anchorDetail(dbSeq: number, hsmSeq: number, rootsMatch: boolean): { con
 export async function daemonStatus(
   c: Config,
   vault: Vault,
-  extra: { audit?: AuditLog; startedAt: number; connections: () => number },
+  extra: { audit?: AuditLog; startedAt: number; connections: () => number; cohort?: CohortReport },
 ): Promise<StatusReport> {
   const s = hsmSettings(c);
   const up = vault.keys.ping();
@@ -142,6 +145,7 @@ export async function daemonStatus(
     tenants: tenantSummary(vault.store.tenants.list()),
     anchor,
     ...(extra.audit ? { audit: (({ seq, signedThrough, healthy }) => ({ seq, signedThrough, healthy }))(extra.audit.status()) } : {}),
+    ...(extra.cohort ? { cohort: extra.cohort } : {}),
     daemon: { pid: process.pid, uptimeSec: Math.round((Date.now() - extra.startedAt) / 1000), connections: extra.connections() },
     permissions: dataPermissions(c.dataDir),
   };
