@@ -1,0 +1,198 @@
+// A real cohort: a 3-member etcd (test/helpers/etcd.ts) and 3 real daemons
+// (test/helpers/daemon.ts) holding the same vault keys (copies of one data
+// folder, token included, as test/failover.test.ts does), each with its own
+// SQLite replica, serving through the replication engine (docs/COHORT.md).
+// Enrol on one node, recover on another, status on the third; 200 concurrent
+// wrong guesses spread over the three nodes count exactly the limit and reach
+// the HSM's verifier check at most that often, and the record is destroyed on
+// every node; kill -9 of a node and the SDK goes on through the others; a
+// node whose replica is wiped rebuilds it from etcd and serves. Config errors
+// and a missing quorum at start are refused, never served single-node.
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { VaultClient } from '../client/sdk.js';
+import { WebSocketTransport } from '../client/transport.js';
+import { readVaultKey } from '../client/cli.js';
+import { ErrorCodes } from '../protocol/errors.js';
+import { loadConfig } from '../vault/config.js';
+import { startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
+import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
+import { TEST_KDF } from './helpers/vault.js';
+import { codeOf } from './helpers/codes.js';
+
+async function deadPort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as { port: number }).port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+const adminUrl = (d: RunningDaemon) => (JSON.parse(readFileSync(join(d.dataDir, 'admin.json'), 'utf8')) as { url: string }).url;
+
+/** Sum of one counter/histogram-count sample in a node's /metrics. */
+async function metric(d: RunningDaemon, name: string, label = ''): Promise<number> {
+  const text = await (await fetch(`${adminUrl(d)}/metrics`)).text();
+  let sum = 0;
+  for (const line of text.split('\n')) if (line.startsWith(name) && line.includes(label)) sum += Number(line.split(' ').pop());
+  return sum;
+}
+
+describe('a 3-node cohort on a 3-member etcd', () => {
+  let cluster: EtcdCluster;
+  const nodes: RunningDaemon[] = [];
+  const dirs: string[] = [];
+  let pinnedKey: Uint8Array;
+  const config = (i: number, endpoints: string[]) => ({ ...TEST_CONFIG, cohort: { endpoints, prefix: 't-node', nodeId: `n${i + 1}` } });
+  const client = (d: RunningDaemon) =>
+    new VaultClient({ transport: new WebSocketTransport({ url: d.url, token: d.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+
+  beforeAll(async () => {
+    cluster = await startEtcdCluster({ members: 3 });
+    // One key set: a single node makes the keys, the dev tenant and its token, then stops; each
+    // cohort node starts from its own copy of that folder (its own token copy and SQLite files).
+    const seed = await startDaemon();
+    pinnedKey = readVaultKey(seed.vaultKeyFile);
+    await seed.stop();
+    for (let i = 0; i < 3; i++) {
+      const dir = mkdtempSync(join(tmpdir(), `bkv-cohort-n${i + 1}-`));
+      cpSync(seed.dataDir, dir, { recursive: true });
+      rmSync(join(dir, 'softhsm2.conf')); // names the seed's token folder; the node writes its own
+      dirs.push(dir);
+    }
+    rmSync(seed.dataDir, { recursive: true, force: true });
+    nodes.push(...(await Promise.all(dirs.map((dir, i) => startDaemon({ dataDir: dir, config: config(i, cluster.endpoints) })))));
+  }, 120_000);
+
+  afterAll(async () => {
+    for (const n of nodes) await n?.stop('SIGKILL');
+    for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    await cluster?.stop();
+  });
+
+  it('refuses a bad cohort config by field, and a start without quorum with exit code 3', async () => {
+    const bad = (cohort: object) => {
+      try {
+        loadConfig({ env: {}, overrides: { cohort } });
+        return '';
+      } catch (e) {
+        return (e as Error).message;
+      }
+    };
+    expect(bad({ endpoints: ['http://user:pw@a:1'], nodeId: 'n1' })).toMatch(/cohort\.endpoints\.0: must be http\(s\):\/\/host:port/);
+    expect(bad({ endpoints: ['http://a:1'], nodeId: 'n 1' })).toMatch(/cohort\.nodeId: must be 1-32/);
+    expect(bad({ endpoints: [], nodeId: 'n1' })).toMatch(/cohort\.endpoints: must list at least one/);
+    expect(bad({ endpoints: ['http://a:1', 'http://a:1'], nodeId: 'n1' })).toMatch(/must not repeat/);
+    expect(bad({ endpoints: ['http://a:1'], nodeId: 'n1' })).toBe('');
+    expect(loadConfig({ env: { BKV_COHORT_ENDPOINTS: 'http://a:1,http://b:2', BKV_COHORT_NODE_ID: 'x' } }).cohort).toMatchObject({
+      endpoints: ['http://a:1', 'http://b:2'],
+      nodeId: 'x',
+      prefix: 'bkv/v1',
+    });
+    expect(loadConfig({ env: {} }).cohort).toBeUndefined();
+
+    const dir = mkdtempSync(join(tmpdir(), 'bkv-cohort-noq-'));
+    try {
+      cpSync(dirs[0]!, dir, { recursive: true });
+      rmSync(join(dir, 'softhsm2.conf'));
+      rmSync(join(dir, 'cohort.db'), { force: true });
+      for (const f of ['admin.json', 'admin-token', 'daemon.lock']) rmSync(join(dir, f), { force: true });
+      const dead = [`http://127.0.0.1:${await deadPort()}`, `http://127.0.0.1:${await deadPort()}`];
+      const err = await startDaemon({ dataDir: dir, config: { ...TEST_CONFIG, cohort: { endpoints: dead, prefix: 't-node', nodeId: 'nq', startTimeoutSec: 2 } } }).then(
+        () => '',
+        (e: Error) => e.message,
+      );
+      expect(err).toMatch(/daemon exited with 3/);
+      expect(err).toMatch(/no etcd quorum answered within 2000 ms/);
+      expect(err).not.toMatch(/"event":"listening"/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  it('enrol on node 1, recover on node 2, status on node 3; status and readiness show each node', async () => {
+    const key = new Uint8Array(32).fill(9);
+    const c1 = client(nodes[0]!);
+    await c1.enrollPassword('alice', 'correct horse', key);
+    c1.close();
+    const c2 = client(nodes[1]!);
+    expect(await c2.recoverWithPassword('alice', 'correct horse')).toEqual(key);
+    expect(await codeOf(c2.recoverWithPassword('alice', 'wrong horse'))).toBe(ErrorCodes.WRONG_PASSWORD);
+    c2.close();
+    const c3 = client(nodes[2]!);
+    expect(await c3.status('alice')).toMatchObject({ state: 'active', attemptsLeft: 9 });
+    c3.close();
+    for (const [i, n] of nodes.entries()) {
+      const r = await fetch(`${adminUrl(n)}/readyz`);
+      const body = (await r.json()) as { ready: boolean; checks: { cohort: { ok: boolean; node: string; lag: string } } };
+      expect(r.status).toBe(200);
+      expect(body.checks.cohort).toMatchObject({ ok: true, node: `n${i + 1}` });
+      expect(await metric(n, 'bkv_cohort_applied_revision')).toBeGreaterThan(0);
+    }
+  }, 60_000);
+
+  it('200 concurrent wrong guesses over the 3 nodes: exactly the limit counted and verified, and the record destroyed on every node', async () => {
+    const c1 = client(nodes[0]!);
+    await c1.enrollPassword('target', 'the right one', new Uint8Array(32).fill(1));
+    c1.close();
+    const checks = async () => (await Promise.all(nodes.map((n) => metric(n, 'bkv_hsm_operation_duration_seconds_count', 'op="check_verifier"')))).reduce((a, b) => a + b, 0);
+    const before = await checks();
+    const clients = Array.from({ length: 12 }, (_, k) => client(nodes[k % 3]!));
+    const t0 = Date.now();
+    const codes = await Promise.all(Array.from({ length: 200 }, (_, k) => codeOf(clients[k % clients.length]!.recoverWithPassword('target', `wrong ${k}`))));
+    const ms = Date.now() - t0;
+    for (const c of clients) c.close();
+    const tally: Record<string, number> = {};
+    for (const c of codes) tally[String(c)] = (tally[String(c)] ?? 0) + 1;
+    const verified = (await checks()) - before;
+    console.log(`cohort: 200 wrong guesses over 3 nodes in ${ms} ms: ${JSON.stringify(tally)}, ${verified} verifier checks`);
+    expect(verified).toBe(10);
+    // Every answer is the record's: wrong (counted), or locked; nothing else.
+    expect(Object.keys(tally).every((c) => c === ErrorCodes.WRONG_PASSWORD || c === ErrorCodes.LOCKED)).toBe(true);
+    expect(tally[ErrorCodes.WRONG_PASSWORD] ?? 0).toBeLessThanOrEqual(10);
+    for (const n of nodes) {
+      const c = client(n);
+      expect(await c.status('target')).toMatchObject({ state: 'locked', attemptsLeft: 0 });
+      expect(await codeOf(c.recoverWithPassword('target', 'the right one'))).toBe(ErrorCodes.LOCKED);
+      c.close();
+    }
+  }, 90_000);
+
+  it('kill -9 of a node: the SDK with all three URLs goes on through the others', async () => {
+    const key = new Uint8Array(32).fill(3);
+    const c = new VaultClient({
+      transports: nodes.map((n) => new WebSocketTransport({ url: n.url, token: n.token })),
+      pinnedKey,
+      kdf: TEST_KDF,
+      failover: { first: 0, baseDelayMs: 1 },
+    });
+    await c.enrollPassword('bob', 'pw bob', key);
+    await nodes[0]!.stop('SIGKILL');
+    expect(await c.recoverWithPassword('bob', 'pw bob')).toEqual(key);
+    expect(await codeOf(c.recoverWithPassword('bob', 'not bob'))).toBe(ErrorCodes.WRONG_PASSWORD);
+    expect((await c.status('bob')).attemptsLeft).toBe(9);
+    c.close();
+    // Back on its replica: it catches up from etcd and sees what the others committed meanwhile.
+    nodes[0] = await nodes[0]!.restart();
+    const c1 = client(nodes[0]!);
+    expect(await c1.status('bob')).toMatchObject({ state: 'active', attemptsLeft: 9 });
+    c1.close();
+  }, 60_000);
+
+  it('a node whose SQLite replica is wiped rebuilds it from etcd and serves', async () => {
+    const n3 = nodes[2]!;
+    await n3.stop();
+    for (const s of ['', '-wal', '-shm']) rmSync(join(n3.dataDir, `cohort.db${s}`), { force: true });
+    expect(existsSync(join(n3.dataDir, 'cohort.db'))).toBe(false);
+    nodes[2] = await n3.restart();
+    expect(nodes[2].logs.some((l) => l.includes('"event":"cohort.start"') && l.includes('"rebuilt":true'))).toBe(true);
+    const c = client(nodes[2]);
+    expect(await c.status('alice')).toMatchObject({ state: 'active', attemptsLeft: 9 });
+    expect(await c.status('target')).toMatchObject({ state: 'locked' });
+    expect(await c.recoverWithPassword('bob', 'pw bob')).toEqual(new Uint8Array(32).fill(3));
+    c.close();
+  }, 60_000);
+});
