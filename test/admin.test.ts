@@ -257,7 +257,7 @@ describe('readiness when the HSM session is lost and comes back (fault seam, in-
     close = () => this.k.close();
   }
 
-  it('503 with the HSM check failing while it is gone; an anchor write that failed meanwhile is retried; 200 once it is back', async () => {
+  it('503 with the HSM check failing while it is gone; a change whose anchor write failed meanwhile is undone, and the undo anchored; 200 once it is back', async () => {
     const { loadConfig } = await import('../vault/config.js');
     const { initVault } = await import('../vault/setup.js');
     const { startDaemon: startInProcess, startAdmin } = await import('../vault/daemon.js');
@@ -281,7 +281,8 @@ describe('readiness when the HSM session is lost and comes back (fault seam, in-
       expect(lost.status).toBe(503);
       expect(lost.json()).toMatchObject({ ready: false, checks: { hsm: { ok: false }, anchor: { ok: false }, db: { ok: true } } });
       expect(lost.json().checks.hsm.detail).toMatch(/does not answer/);
-      // A change made now commits to the database but cannot be anchored: the caller gets HSM_UNAVAILABLE.
+      // A change made now cannot be anchored: it is undone (SECURITY.md F5) and the caller gets HSM_UNAVAILABLE.
+      // The undo is a batch of its own, waiting for the anchor.
       await expect(dm.vault.delete('carol')).rejects.toMatchObject({ code: ErrorCodes.HSM_UNAVAILABLE });
       const m = (await get(`${url}/metrics`)).text;
       expect(metric(m, 'bkv_hsm_up')).toBe(0);
@@ -294,15 +295,15 @@ describe('readiness when the HSM session is lost and comes back (fault seam, in-
       const back = await get(`${url}/readyz`);
       expect(back.status).toBe(200);
       expect(back.json().checks.anchor).toMatchObject({ ok: true, lag: 0 });
-      expect(dm.vault.status('carol').state).toBe('deleted');
+      expect(dm.vault.status('carol').state).toBe('active');
       expect(metric((await get(`${url}/metrics`)).text, 'bkv_hsm_up')).toBe(1);
 
-      // The retried anchor and the database agree: a restart opens the same database (no false rollback alarm).
+      // The anchored undo and the database agree: a restart opens the same database (no false rollback alarm).
       await ad.close();
       await dm.stop();
       const again = await startInProcess(c, log);
       try {
-        expect(again.vault.status('carol').state).toBe('deleted');
+        expect(again.vault.status('carol').state).toBe('active');
         expect((await again.readiness()).ready).toBe(true);
       } finally {
         await again.stop();

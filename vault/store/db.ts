@@ -5,8 +5,7 @@
 // overwritten rather than left in free pages.
 import Database from 'better-sqlite3';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
-import { leafHash } from '../core/state-hash.js';
-import { fromRow, type Row } from './records.js';
+import { leafHashV4, type RowV3 } from './migration-4.js';
 import { createIfMissing, lexists } from '../../lib/safe-file.js';
 import { lstatSync } from 'node:fs';
 
@@ -64,9 +63,9 @@ const MIGRATIONS: (string | ((db: Db) => void))[] = [
   (db) => {
     db.exec('ALTER TABLE records ADD COLUMN leaf BLOB');
     const update = db.prepare('UPDATE records SET leaf = ? WHERE user_id = ?');
-    const page = db.prepare<[number], Row & { rowid: number }>('SELECT rowid, * FROM records WHERE rowid > ? ORDER BY rowid LIMIT 10000');
+    const page = db.prepare<[number], RowV3 & { rowid: number }>('SELECT rowid, * FROM records WHERE rowid > ? ORDER BY rowid LIMIT 10000');
     for (let last = 0, rows = page.all(last); rows.length; rows = page.all(last)) {
-      for (const row of rows) update.run(Buffer.from(leafHash(fromRow(row))), row.user_id);
+      for (const row of rows) update.run(Buffer.from(leafHashV4(row)), row.user_id);
       last = rows[rows.length - 1]!.rowid;
     }
     db.exec('CREATE INDEX records_leaves ON records (bucket, user_id, leaf); DROP INDEX records_bucket;');
