@@ -111,7 +111,7 @@ function printStatus(s: StatusReport): void {
     const k = s.cohort;
     out(
       `cohort   node ${k.nodeId}, applied revision ${k.appliedRevision}, lag ${k.lag}, ${k.records} records, chain head ${k.chainHead.slice(0, 16)}…` +
-        `${k.stopped ? `\n         STOPPED: ${k.stopped}` : ''}\n         HSM anchor of the cohort state: not yet written (docs/COHORT.md)`,
+        `${k.stopped ? `\n         STOPPED: ${k.stopped}` : ''}\n         HSM anchor of the cohort state: ${k.anchored ? `revision ${k.anchored.revision}, head ${k.anchored.head.slice(0, 16)}…` : 'none yet'}`,
     );
   }
   if (s.audit) out(`audit    ${s.audit.seq} lines, signed through ${s.audit.signedThrough}, writable: ${yes(s.audit.healthy)}`);

@@ -29,6 +29,7 @@ import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
 import { CohortNode } from './cohort/node.js';
+import type { Ledger } from './core/ledger.js';
 
 export interface DaemonHooks {
   onRequest?: (e: RequestEvent) => void;
@@ -83,18 +84,23 @@ async function openServingVault(
     const onFailure = (code: string) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed');
     store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'), checkpointWorker ? { checkpointWorker: { onFailure } } : {});
     // Cohort mode: records come from (and go through) etcd; no quorum at start is an error, never a fallback.
-    if (c.cohort) {
-      cohort = await CohortNode.start(
-        {
-          endpoints: c.cohort.endpoints,
-          prefix: c.cohort.prefix,
-          nodeId: c.cohort.nodeId,
-          replicaPath: c.cohort.replicaPath ?? join(c.dataDir, 'cohort.db'),
-          startTimeoutMs: c.cohort.startTimeoutSec * 1000,
-        },
-        log,
-      );
-    }
+    const cc = c.cohort;
+    const joinCohort = cc
+      ? async (ledger: Ledger) => {
+          cohort = await CohortNode.start(
+            {
+              endpoints: cc.endpoints,
+              prefix: cc.prefix,
+              nodeId: cc.nodeId,
+              replicaPath: cc.replicaPath ?? join(c.dataDir, 'cohort.db'),
+              startTimeoutMs: cc.startTimeoutSec * 1000,
+            },
+            log,
+            ledger,
+          );
+          return cohort.records;
+        }
+      : undefined;
     const vault = await Vault.open(keys, store, log, {
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
@@ -102,7 +108,7 @@ async function openServingVault(
       maxSessions: c.limits.maxSessions,
       tenantSessions: c.limits.tenantSessions,
       tenantEnrollments: c.limits.tenantEnrollments,
-    }, cohort?.records);
+    }, joinCohort);
     return { vault, cohort };
   } catch (e) {
     await cohort?.close();

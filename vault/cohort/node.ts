@@ -5,13 +5,66 @@
 // Start refuses, with a clear message and its own exit code (main.ts), when no
 // etcd quorum answers: a node configured for a cohort never falls back to
 // serving alone, which would fork the attempt counters.
+//
+// The HSM anchor of the cohort state (docs/COHORT.md, "Rollback detection"):
+// after each checkpoint write the node records `{ revision, head, checkpoint }`
+// as a reserved row of its single-node ledger (core/ledger.ts), whose Merkle
+// root the HSM anchors; at start it reads the row back and gives it to the
+// engine as `anchor`. So the cohort state is anchored through the same HSM
+// object as a single node's records, with the same protection: a restored
+// older vault.db is refused by the ledger, and a wiped or old cohort.db is
+// checked against etcd with the anchored revision, head and checkpoint.
 import type { Logger } from 'pino';
 import type { Etcd3 } from 'etcd3';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { SqliteReplica } from '../store/cohort-replica.js';
 import { connectEtcd, validateEndpoints } from './etcd.js';
-import { CohortLedger, type LedgerStatus } from './ledger.js';
+import { CohortLedger, type LedgerAnchor, type LedgerStatus } from './ledger.js';
 import { CohortRecordLog } from '../core/record-log.js';
+import type { Ledger } from '../core/ledger.js';
+import type { StoredRecord } from '../store/records.js';
+
+/**
+ * The ledger row holding this node's cohort anchor. A record key no user id can
+ * produce (user ids hold no control character: core/input.ts); state "deleted", so
+ * no flow serves it; the fields below carry the anchor.
+ */
+export const COHORT_ANCHOR_KEY = '\u0000cohort-anchor';
+
+interface AnchorBody {
+  revision: string;
+  checkpoint?: { modRevision: string; digest: string };
+}
+
+function anchorRow(a: LedgerAnchor & { head: Uint8Array }, now: number): StoredRecord {
+  const body: AnchorBody = {
+    revision: a.revision.toString(),
+    ...(a.checkpoint ? { checkpoint: { modRevision: a.checkpoint.modRevision.toString(), digest: a.checkpoint.digest } } : {}),
+  };
+  return {
+    userId: COHORT_ANCHOR_KEY,
+    state: 'deleted',
+    generation: 1,
+    attempts: 0,
+    attemptLimit: 1,
+    verifier: a.head,
+    sealed: new Uint8Array(Buffer.from(JSON.stringify(body), 'utf8')),
+    sealEpoch: null,
+    kdf: null,
+    createdAt: now,
+    updatedAt: now,
+  };
+}
+
+function anchorOf(rec: StoredRecord | undefined): LedgerAnchor | undefined {
+  if (!rec || !rec.verifier || !rec.sealed) return undefined;
+  const b = JSON.parse(Buffer.from(rec.sealed).toString('utf8')) as AnchorBody;
+  return {
+    revision: BigInt(b.revision),
+    head: rec.verifier,
+    ...(b.checkpoint ? { checkpoint: { modRevision: BigInt(b.checkpoint.modRevision), digest: b.checkpoint.digest } } : {}),
+  };
+}
 
 export interface CohortSettings {
   endpoints: string[];
@@ -35,21 +88,28 @@ export interface CohortReport {
   clusterId: string | undefined;
   stopped: string | undefined;
   records: number;
-  /** What the HSM anchors of the cohort state (not yet: docs/COHORT.md "Left for wiring"). */
-  anchored: false;
+  /** The cohort state last anchored in the HSM (through the ledger row), if any yet. */
+  anchored: { revision: string; head: string; checkpointRevision?: string } | undefined;
   stats: LedgerStatus['stats'];
 }
 
 export class CohortNode {
+  private anchorTimer: NodeJS.Timeout | undefined;
+  private anchoring = false;
+  private closed = false;
+
   private constructor(
     readonly settings: CohortSettings,
     readonly etcd: Etcd3,
     readonly replica: SqliteReplica,
     readonly ledger: CohortLedger,
     readonly records: CohortRecordLog,
+    private readonly local: Ledger,
+    private readonly log: Logger,
+    private anchored: LedgerAnchor | undefined,
   ) {}
 
-  static async start(s: CohortSettings, log: Logger): Promise<CohortNode> {
+  static async start(s: CohortSettings, log: Logger, local: Ledger): Promise<CohortNode> {
     const endpoints = validateEndpoints(s.endpoints, 'cohort.endpoints');
     const timeoutMs = s.startTimeoutMs ?? 10_000;
     const etcd = connectEtcd(endpoints, { field: 'cohort.endpoints' });
@@ -59,7 +119,9 @@ export class CohortNode {
       await quorum(etcd, endpoints.length, timeoutMs);
       replica = new SqliteReplica(s.replicaPath);
       const from = replica.appliedRevision;
-      ledger = new CohortLedger({ etcd, replica, prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000 });
+      // Read through the ledger: a row that does not match the HSM-anchored root is refused there.
+      const anchor = anchorOf(local.get(COHORT_ANCHOR_KEY));
+      ledger = new CohortLedger({ etcd, replica, prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000, ...(anchor ? { anchor } : {}) });
       const t0 = Date.now();
       await ledger.start();
       log.info(
@@ -70,17 +132,45 @@ export class CohortNode {
           fromRevision: from.toString(),
           appliedRevision: replica.appliedRevision.toString(),
           rebuilt: from === 0n,
+          anchoredRevision: anchor?.revision.toString() ?? null,
           records: replica.size,
           ms: Date.now() - t0,
         },
         from === 0n ? 'cohort replica built from an etcd snapshot' : 'cohort replica caught up from etcd',
       );
-      return new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica));
+      const node = new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica), local, log, anchor);
+      await node.anchor();
+      node.anchorTimer = setInterval(() => void node.anchor(), 1_000);
+      node.anchorTimer.unref();
+      return node;
     } catch (e) {
       await ledger?.close().catch(() => undefined);
       replica?.close();
       etcd.close();
       throw e;
+    }
+  }
+
+  /**
+   * Anchor `{ revision, head, checkpoint }` in the HSM once the engine wrote a new
+   * checkpoint (docs/COHORT.md: the anchor is as fresh as its last write). A failure
+   * (HSM down) is logged and retried at the next tick; the engine keeps serving.
+   */
+  async anchor(): Promise<void> {
+    if (this.anchoring || this.closed || this.ledger.stopped) return;
+    const st = this.ledger.status();
+    const ck = st.checkpoint;
+    if (!ck || (this.anchored?.checkpoint && this.anchored.checkpoint.modRevision >= ck.modRevision)) return;
+    this.anchoring = true;
+    try {
+      const a = { revision: st.appliedRevision, head: new Uint8Array(Buffer.from(st.chainHead, 'hex')), checkpoint: ck };
+      this.local.transaction(() => this.local.put(anchorRow(a, Date.now())));
+      await this.local.sync();
+      this.anchored = a;
+    } catch (e) {
+      this.log.warn({ event: 'cohort.anchor.failed', err: (e as Error).message }, 'could not anchor the cohort state in the HSM; retrying');
+    } finally {
+      this.anchoring = false;
     }
   }
 
@@ -95,7 +185,13 @@ export class CohortNode {
       clusterId: st.clusterId,
       stopped: st.stopped,
       records: this.replica.keys(`${this.settings.prefix}/r/`).length,
-      anchored: false,
+      anchored: this.anchored
+        ? {
+            revision: this.anchored.revision.toString(),
+            head: Buffer.from(this.anchored.head ?? new Uint8Array()).toString('hex'),
+            ...(this.anchored.checkpoint ? { checkpointRevision: this.anchored.checkpoint.modRevision.toString() } : {}),
+          }
+        : undefined,
       stats: st.stats,
     };
   }
@@ -122,6 +218,8 @@ export class CohortNode {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
+    if (this.anchorTimer) clearInterval(this.anchorTimer);
     await this.ledger.close().catch(() => undefined);
     this.etcd.close();
     this.replica.close();

@@ -117,12 +117,14 @@ export class Vault {
     store: Store,
     log: Logger,
     options: Partial<VaultOptions> = {},
-    records?: RecordLog,
+    cohort?: (ledger: Ledger) => Promise<RecordLog>,
   ): Promise<Vault> {
     bindStore(store, vaultIdOf(keys.signingPublic));
-    // Cohort mode (`records` given) keeps the single-node ledger open over its empty record
-    // table: health and status checks of the HSM anchor keep working on it unchanged.
+    // Cohort mode (`cohort` given) keeps the single-node ledger open: it holds the node's HSM
+    // anchor of the cohort state (cohort/node.ts), and health and status checks of the HSM
+    // anchor keep working on it unchanged. Records come from the cohort.
     const ledger = await Ledger.open(store.records, keys, log);
+    const records = cohort ? await cohort(ledger) : undefined;
     return new Vault(keys, store, ledger, log, options, records);
   }
 
