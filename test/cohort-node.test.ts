@@ -131,6 +131,8 @@ describe('a 3-node cohort on a 3-member etcd', () => {
       expect(body.checks.cohort).toMatchObject({ ok: true, node: `n${i + 1}` });
       expect(await metric(n, 'bkv_cohort_applied_revision')).toBeGreaterThan(0);
     }
+    expect(await metric(nodes[0]!, 'bkv_cohort_commit_duration_seconds_count')).toBeGreaterThan(0); // the enrolment
+    expect(await metric(nodes[1]!, 'bkv_cohort_commit_duration_seconds_count')).toBeGreaterThanOrEqual(4); // 2 recoveries: begin + finish each
     // bkv-admin status: role, applied revision, lag, and the cohort state anchored in this node's HSM
     // (written after each checkpoint, about once a second while records change).
     await new Promise((r) => setTimeout(r, 2_500));

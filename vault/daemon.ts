@@ -94,6 +94,7 @@ async function openServingVault(
               nodeId: cc.nodeId,
               replicaPath: cc.replicaPath ?? join(c.dataDir, 'cohort.db'),
               startTimeoutMs: cc.startTimeoutSec * 1000,
+              onCommit: (s) => metrics.cohortCommitSeconds.observe(s),
             },
             log,
             ledger,

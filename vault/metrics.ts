@@ -42,6 +42,7 @@ export class Metrics {
   readonly auditEvents: Counter;
   readonly auditCheckpoints: Counter;
   readonly auditErrors: Counter;
+  readonly cohortCommitSeconds: Histogram;
   private source: MetricsSource | undefined;
 
   constructor(opts: { processMetrics?: boolean } = {}) {
@@ -64,6 +65,7 @@ export class Metrics {
     this.auditEvents = new Counter({ name: 'bkv_audit_events_total', help: 'lines appended to the audit log', registers: r });
     this.auditCheckpoints = new Counter({ name: 'bkv_audit_checkpoints_total', help: 'HSM-signed audit checkpoints written', registers: r });
     this.auditErrors = new Counter({ name: 'bkv_audit_write_errors_total', help: 'audit appends or checkpoints that failed', registers: r });
+    this.cohortCommitSeconds = new Histogram({ name: 'bkv_cohort_commit_duration_seconds', help: 'cohort mode: a record change from its call to its quorum commit applied on this node', buckets: LATENCY_BUCKETS, registers: r });
     // prom-client calls collect() with the gauge as `this`; the registry's owner is needed too.
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const self = this;

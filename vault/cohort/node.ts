@@ -74,6 +74,8 @@ export interface CohortSettings {
   replicaPath: string;
   /** How long start waits for a quorum to answer. */
   startTimeoutMs?: number;
+  /** Each record commit's latency, in seconds (metrics). */
+  onCommit?: (seconds: number) => void;
 }
 
 /** Exit code of `bkv-vault serve` when the cohort's etcd has no quorum at start. */
@@ -138,7 +140,7 @@ export class CohortNode {
         },
         from === 0n ? 'cohort replica built from an etcd snapshot' : 'cohort replica caught up from etcd',
       );
-      const node = new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica), local, log, anchor);
+      const node = new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica, s.onCommit), local, log, anchor);
       await node.anchor();
       node.anchorTimer = setInterval(() => void node.anchor(), 1_000);
       node.anchorTimer.unref();

@@ -101,6 +101,8 @@ export class CohortRecordLog implements RecordLog {
   constructor(
     private readonly ledger: CohortLedger,
     private readonly replica: Replica,
+    /** Seconds from the call to the quorum commit applied here (metrics). */
+    private readonly observe?: (seconds: number) => void,
   ) {}
 
   peek(key: string): LogEntry {
@@ -119,6 +121,7 @@ export class CohortRecordLog implements RecordLog {
   async update<R>(key: string, step: Step<R>, committed?: (result: R) => void): Promise<R> {
     let result: R | undefined;
     let ran = false;
+    const t0 = performance.now();
     const r = await this.ledger.commit(cohortRecordId(key), (cur) => {
       const o = step(decodeEntry(key, cur));
       result = o.result;
@@ -129,6 +132,7 @@ export class CohortRecordLog implements RecordLog {
     // in-doubt txn found landed does not run the step again).
     if (!ran) throw new VaultError(ErrorCodes.INTERNAL, 'cohort: commit resolved without a decision');
     await this.ledger.waitApplied(r.revision);
+    this.observe?.((performance.now() - t0) / 1000);
     committed?.(result as R);
     return result as R;
   }
