@@ -42,7 +42,7 @@ function isRegularFile(path: string): boolean {
 export function tokenConfig(c: Config): TokenConfig {
   const s = hsmSettings(c);
   prepareEmbedded(s);
-  return { modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) };
+  return { modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s), ...(s.libraryParameters ? { libraryParameters: s.libraryParameters } : {}) };
 }
 
 function writeSecret(path: string, value: string): void {
@@ -89,7 +89,7 @@ export function ensureEmbeddedToken(c: Config, log: Logger): boolean {
 export async function initVault(c: Config, log: Logger): Promise<InitResult> {
   const createdToken = ensureEmbeddedToken(c, log);
   const s = hsmSettings(c);
-  const keys = openKeys({ modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) }, true, log);
+  const keys = openKeys(tokenConfig(c), true, log);
   try {
     await selfTest(keys);
     const publicKeyFile = join(c.dataDir, 'vault-key.pub');
