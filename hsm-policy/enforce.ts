@@ -258,8 +258,19 @@ export function emptyRoot(): Uint8Array {
   return new BucketTree().root();
 }
 
+/**
+ * The two anchor slots. Where they live is the module's business (ModuleQuirks.anchor,
+ * measured by vault/hsm/capabilities.ts): private token data objects, or, on a module
+ * that refuses those (NSS softoken), the labels of two usage-less secret keys told
+ * apart by CKA_ID. A token keeps whichever form it was made with.
+ */
 function anchorSlots(token: Token, create: boolean, created: string[]): [Handle, Handle] {
-  const found = token.findData(ANCHOR.application).map((h) => ({ h, value: token.dataValue(h).toString('utf8') }));
+  const data = dataAnchors(token);
+  if (data.length === 0) {
+    const keys = keyAnchors(token);
+    if (keys.some((k) => k.length > 0) || (create && token.quirks.anchor === 'key')) return keySlots(token, keys, create, created);
+  }
+  const found = data;
   const slots = ANCHOR.slots.map((v) => found.filter((f) => f.value === v));
   if (found.length > 2 || slots.some((s) => s.length > 1) || found.some((f) => !(ANCHOR.slots as readonly string[]).includes(f.value))) {
     throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected state anchor objects on the token (${found.length}): ambiguous`);
@@ -275,4 +286,40 @@ function anchorSlots(token: Token, create: boolean, created: string[]): [Handle,
   // recreate it from the other. The torn write never completed, so no answer depended on it.
   const copy = (from: Handle, value: string) => token.createData(ANCHOR.application, token.readLabel(from), Buffer.from(value));
   return [a ?? copy(b!, ANCHOR.slots[0]), b ?? copy(a!, ANCHOR.slots[1])];
+}
+
+function dataAnchors(token: Token): { h: Handle; value: string }[] {
+  let handles: Handle[];
+  try {
+    handles = token.findData(ANCHOR.application);
+  } catch (e) {
+    // A module that refuses data objects may refuse to search for them too.
+    if (token.quirks.anchor === 'key' && e instanceof VaultError && e.code === ErrorCodes.HSM_ERROR) return [];
+    throw e;
+  }
+  return handles.map((h) => ({ h, value: token.dataValue(h).toString('utf8') }));
+}
+
+const keyAnchors = (token: Token): Handle[][] => ANCHOR.slots.map((id) => token.findKeyById(id));
+
+function keySlots(token: Token, keys: Handle[][], create: boolean, created: string[]): [Handle, Handle] {
+  if (keys.some((k) => k.length > 1)) {
+    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected state anchor keys on the token (${keys.flat().length}): ambiguous`);
+  }
+  for (const h of keys.flat()) {
+    const a = token.attributes(h);
+    const usable = USAGES.filter((u) => a[u]);
+    if (usable.length || a.wrap || a.unwrap || a.extractable || !a.sensitive) {
+      throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `state anchor key "${a.label}" can be used or extracted (${[...usable, ...(a.extractable ? ['extractable'] : [])].join(', ') || 'not sensitive'}): refusing it`);
+    }
+  }
+  const [a, b] = keys.map((k) => k[0]);
+  if (!a && !b) {
+    if (!create) throw missing(ANCHOR.application);
+    created.push(ANCHOR.application);
+    const label = anchorLabel(0, emptyRoot());
+    return [token.createAnchorKey(ANCHOR.slots[0], label), token.createAnchorKey(ANCHOR.slots[1], label)];
+  }
+  // As for data objects: a slot lost to a torn write is recreated from the other.
+  return [a ?? token.createAnchorKey(ANCHOR.slots[0], token.readLabel(b!)), b ?? token.createAnchorKey(ANCHOR.slots[1], token.readLabel(a!))];
 }

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../protocol/errors.js';
 import { initToken, Token } from './hsm/token.js';
+import { inspectModule, rememberQuirks, requireCapabilities, requireUnwrappable } from './hsm/capabilities.js';
 import { openKeys, selfTest } from './core/open.js';
 import { Store } from './store/index.js';
 import { Vault } from './core/vault.js';
@@ -89,7 +90,15 @@ export function ensureEmbeddedToken(c: Config, log: Logger): boolean {
 export async function initVault(c: Config, log: Logger): Promise<InitResult> {
   const createdToken = ensureEmbeddedToken(c, log);
   const s = hsmSettings(c);
-  const keys = openKeys(tokenConfig(c), true, log);
+  // Before anything is created: a module that lacks a mechanism, or lets keys out
+  // wrapped without the operator's consent, leaves no half-made vault behind.
+  const cfg = tokenConfig(c);
+  const check = inspectModule(cfg, { vaultKeys: true });
+  requireCapabilities(check, 'init refused');
+  requireUnwrappable(check, s.acceptWrappableKeys, 'init refused');
+  rememberQuirks(cfg, check.quirks);
+  log.info({ event: 'hsm.capabilities', quirks: check.quirks, wrappable: check.wrap.wrappable }, 'HSM capability check passed');
+  const keys = openKeys({ ...cfg, quirks: check.quirks }, true, log);
   try {
     await selfTest(keys);
     const publicKeyFile = join(c.dataDir, 'vault-key.pub');

@@ -864,9 +864,12 @@ export class Token {
    */
   verifyMismatchCode(key: Handle, data: Uint8Array, wrongMac: Uint8Array): number {
     // Not through run(): a DEVICE_ERROR here is the answer being measured, not a lost session.
+    // A session of its own, closed afterwards with whatever state the failed verify left: not a
+    // pooled one, whose closing would take the session objects made in it (the probe's keys) along.
+    if (this.closed) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM token is closed');
     let s: Handle | undefined;
     try {
-      s = this.acquire();
+      s = this.newSession();
     } catch (e) {
       throw toVaultError(e, 'C_OpenSession');
     }
