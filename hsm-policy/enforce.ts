@@ -205,7 +205,8 @@ function creationPhase(token: Token): Phase {
     }
   }
   const p = setPhase(seen.map((phase) => ({ phase })));
-  return seen.length === 0 || p === 'mixed' ? 'open' : p;
+  // A new vault: open for cloning where the module can hold open keys as the policy requires.
+  return seen.length === 0 || p === 'mixed' ? token.quirks.keyPhase : p;
 }
 
 function missing(label: string): VaultError {

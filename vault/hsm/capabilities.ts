@@ -13,6 +13,7 @@
 // ("bkv.probe…") are removed first. Wrapping a vault key, when the token lets it,
 // yields bytes under a session key this process made; they are zeroed unused.
 import { KEY_SET, type KeySpec } from '../../hsm-policy/policy.js';
+import { phaseOf, protectionFor } from '../../hsm-policy/enforce.js';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { Token, DEFAULT_QUIRKS, type Handle, type ModuleQuirks, type TokenConfig } from './token.js';
 import { CKR, ckrText } from './ckr.js';
@@ -192,6 +193,38 @@ export function inspectToken(token: Token, cfg: Pick<TokenConfig, 'modulePath' |
       } else check('ecdsa', code, 'P-256 signing key pair');
     }
 
+    // Can a token key be made open for cloning, with the attributes the policy's open phase reads back?
+    if (has('CKM_EC_KEY_PAIR_GEN')) {
+      const kx = KEY_SET.find((k) => k.name === 'kx')!;
+      let open: { priv: Handle; pub: Handle } | undefined;
+      const code = token.attempt(() => (open = token.generateEcKeyPair('bkv.probe.open', kx.usages, protectionFor(kx, 'open'))));
+      let why = `refused: ${answer(code)}`;
+      if (open) {
+        const o = open;
+        try {
+          const rule = phaseOf(kx, token.attributes(o.priv));
+          if (rule?.phase === 'open') why = '';
+          else {
+            const a = token.attributes(o.priv);
+            why = `made, but reads back as CKA_LOCAL=${a.local}, CKA_ALLOWED_MECHANISMS=[${a.allowedMechanisms.join(' ')}], CKA_WRAP_WITH_TRUSTED=${a.wrapWithTrusted}`;
+          }
+        } finally {
+          token.attempt(() => token.destroy(o.priv));
+          token.attempt(() => token.destroy(o.pub));
+        }
+      }
+      quirks.keyPhase = why ? 'not-cloneable' : 'open';
+      checks.push({
+        name: 'keys.open-phase',
+        ok: !why,
+        answer: answer(code),
+        detail: why
+          ? `a token key open for cloning (extractable only under a trusted key, CKA_ALLOWED_MECHANISMS) is ${why}: new keys are made never-extractable ("not cloneable"), so this vault cannot join a cohort by the key ceremony`
+          : 'token keys can be made open for cloning (the key ceremony can copy them to a trusted HSM)',
+        required: false,
+      });
+    }
+
     // HMAC: sign, and what a wrong MAC gets from C_Verify.
     let hmac: Handle | undefined;
     if (has('CKM_GENERIC_SECRET_KEY_GEN') && has('CKM_SHA256_HMAC')) {
@@ -351,6 +384,11 @@ function cleanStale(token: Token): void {
   token.attempt(() => {
     for (const h of token.findKeyById(PROBE_ID)) token.destroy(h);
   });
+  for (const cls of ['private', 'public'] as const) {
+    token.attempt(() => {
+      for (const h of token.find(cls, 'bkv.probe.open')) token.destroy(h);
+    });
+  }
 }
 
 /** Open the token, run the check, close it. */

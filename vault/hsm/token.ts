@@ -54,9 +54,17 @@ export interface ModuleQuirks {
    * keys); the policy check still reads every flag back afterwards.
    */
   template: 'full' | 'minimal';
+  /**
+   * The phase a new vault's keys are made in (hsm-policy/policy.ts). 'open' (for
+   * cloning) needs token keys with CKA_ALLOWED_MECHANISMS, CKA_WRAP_WITH_TRUSTED and
+   * CKA_LOCAL as the policy reads them; on a module that refuses or drops those
+   * (NSS softoken: CKR_GENERAL_ERROR for CKA_ALLOWED_MECHANISMS on token keys) the
+   * keys are made 'not-cloneable', the original never-extractable set.
+   */
+  keyPhase: 'open' | 'not-cloneable';
 }
 
-export const DEFAULT_QUIRKS: ModuleQuirks = { verify: 'verify', anchor: 'data', template: 'full' };
+export const DEFAULT_QUIRKS: ModuleQuirks = { verify: 'verify', anchor: 'data', template: 'full', keyPhase: 'open' };
 
 // One loaded, initialised library per module path per process: a second
 // C_Initialize on the same library fails, and finalising while another Token
