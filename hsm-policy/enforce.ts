@@ -138,6 +138,8 @@ interface Making {
   /** Phase new keys are made in. */
   phase: Phase;
   created: string[];
+  /** Handles of what this call made: destroyed again if the call fails (a failed init leaves no half-made set). */
+  made: Handle[];
   phases: KeyPhase[];
 }
 
@@ -146,6 +148,7 @@ function ecKey(token: Token, spec: KeySpec, m: Making): EcKey {
   let pub = one(token, 'public', spec.label);
   if (!priv && !pub && m.create) {
     ({ priv, pub } = token.generateEcKeyPair(spec.label, spec.usages, protectionFor(spec, m.phase)));
+    m.made.push(priv, pub);
     m.created.push(spec.label);
   }
   if (!priv || !pub) throw missing(spec.label);
@@ -177,6 +180,7 @@ function secretKey(token: Token, spec: KeySpec, label: string, m: Making): Handl
   let h = one(token, 'secret', label);
   if (!h && m.create) {
     h = token.generateSecretKey(label, spec.kind === 'aes-256' ? 'aes' : 'generic', 32, spec.usages, protectionFor(spec, m.phase));
+    m.made.push(h);
     m.created.push(label);
   }
   if (!h) throw missing(label);
@@ -224,7 +228,23 @@ const spec = (name: KeySpec['name']): KeySpec => KEY_SET.find((k) => k.name === 
  * mints a new OPRF key, which would make every existing record unrecoverable.
  */
 export function enforcePolicy(token: Token, opts: { create: boolean; phase?: Phase }): ResolvedKeys {
-  const m: Making = { create: opts.create, phase: opts.phase ?? (opts.create ? creationPhase(token) : 'open'), created: [], phases: [] };
+  const m: Making = { create: opts.create, phase: opts.phase ?? (opts.create ? creationPhase(token) : 'open'), created: [], made: [], phases: [] };
+  try {
+    return resolveKeys(token, opts, m);
+  } catch (e) {
+    // Whatever this call made goes again: a later init starts from the same token, not a half-made set.
+    for (const h of m.made.reverse()) {
+      try {
+        token.destroy(h);
+      } catch {
+        /* the failure that got us here may be the token itself */
+      }
+    }
+    throw e;
+  }
+}
+
+function resolveKeys(token: Token, opts: { create: boolean }, m: Making): ResolvedKeys {
   const kx = ecKey(token, spec('kx'), m);
   const sig = ecKey(token, spec('sig'), m);
   const oprf = ecKey(token, spec('oprf'), m);
@@ -239,7 +259,7 @@ export function enforcePolicy(token: Token, opts: { create: boolean; phase?: Pha
     seals.set(epoch, secretKey(token, spec('seal'), label, { ...m, create: false }));
   }
   if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), m));
-  const anchors = anchorSlots(token, opts.create, m.created);
+  const anchors = anchorSlots(token, opts.create, m.created, m.made);
   return { kx, sig, oprf, verifier, tenant, anchors, seals, created: m.created, phase: setPhase(m.phases), phases: m.phases };
 }
 
@@ -265,11 +285,11 @@ export function emptyRoot(): Uint8Array {
  * that refuses those (NSS softoken), the labels of two usage-less secret keys told
  * apart by CKA_ID. A token keeps whichever form it was made with.
  */
-function anchorSlots(token: Token, create: boolean, created: string[]): [Handle, Handle] {
+function anchorSlots(token: Token, create: boolean, created: string[], made: Handle[]): [Handle, Handle] {
   const data = dataAnchors(token);
   if (data.length === 0) {
     const keys = keyAnchors(token);
-    if (keys.some((k) => k.length > 0) || (create && token.quirks.anchor === 'key')) return keySlots(token, keys, create, created);
+    if (keys.some((k) => k.length > 0) || (create && token.quirks.anchor === 'key')) return keySlots(token, keys, create, created, made);
   }
   const found = data;
   const slots = ANCHOR.slots.map((v) => found.filter((f) => f.value === v));
@@ -281,7 +301,9 @@ function anchorSlots(token: Token, create: boolean, created: string[]): [Handle,
     if (!create) throw missing(ANCHOR.application);
     created.push(ANCHOR.application);
     const label = anchorLabel(0, emptyRoot());
-    return [token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[0])), token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[1]))];
+    const first = token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[0]));
+    made.push(first);
+    return [first, token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[1]))];
   }
   // One slot lost (a write torn by a crash, or a token from before there were two):
   // recreate it from the other. The torn write never completed, so no answer depended on it.
@@ -303,7 +325,7 @@ function dataAnchors(token: Token): { h: Handle; value: string }[] {
 
 const keyAnchors = (token: Token): Handle[][] => ANCHOR.slots.map((id) => token.findKeyById(id));
 
-function keySlots(token: Token, keys: Handle[][], create: boolean, created: string[]): [Handle, Handle] {
+function keySlots(token: Token, keys: Handle[][], create: boolean, created: string[], made: Handle[]): [Handle, Handle] {
   if (keys.some((k) => k.length > 1)) {
     throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected state anchor keys on the token (${keys.flat().length}): ambiguous`);
   }
@@ -319,7 +341,9 @@ function keySlots(token: Token, keys: Handle[][], create: boolean, created: stri
     if (!create) throw missing(ANCHOR.application);
     created.push(ANCHOR.application);
     const label = anchorLabel(0, emptyRoot());
-    return [token.createAnchorKey(ANCHOR.slots[0], label), token.createAnchorKey(ANCHOR.slots[1], label)];
+    const first = token.createAnchorKey(ANCHOR.slots[0], label);
+    made.push(first);
+    return [first, token.createAnchorKey(ANCHOR.slots[1], label)];
   }
   // As for data objects: a slot lost to a torn write is recreated from the other.
   return [a ?? token.createAnchorKey(ANCHOR.slots[0], token.readLabel(b!)), b ?? token.createAnchorKey(ANCHOR.slots[1], token.readLabel(a!))];

@@ -27,7 +27,7 @@ const Schema = z
         /** Security Officer PIN, for the key ceremony's trust step only (bkv-admin ceremony); the daemon never reads it. */
         soPinFile: z.string().min(1).optional(),
         /** C_Initialize library parameters, for modules configured that way (NSS softoken: configdir=…). */
-        libraryParameters: z.string().min(1).max(8192).optional(),
+        libraryParameters: z.string().min(1).max(65536).optional(),
         /**
          * Serve although the capability check could wrap vault keys out of the token
          * (NSS softoken ignores CKA_EXTRACTABLE=false). Shown in status and metrics.

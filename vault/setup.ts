@@ -87,13 +87,22 @@ export function ensureEmbeddedToken(c: Config, log: Logger): boolean {
   return true;
 }
 
-export async function initVault(c: Config, log: Logger): Promise<InitResult> {
+export interface InitOptions {
+  /**
+   * The capability check (default: inspectModule on the configured token). A seam for
+   * tests of modules this machine does not have (openCryptoki, tpm2-pkcs11): they run
+   * the real check on a real token that hides what those modules lack.
+   */
+  inspect?: typeof inspectModule;
+}
+
+export async function initVault(c: Config, log: Logger, o: InitOptions = {}): Promise<InitResult> {
   const createdToken = ensureEmbeddedToken(c, log);
   const s = hsmSettings(c);
   // Before anything is created: a module that lacks a mechanism, or lets keys out
   // wrapped without the operator's consent, leaves no half-made vault behind.
   const cfg = tokenConfig(c);
-  const check = inspectModule(cfg, { vaultKeys: true });
+  const check = (o.inspect ?? inspectModule)(cfg, { vaultKeys: true });
   requireCapabilities(check, 'init refused');
   requireUnwrappable(check, s.acceptWrappableKeys, 'init refused');
   rememberQuirks(cfg, check.quirks);
