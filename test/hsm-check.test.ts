@@ -12,13 +12,15 @@
 //   those modules lack), next to the real tests above.
 import { describe, it, expect, afterAll } from 'vitest';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import pino from 'pino';
 import { makeToken, hsmOf, type TestToken } from './helpers/softhsm.js';
-import { ADMIN } from './helpers/daemon.js';
+import { ADMIN, TEST_CONFIG, startDaemon } from './helpers/daemon.js';
+import { makeNssToken } from './helpers/nss.js';
+import { readFileSync } from 'node:fs';
 import { inspectModule, inspectToken, type CapabilityReport } from '../vault/hsm/capabilities.js';
 import { Token, type TokenConfig } from '../vault/hsm/token.js';
 import { CKR } from '../vault/hsm/ckr.js';
@@ -222,6 +224,40 @@ describe('capability check and quirks on NSS softoken', () => {
     expect(soft).toContain('SoftHSM');
     expect(soft).toMatch(/hmac\.verify-mismatch\s+ok\s+CKR_OK/);
     expect(soft).toContain('verdict  usable: every capability the vault needs is present');
+  });
+});
+
+describe('the daemon on NSS softoken, through hsm.module', () => {
+  it('refuses to start while its keys are wrappable; with BKV_HSM_ACCEPT_WRAPPABLE_KEYS=1 it serves and says so in status and metrics', async () => {
+    const n = makeNssToken();
+    tokens.push({ ...n, conf: n.dir, soPin: '', module: 'nss' } as TestToken);
+    const dir = tempDir();
+    writeFileSync(join(dir, 'pin'), n.pin, { mode: 0o600 });
+    const config = { ...TEST_CONFIG, hsm: { module: n.modulePath, tokenLabel: n.label, pinFile: join(dir, 'pin'), libraryParameters: n.standaloneParameters } };
+    const before = objects({ modulePath: n.modulePath, tokenLabel: n.label, pin: n.pin, libraryParameters: n.libraryParameters });
+    for (const sub of ['refused', 'accepted']) mkdirSync(join(dir, sub));
+    await expect(startDaemon({ config, dataDir: join(dir, 'refused') })).rejects.toThrow(/init refused: this module lets keys marked never-extractable leave the token wrapped.*acceptWrappableKeys/s);
+    expect(objects({ modulePath: n.modulePath, tokenLabel: n.label, pin: n.pin, libraryParameters: n.libraryParameters })).toEqual(before);
+
+    const d = await startDaemon({ config, dataDir: join(dir, 'accepted'), env: { BKV_HSM_ACCEPT_WRAPPABLE_KEYS: '1' } });
+    try {
+      expect(d.logs.some((l) => l.includes('"event":"hsm.keys.wrappable"'))).toBe(true);
+      const st = spawnSync(process.execPath, [ADMIN, 'status', '--json', '--config', join(d.dataDir, 'test-config.json'), '--data', d.dataDir], { encoding: 'utf8' });
+      expect(st.status).toBe(4);
+      const s = JSON.parse(st.stdout) as { policy: { conform: boolean; wrappable: { accepted: boolean } }; hsm: { check: CapabilityReport } };
+      expect(s.policy.conform).toBe(false);
+      expect(s.policy.wrappable.accepted).toBe(true);
+      expect(s.hsm.check.quirks).toMatchObject({ verify: 'sign-compare', anchor: 'key' });
+      const text = spawnSync(process.execPath, [ADMIN, 'status', '--config', join(d.dataDir, 'test-config.json'), '--data', d.dataDir], { encoding: 'utf8' });
+      expect(text.stdout).toContain('keys     policy-conform: NO');
+      expect(text.stdout).toContain('keys can leave the HSM wrapped: YES (ACCEPTED by hsm.acceptWrappableKeys');
+      const { url } = JSON.parse(readFileSync(join(d.dataDir, 'admin.json'), 'utf8')) as { url: string };
+      const metrics = await (await fetch(`${url}/metrics`)).text();
+      expect(metrics).toMatch(/^bkv_hsm_keys_wrappable 1$/m);
+      expect(metrics).toMatch(/^bkv_hsm_wrappable_keys_accepted 1$/m);
+    } finally {
+      await d.cleanup();
+    }
   });
 });
 
