@@ -571,7 +571,8 @@ common(configCmd.command('check'))
       out(`  data      ${c.dataDir}`);
       out(`  listen    ${c.tls ? 'wss' : 'ws'}://${c.listen.host}:${c.listen.port}`);
       out(`  admin     http://${c.admin.host}:${c.admin.port}`);
-      out(`  hsm       ${c.hsm.module ?? 'embedded SoftHSM2'} token "${c.hsm.tokenLabel}", PIN from ${process.env.BKV_HSM_PIN ? 'BKV_HSM_PIN' : (c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'))}`);
+      out(`  hsm       ${c.hsm.module ?? 'embedded SoftHSM2'} token "${c.hsm.tokenLabel}", PIN from ${process.env.BKV_HSM_PIN ? 'BKV_HSM_PIN' : (c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'))}${c.hsm.libraryParameters ? ', with library parameters' : ''}${c.hsm.acceptWrappableKeys ? ', wrappable keys ACCEPTED' : ''}`);
+      out('            (not loaded: "bkv-admin hsm check" loads the module and tests what it can do)');
       out(`  audit     ${c.audit.file ?? join(c.dataDir, 'audit.log')} (checkpoint every ${c.audit.checkpointEvery} events or ${c.audit.checkpointSec} s)`);
     }
   });

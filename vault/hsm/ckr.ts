@@ -48,6 +48,7 @@ export const CKR = {
   USER_NOT_LOGGED_IN: 0x101,
   USER_PIN_NOT_INITIALIZED: 0x102,
   USER_ANOTHER_ALREADY_LOGGED_IN: 0x104,
+  USER_TYPE_INVALID: 0x103,
   WRAPPED_KEY_INVALID: 0x110,
   CRYPTOKI_NOT_INITIALIZED: 0x190,
   CRYPTOKI_ALREADY_INITIALIZED: 0x191,
@@ -158,6 +159,10 @@ function hintFor(ckr: number | undefined, op: string, ctx: HsmContext): string |
       return 'check hsm.pinFile / BKV_HSM_PIN; real HSMs lock the token after a few wrong PINs';
     case CKR.USER_PIN_NOT_INITIALIZED:
       return 'the token has no user PIN yet: set one with the module\'s own tool';
+    case CKR.USER_TYPE_INVALID:
+      return op === 'C_Login'
+        ? 'the token has no user yet (NSS softoken: no key database in the configdir of hsm.libraryParameters; create one with certutil -N -d sql:DIR)'
+        : undefined;
     case CKR.TOKEN_NOT_PRESENT:
     case CKR.DEVICE_REMOVED:
       return 'the token is not present: check the HSM connection';
