@@ -227,6 +227,39 @@ describe('capability check and quirks on NSS softoken', () => {
   });
 });
 
+describe('errors name the cause', () => {
+  it('a failed call names the function, the CKR code, the key label and the mechanism (real SoftHSM2)', async () => {
+    const t = token('softhsm');
+    const v = await openVault({ hsm: hsmOf(t), dbPath: join(tempDir(), 'v.db'), createKeys: true, log, vault: { kdfFloor: TEST_KDF } });
+    v.store.close();
+    v.keys.close();
+    const tok = Token.open(hsmOf(t));
+    try {
+      const [kx] = tok.find('private', 'bkv.kx');
+      let message = '';
+      try {
+        tok.hmacSha256(kx!, Buffer.from('x'));
+      } catch (e) {
+        message = (e as Error).message;
+      }
+      expect(message).toMatch(/^HSM operation C_Sign: CKR_KEY_\w+ \(0x[0-9a-f]+\); key "bkv\.kx", mechanism CKM_SHA256_HMAC/);
+    } finally {
+      tok.close();
+    }
+  });
+
+  it('NSS without hsm.libraryParameters: C_Initialize by name, with the hint to set them', () => {
+    const n = token('nss');
+    const dir = tempDir();
+    writeFileSync(join(dir, 'pin'), n.pin, { mode: 0o600 });
+    writeFileSync(join(dir, 'c.json'), JSON.stringify({ dataDir: join(dir, 'data'), hsm: { module: n.modulePath, tokenLabel: n.label, pinFile: join(dir, 'pin') } }));
+    const r = spawnSync(process.execPath, [ADMIN, 'hsm', 'check', '--config', join(dir, 'c.json')], { encoding: 'utf8' });
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('C_Initialize: CKR_ARGUMENTS_BAD (0x7)');
+    expect(r.stderr).toContain('set hsm.libraryParameters');
+  });
+});
+
 describe('the daemon on NSS softoken, through hsm.module', () => {
   it('refuses to start while its keys are wrappable; with BKV_HSM_ACCEPT_WRAPPABLE_KEYS=1 it serves and says so in status and metrics', async () => {
     const n = makeNssToken();
@@ -269,7 +302,7 @@ function nssStandalone(t: TestToken): string {
 // ---- modules this machine does not have: a double at the seam ----------------------
 
 /** The real token, with mechanisms hidden and templates refused as `like` does (COHORT.md measurements). */
-function lookalike(like: 'opencryptoki-3.8' | 'tpm2-pkcs11-1.9') {
+function lookalike(like: 'opencryptoki-3.8' | 'tpm2-pkcs11-1.9', seen?: { report?: CapabilityReport }) {
   const hidden =
     like === 'opencryptoki-3.8'
       ? ['CKM_EC_KEY_PAIR_GEN', 'CKM_ECDH1_DERIVE', 'CKM_ECDSA', 'CKM_AES_GCM', 'CKM_AES_KEY_WRAP_PAD']
@@ -280,11 +313,20 @@ function lookalike(like: 'opencryptoki-3.8' | 'tpm2-pkcs11-1.9') {
       const double = new Proxy(real, {
         get(target, prop) {
           if (prop === 'mechanismInfo') return (name: string) => (hidden.includes(name) ? undefined : target.mechanismInfo(name));
+          // tpm2-pkcs11 answers CKR_GENERAL_ERROR to EC templates that state false usage flags.
+          if (prop === 'generateEcKeyPair' && like === 'tpm2-pkcs11-1.9') {
+            return (...a: Parameters<Token['generateEcKeyPair']>) => {
+              if ((a[3]?.template ?? target.quirks.template) === 'full') throw Object.assign(new Error('CKR_GENERAL_ERROR:5'), { code: CKR.GENERAL_ERROR });
+              return target.generateEcKeyPair(...a);
+            };
+          }
           const v = Reflect.get(target, prop, target) as unknown;
           return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
         },
       });
-      return inspectToken(double, cfg, o);
+      const report = inspectToken(double, cfg, o);
+      if (seen) seen.report = report;
+      return report;
     } finally {
       real.close();
     }
@@ -301,7 +343,8 @@ describe('init on modules that lack what the vault needs (test double at the cap
       const dir = tempDir();
       writeFileSync(join(dir, 'pin'), t.pin, { mode: 0o600 });
       const c = loadConfig({ env: {}, overrides: { dataDir: join(dir, 'data'), hsm: { module: t.modulePath, tokenLabel: t.label, pinFile: join(dir, 'pin') } } });
-      const e = await initVault(c, log, { inspect: lookalike(like) }).then(
+      const seen: { report?: CapabilityReport } = {};
+      const e = await initVault(c, log, { inspect: lookalike(like, seen) }).then(
         () => undefined,
         (x: unknown) => x as { code: string; message: string },
       );
@@ -309,6 +352,12 @@ describe('init on modules that lack what the vault needs (test double at the cap
       for (const n of names) expect(e?.message).toContain(`${n} (not supported by this module)`);
       expect(e?.message).toContain('Nothing was created');
       expect(objects(hsmOf(t))).toEqual([]);
+      if (like === 'tpm2-pkcs11-1.9') {
+        // The template quirk was learned, not refused: a minimal EC template worked.
+        expect(seen.report?.quirks.template).toBe('minimal');
+        expect(check(seen.report!, 'template.ec')).toMatchObject({ ok: true });
+        expect(check(seen.report!, 'template.ec')?.detail).toContain('CKR_GENERAL_ERROR (0x5)');
+      } else expect(seen.report?.quirks.template).toBe('full');
     });
   }
 });
