@@ -29,6 +29,7 @@ import { initVault } from '../vault/setup.js';
 import { loadConfig } from '../vault/config.js';
 import { offlineStatus } from '../vault/admin/status.js';
 import { ANCHOR } from '../hsm-policy/policy.js';
+import { enforcePolicy } from '../hsm-policy/enforce.js';
 import { enroll, recover } from './helpers/flows.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { ErrorCodes } from '../protocol/errors.js';
@@ -224,6 +225,35 @@ describe('capability check and quirks on NSS softoken', () => {
     expect(soft).toContain('SoftHSM');
     expect(soft).toMatch(/hmac\.verify-mismatch\s+ok\s+CKR_OK/);
     expect(soft).toContain('verdict  usable: every capability the vault needs is present');
+  });
+});
+
+describe('a failed init leaves no half-made key set', () => {
+  it('key creation failing half-way (the tenant key refused) destroys the keys made before it (real SoftHSM2)', () => {
+    const t = token('softhsm');
+    const real = Token.open(hsmOf(t));
+    try {
+      const failing = new Proxy(real, {
+        get(target, prop) {
+          if (prop === 'generateSecretKey') {
+            return (...a: Parameters<Token['generateSecretKey']>) => {
+              if (a[0] === 'bkv.tenant') throw Object.assign(new Error('CKR_DEVICE_MEMORY:49'), { code: 0x31 });
+              return target.generateSecretKey(...a);
+            };
+          }
+          const v = Reflect.get(target, prop, target) as unknown;
+          return typeof v === 'function' ? (v as (...x: unknown[]) => unknown).bind(target) : v;
+        },
+      });
+      expect(() => enforcePolicy(failing, { create: true })).toThrow();
+      // kx, sig, oprf and the verifier were made, then destroyed again.
+      expect(real.objects()).toEqual([]);
+      // Control: without the failure the same call makes the whole set.
+      expect(enforcePolicy(real, { create: true }).created).toContain('bkv.tenant');
+      expect(real.objects().length).toBeGreaterThan(8);
+    } finally {
+      real.close();
+    }
   });
 });
 
