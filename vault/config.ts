@@ -30,6 +30,13 @@ const Schema = z
         pinFile: z.string().min(1).optional(),
         /** Security Officer PIN, for the key ceremony's trust step only (bkv-admin ceremony); the daemon never reads it. */
         soPinFile: z.string().min(1).optional(),
+        /** C_Initialize library parameters, for modules configured that way (NSS softoken: configdir=…). */
+        libraryParameters: z.string().min(1).max(65536).optional(),
+        /**
+         * Serve although the capability check could wrap vault keys out of the token
+         * (NSS softoken ignores CKA_EXTRACTABLE=false). Shown in status and metrics.
+         */
+        acceptWrappableKeys: z.boolean().optional(),
       })
       .strict(),
     dbPath: z.string().min(1).optional(),
@@ -154,6 +161,13 @@ function merge(base: Json, over: Json): Json {
   return out;
 }
 
+const bool = (v: string | undefined, name: string): boolean | undefined => {
+  if (v === undefined || v === '') return undefined;
+  if (v === '1' || v === 'true') return true;
+  if (v === '0' || v === 'false') return false;
+  throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be 1 or 0`);
+};
+
 const num = (v: string | undefined, name: string): number | undefined => {
   if (v === undefined || v === '') return undefined;
   const n = Number(v);
@@ -172,7 +186,14 @@ function fromEnv(env: NodeJS.ProcessEnv): Json {
     dataDir: env.BKV_DATA,
     listen: env.BKV_LISTEN ? parseListen(env.BKV_LISTEN) : undefined,
     tls: env.BKV_TLS_CERT || env.BKV_TLS_KEY ? { certFile: env.BKV_TLS_CERT, keyFile: env.BKV_TLS_KEY } : undefined,
-    hsm: { module: env.BKV_HSM_MODULE, tokenLabel: env.BKV_HSM_TOKEN, pinFile: env.BKV_HSM_PIN_FILE, soPinFile: env.BKV_HSM_SO_PIN_FILE },
+    hsm: {
+      module: env.BKV_HSM_MODULE,
+      tokenLabel: env.BKV_HSM_TOKEN,
+      pinFile: env.BKV_HSM_PIN_FILE,
+      soPinFile: env.BKV_HSM_SO_PIN_FILE,
+      libraryParameters: env.BKV_HSM_LIBRARY_PARAMETERS || undefined,
+      acceptWrappableKeys: bool(env.BKV_HSM_ACCEPT_WRAPPABLE_KEYS, 'BKV_HSM_ACCEPT_WRAPPABLE_KEYS'),
+    },
     dbPath: env.BKV_DB,
     vault: { attemptLimit: num(env.BKV_ATTEMPT_LIMIT, 'BKV_ATTEMPT_LIMIT') },
     log: { level: env.BKV_LOG_LEVEL },
@@ -215,6 +236,10 @@ export interface HsmSettings {
   pinFile: string;
   /** The Security Officer's PIN file (hsm.soPinFile; embedded: <data>/hsm-so-pin), if any. */
   soPinFile?: string;
+  /** C_Initialize library parameters (hsm.libraryParameters). */
+  libraryParameters?: string;
+  /** The operator accepts keys the module lets out wrapped (hsm.acceptWrappableKeys). */
+  acceptWrappableKeys: boolean;
   /** Set when the vault runs its own SoftHSM2 token under dataDir. */
   embedded?: { conf: string; tokenDir: string; soPinFile: string };
 }
@@ -224,7 +249,14 @@ export function hsmSettings(c: Config): HsmSettings {
     if (!c.hsm.pinFile && !process.env.BKV_HSM_PIN) {
       throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: hsm.pinFile (or BKV_HSM_PIN) is required with an external hsm.module');
     }
-    return { modulePath: c.hsm.module, tokenLabel: c.hsm.tokenLabel, pinFile: c.hsm.pinFile ?? '', ...(c.hsm.soPinFile ? { soPinFile: c.hsm.soPinFile } : {}) };
+    return {
+      modulePath: c.hsm.module,
+      tokenLabel: c.hsm.tokenLabel,
+      pinFile: c.hsm.pinFile ?? '',
+      ...(c.hsm.soPinFile ? { soPinFile: c.hsm.soPinFile } : {}),
+      ...(c.hsm.libraryParameters ? { libraryParameters: c.hsm.libraryParameters } : {}),
+      acceptWrappableKeys: c.hsm.acceptWrappableKeys ?? false,
+    };
   }
   const modulePath = SOFTHSM_CANDIDATES.find((p) => existsSync(p));
   if (!modulePath) {
@@ -235,6 +267,8 @@ export function hsmSettings(c: Config): HsmSettings {
     tokenLabel: c.hsm.tokenLabel,
     pinFile: c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'),
     soPinFile: c.hsm.soPinFile ?? join(c.dataDir, 'hsm-so-pin'),
+    ...(c.hsm.libraryParameters ? { libraryParameters: c.hsm.libraryParameters } : {}),
+    acceptWrappableKeys: c.hsm.acceptWrappableKeys ?? false,
     embedded: { conf: join(c.dataDir, 'softhsm2.conf'), tokenDir: join(c.dataDir, 'tokens'), soPinFile: join(c.dataDir, 'hsm-so-pin') },
   };
 }

@@ -28,6 +28,8 @@ import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } fr
 import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
+import { hsmSettings } from './config.js';
+import { inspectModule, rememberQuirks, requireCapabilities, requireUnwrappable, type CapabilityReport } from './hsm/capabilities.js';
 
 export interface DaemonHooks {
   onRequest?: (e: RequestEvent) => void;
@@ -45,6 +47,8 @@ export interface Daemon {
   metrics: Metrics;
   audit: AuditLog | undefined;
   startedAt: number;
+  /** The start-up capability check (bkv-admin hsm check / status show it). */
+  hsmCheck: CapabilityReport;
   readiness(): Promise<Readiness>;
   stop(): Promise<void>;
 }
@@ -62,10 +66,35 @@ function malloc(): 'jemalloc' | 'libc' {
   }
 }
 
-async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<Vault> {
+/**
+ * The capability check every start runs (vault/hsm/capabilities.ts): refuses a
+ * module that lacks what the vault needs, and keys it lets out wrapped unless the
+ * operator accepted that; learns the module's quirks for the key workers.
+ */
+export function startupCheck(c: Config, log: Logger, metrics?: Metrics): CapabilityReport {
+  const cfg = tokenConfig(c);
+  const accepted = hsmSettings(c).acceptWrappableKeys;
+  const check = inspectModule(cfg, { vaultKeys: true });
+  metrics?.hsmKeysWrappable.set(check.wrap.wrappable ? 1 : 0);
+  metrics?.hsmWrappableAccepted.set(check.wrap.wrappable && accepted ? 1 : 0);
+  requireCapabilities(check, 'start refused');
+  requireUnwrappable(check, accepted, 'start refused');
+  rememberQuirks(cfg, check.quirks);
+  log.info({ event: 'hsm.capabilities', quirks: check.quirks, wrappable: check.wrap.wrappable, library: check.module.library }, 'HSM capability check passed');
+  if (check.wrap.wrappable) {
+    log.warn(
+      { event: 'hsm.keys.wrappable', accepted: true, keys: [...check.wrap.vaultKeys, ...check.wrap.throwaway].filter((w) => w.wrapped).map((w) => w.key) },
+      'the HSM lets never-extractable keys out wrapped; serving only because hsm.acceptWrappableKeys is set',
+    );
+  }
+  return check;
+}
+
+async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<{ vault: Vault; check: CapabilityReport }> {
   // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
   const checkpointWorker = checkpointWorkerSetting();
-  const raw = await openServingKeys(tokenConfig(c), log);
+  const check = startupCheck(c, log, metrics);
+  const raw = await openServingKeys({ ...tokenConfig(c), quirks: check.quirks }, log);
   let store: Store | undefined;
   try {
     const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);
@@ -73,7 +102,7 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
     // WAL checkpoints off the event loop; a failure here only moves them back onto it.
     const onFailure = (code: string) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed');
     store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'), checkpointWorker ? { checkpointWorker: { onFailure } } : {});
-    return await Vault.open(keys, store, log, {
+    const vault = await Vault.open(keys, store, log, {
       attemptLimit: c.vault.attemptLimit,
       sessionTtlMs: c.vault.sessionTtlSec * 1000,
       kdfFloor: { alg: 'argon2id', ...c.vault.kdfFloor },
@@ -81,6 +110,7 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
       tenantSessions: c.limits.tenantSessions,
       tenantEnrollments: c.limits.tenantEnrollments,
     });
+    return { vault, check };
   } catch (e) {
     store?.close();
     raw.close();
@@ -90,7 +120,7 @@ async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?:
 
 export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   const metrics = hooks.metrics ?? new Metrics({ processMetrics: false });
-  const vault = await openServingVault(c, log, metrics, hooks.wrapKeys);
+  const { vault, check } = await openServingVault(c, log, metrics, hooks.wrapKeys);
   const now = vault.options.now;
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
@@ -193,6 +223,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     metrics,
     audit,
     startedAt,
+    hsmCheck: check,
     readiness: cachedReadiness(
       () => readiness(vault, audit),
       () => readinessSignals(vault, audit),
@@ -264,7 +295,7 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
     return v;
   };
   return {
-    status: () => daemonStatus(c, vault, { ...(d.audit ? { audit: d.audit } : {}), startedAt: d.startedAt, connections: () => d.server.connections() }),
+    status: () => daemonStatus(c, vault, { ...(d.audit ? { audit: d.audit } : {}), startedAt: d.startedAt, connections: () => d.server.connections(), hsmCheck: d.hsmCheck }),
     rotate: (o, onProgress) => vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
     tenants: () => ({ tenants: vault.store.tenants.list() }),
     async addTenant(name) {

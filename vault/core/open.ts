@@ -3,7 +3,8 @@
 // hsm-policy/ and store/ together.
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
-import { Token, type TokenConfig } from '../hsm/token.js';
+import { Token, pinLibrary, type TokenConfig } from '../hsm/token.js';
+import { quirksOf } from '../hsm/capabilities.js';
 import { TokenVaultKeys, type VaultKeys } from '../hsm/vault-keys.js';
 import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
@@ -68,7 +69,7 @@ export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: No
 
 /** The key set on worker threads, resolved (and with createKeys, made) under hsm-policy. */
 export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<WorkerVaultKeys> {
-  const keys = await WorkerVaultKeys.open(hsm, { ...pool, create: createKeys, log });
+  const keys = await WorkerVaultKeys.open(withQuirks(hsm), { ...pool, create: createKeys, log });
   if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
   const st = keys.stats();
   log.info({ event: 'hsm.pool', threads: st.threads, controlThread: st.control }, 'HSM calls run on worker threads');
@@ -84,9 +85,30 @@ export async function openServingKeys(hsm: TokenConfig, log: Logger, fallback: b
   return pool ? openWorkerKeys(hsm, false, log, pool) : openKeys(hsm, false, log);
 }
 
+/**
+ * `hsm` with the module's quirks (vault/hsm/capabilities.ts), measured once per
+ * process and token when the caller has not already: the workers get them as data.
+ */
+export function withQuirks(hsm: TokenConfig): TokenConfig {
+  if (hsm.quirks) return hsm;
+  // Pinned so that closing the measuring token does not finalise the library the pool will use.
+  const unpin = pinLibrary(hsm.modulePath, hsm.libraryParameters);
+  try {
+    const token = Token.open(hsm);
+    try {
+      return { ...hsm, quirks: quirksOf(token, hsm) };
+    } finally {
+      token.close();
+    }
+  } finally {
+    unpin();
+  }
+}
+
 export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): TokenVaultKeys {
   const token = Token.open(hsm);
   try {
+    token.quirks = hsm.quirks ?? quirksOf(token, hsm);
     const keys = enforcePolicy(token, { create: createKeys });
     if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
     // The resolver lets the keys recover from a lost login (stale handles) by themselves.
