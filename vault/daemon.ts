@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
+import { hsmWorkerSettings, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
 import type { TenantStore } from './store/tenants.js';
@@ -91,10 +91,10 @@ export function startupCheck(c: Config, log: Logger, metrics?: Metrics): Capabil
 }
 
 async function openServingVault(c: Config, log: Logger, metrics: Metrics, wrap?: (k: VaultKeys) => VaultKeys): Promise<{ vault: Vault; check: CapabilityReport }> {
-  // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
-  const checkpointWorker = checkpointWorkerSetting();
+  // HSM worker threads unless hsm.workers is "off" (docs/PERFORMANCE.md).
+  const checkpointWorker = c.store.checkpointWorker;
   const check = startupCheck(c, log, metrics);
-  const raw = await openServingKeys({ ...tokenConfig(c), quirks: check.quirks }, log);
+  const raw = await openServingKeys({ ...tokenConfig(c), quirks: check.quirks }, log, hsmWorkerSettings(c.hsm));
   let store: Store | undefined;
   try {
     const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);

@@ -10,6 +10,7 @@ import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { Store } from '../store/index.js';
 import { Vault, type VaultOptions } from './vault.js';
+import type { Config } from '../config.js';
 
 export interface OpenOptions {
   hsm: TokenConfig;
@@ -21,7 +22,7 @@ export interface OpenOptions {
   /**
    * Run HSM calls in worker threads (WorkerVaultKeys) instead of on this thread
    * (TokenVaultKeys). Default false here (tools and tests); the daemon serves
-   * with workers (openServingKeys). BKV_HSM_WORKERS overrides either way.
+   * with workers (openServingKeys, as the config's hsm.workers says).
    */
   hsmWorkers?: boolean | WorkerPoolOptions;
   /** WAL checkpoints on a thread of their own (store/checkpointer.ts); the daemon always does. */
@@ -29,41 +30,16 @@ export interface OpenOptions {
 }
 
 /**
- * How the HSM is driven, from BKV_HSM_WORKERS (`0`/`off`: on the main thread;
- * `N`: N worker threads; `auto`/`on`: one per core), BKV_HSM_QUEUE (ECDH jobs
- * that may wait before OVERLOADED), BKV_HSM_RECYCLE (derives between
- * library recycles, 0 = never) and BKV_HSM_CONTROL (`0`: no thread of its own
- * for anchor writes), falling back to `fallback`.
+ * The worker pool the daemon's config asks for (hsm.workers, hsm.queue, hsm.recycleAfter,
+ * hsm.controlThread; BKV_HSM_* override them like every field), or false for the main thread.
  */
-export function hsmWorkerSettings(fallback: boolean | WorkerPoolOptions, env: NodeJS.ProcessEnv = process.env): false | WorkerPoolOptions {
-  const base: false | WorkerPoolOptions = fallback === true ? {} : fallback;
-  const mode = env.BKV_HSM_WORKERS?.trim().toLowerCase();
-  let out: false | WorkerPoolOptions = base;
-  if (mode === '0' || mode === 'off' || mode === 'false') return false;
-  if (mode === 'auto' || mode === 'on' || mode === 'true') out = { ...(base || {}) };
-  else if (mode) {
-    const n = Number(mode);
-    if (!Number.isInteger(n) || n < 1 || n > 256) {
-      throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_HSM_WORKERS must be off, auto or a thread count 1..256');
-    }
-    out = { ...(base || {}), threads: n };
-  }
-  if (!out) return false;
-  const int = (name: string, min: number): number | undefined => {
-    const v = env[name];
-    if (v === undefined || v === '') return undefined;
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < min) throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be an integer >= ${min}`);
-    return n;
-  };
-  const maxQueue = int('BKV_HSM_QUEUE', 1);
-  const recycleAfter = int('BKV_HSM_RECYCLE', 0);
-  const control = onOff(env, 'BKV_HSM_CONTROL');
+export function hsmWorkerSettings(h: Pick<Config['hsm'], 'workers' | 'queue' | 'recycleAfter' | 'controlThread'>): false | WorkerPoolOptions {
+  if (h.workers === 'off') return false;
   return {
-    ...out,
-    ...(maxQueue !== undefined ? { maxQueue } : {}),
-    ...(recycleAfter !== undefined ? { recycleAfter } : {}),
-    ...(control !== undefined ? { controlThread: control } : {}),
+    ...(typeof h.workers === 'number' ? { threads: h.workers } : {}),
+    ...(h.queue !== undefined ? { maxQueue: h.queue } : {}),
+    ...(h.recycleAfter !== undefined ? { recycleAfter: h.recycleAfter } : {}),
+    controlThread: h.controlThread,
   };
 }
 
@@ -76,12 +52,8 @@ export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log:
   return keys;
 }
 
-/**
- * The serving daemon's keys: HSM worker threads by default (the event loop
- * never waits for the HSM), or the main thread with BKV_HSM_WORKERS=off.
- */
-export async function openServingKeys(hsm: TokenConfig, log: Logger, fallback: boolean | WorkerPoolOptions = true): Promise<VaultKeys> {
-  const pool = hsmWorkerSettings(fallback);
+/** The serving daemon's keys: on HSM worker threads (the event loop never waits for the HSM) unless `pool` is false. */
+export async function openServingKeys(hsm: TokenConfig, log: Logger, pool: false | WorkerPoolOptions): Promise<VaultKeys> {
   return pool ? openWorkerKeys(hsm, false, log, pool) : openKeys(hsm, false, log);
 }
 
@@ -136,24 +108,8 @@ export async function selfTest(keys: VaultKeys): Promise<void> {
   if (!ok) throw new VaultError(ErrorCodes.HSM_ERROR, 'HSM self-test failed: a vault key does not round-trip');
 }
 
-/**
- * Whether the serving daemon runs SQLite's WAL checkpoints on a thread of their own
- * (store/checkpointer.ts): BKV_CHECKPOINT_WORKER `1` (default) or `0`.
- */
-export function checkpointWorkerSetting(env: NodeJS.ProcessEnv = process.env): boolean {
-  return onOff(env, 'BKV_CHECKPOINT_WORKER') ?? true;
-}
-
-/** A `0`/`1` switch from the environment; undefined when unset or empty. */
-function onOff(env: NodeJS.ProcessEnv, name: string): boolean | undefined {
-  const v = env[name]?.trim();
-  if (v === undefined || v === '') return undefined;
-  if (v === '1' || v === '0') return v === '1';
-  throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be 0 or 1`);
-}
-
 export async function openVault(opts: OpenOptions): Promise<Vault> {
-  const pool = hsmWorkerSettings(opts.hsmWorkers ?? false);
+  const pool: false | WorkerPoolOptions = opts.hsmWorkers === true ? {} : (opts.hsmWorkers ?? false);
   const keys: VaultKeys = pool
     ? await openWorkerKeys(opts.hsm, opts.createKeys ?? false, opts.log, pool)
     : openKeys(opts.hsm, opts.createKeys ?? false, opts.log);
