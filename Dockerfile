@@ -36,8 +36,10 @@ RUN printf '{"extends":"./tsconfig.json","include":["vault","hsm-policy","client
 # ---- runtime: Node, SoftHSM2 for the embedded default, the compiled vault
 FROM node:20-bookworm-slim
 # libjemalloc2: the daemon's malloc (ENV LD_PRELOAD below; see docs/OPERATIONS.md).
+# libnss3 (+ certutil from libnss3-tools): NSS softoken, the second reference module, through
+# hsm.module=/usr/lib/<arch>/libsoftokn3.so and hsm.libraryParameters (docs/OPERATIONS.md "PKCS#11 modules").
 RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends softhsm2 tini libjemalloc2 \
+ && apt-get install -y -qq --no-install-recommends softhsm2 tini libjemalloc2 libnss3 libnss3-tools \
  && rm -rf /var/lib/apt/lists/* \
  && ln -s "$(ls /usr/lib/*-linux-gnu/libjemalloc.so.2 | head -n 1)" /usr/local/lib/libjemalloc.so.2 \
  && groupadd --system --gid 10001 bkv \

@@ -138,6 +138,8 @@ interface Making {
   /** Phase new keys are made in. */
   phase: Phase;
   created: string[];
+  /** Handles of what this call made: destroyed again if the call fails (a failed init leaves no half-made set). */
+  made: Handle[];
   phases: KeyPhase[];
 }
 
@@ -146,6 +148,7 @@ function ecKey(token: Token, spec: KeySpec, m: Making): EcKey {
   let pub = one(token, 'public', spec.label);
   if (!priv && !pub && m.create) {
     ({ priv, pub } = token.generateEcKeyPair(spec.label, spec.usages, protectionFor(spec, m.phase)));
+    m.made.push(priv, pub);
     m.created.push(spec.label);
   }
   if (!priv || !pub) throw missing(spec.label);
@@ -177,6 +180,7 @@ function secretKey(token: Token, spec: KeySpec, label: string, m: Making): Handl
   let h = one(token, 'secret', label);
   if (!h && m.create) {
     h = token.generateSecretKey(label, spec.kind === 'aes-256' ? 'aes' : 'generic', 32, spec.usages, protectionFor(spec, m.phase));
+    m.made.push(h);
     m.created.push(label);
   }
   if (!h) throw missing(label);
@@ -205,7 +209,8 @@ function creationPhase(token: Token): Phase {
     }
   }
   const p = setPhase(seen.map((phase) => ({ phase })));
-  return seen.length === 0 || p === 'mixed' ? 'open' : p;
+  // A new vault: open for cloning where the module can hold open keys as the policy requires.
+  return seen.length === 0 || p === 'mixed' ? token.quirks.keyPhase : p;
 }
 
 function missing(label: string): VaultError {
@@ -223,7 +228,23 @@ const spec = (name: KeySpec['name']): KeySpec => KEY_SET.find((k) => k.name === 
  * mints a new OPRF key, which would make every existing record unrecoverable.
  */
 export function enforcePolicy(token: Token, opts: { create: boolean; phase?: Phase }): ResolvedKeys {
-  const m: Making = { create: opts.create, phase: opts.phase ?? (opts.create ? creationPhase(token) : 'open'), created: [], phases: [] };
+  const m: Making = { create: opts.create, phase: opts.phase ?? (opts.create ? creationPhase(token) : 'open'), created: [], made: [], phases: [] };
+  try {
+    return resolveKeys(token, opts, m);
+  } catch (e) {
+    // Whatever this call made goes again: a later init starts from the same token, not a half-made set.
+    for (const h of m.made.reverse()) {
+      try {
+        token.destroy(h);
+      } catch {
+        /* the failure that got us here may be the token itself */
+      }
+    }
+    throw e;
+  }
+}
+
+function resolveKeys(token: Token, opts: { create: boolean }, m: Making): ResolvedKeys {
   const kx = ecKey(token, spec('kx'), m);
   const sig = ecKey(token, spec('sig'), m);
   const oprf = ecKey(token, spec('oprf'), m);
@@ -238,7 +259,7 @@ export function enforcePolicy(token: Token, opts: { create: boolean; phase?: Pha
     seals.set(epoch, secretKey(token, spec('seal'), label, { ...m, create: false }));
   }
   if (seals.size === 0) seals.set(1, secretKey(token, spec('seal'), sealLabel(1), m));
-  const anchors = anchorSlots(token, opts.create, m.created);
+  const anchors = anchorSlots(token, opts.create, m.created, m.made);
   return { kx, sig, oprf, verifier, tenant, anchors, seals, created: m.created, phase: setPhase(m.phases), phases: m.phases };
 }
 
@@ -258,8 +279,19 @@ export function emptyRoot(): Uint8Array {
   return new BucketTree().root();
 }
 
-function anchorSlots(token: Token, create: boolean, created: string[]): [Handle, Handle] {
-  const found = token.findData(ANCHOR.application).map((h) => ({ h, value: token.dataValue(h).toString('utf8') }));
+/**
+ * The two anchor slots. Where they live is the module's business (ModuleQuirks.anchor,
+ * measured by vault/hsm/capabilities.ts): private token data objects, or, on a module
+ * that refuses those (NSS softoken), the labels of two usage-less secret keys told
+ * apart by CKA_ID. A token keeps whichever form it was made with.
+ */
+function anchorSlots(token: Token, create: boolean, created: string[], made: Handle[]): [Handle, Handle] {
+  const data = dataAnchors(token);
+  if (data.length === 0) {
+    const keys = keyAnchors(token);
+    if (keys.some((k) => k.length > 0) || (create && token.quirks.anchor === 'key')) return keySlots(token, keys, create, created, made);
+  }
+  const found = data;
   const slots = ANCHOR.slots.map((v) => found.filter((f) => f.value === v));
   if (found.length > 2 || slots.some((s) => s.length > 1) || found.some((f) => !(ANCHOR.slots as readonly string[]).includes(f.value))) {
     throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected state anchor objects on the token (${found.length}): ambiguous`);
@@ -269,10 +301,50 @@ function anchorSlots(token: Token, create: boolean, created: string[]): [Handle,
     if (!create) throw missing(ANCHOR.application);
     created.push(ANCHOR.application);
     const label = anchorLabel(0, emptyRoot());
-    return [token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[0])), token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[1]))];
+    const first = token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[0]));
+    made.push(first);
+    return [first, token.createData(ANCHOR.application, label, Buffer.from(ANCHOR.slots[1]))];
   }
   // One slot lost (a write torn by a crash, or a token from before there were two):
   // recreate it from the other. The torn write never completed, so no answer depended on it.
   const copy = (from: Handle, value: string) => token.createData(ANCHOR.application, token.readLabel(from), Buffer.from(value));
   return [a ?? copy(b!, ANCHOR.slots[0]), b ?? copy(a!, ANCHOR.slots[1])];
+}
+
+function dataAnchors(token: Token): { h: Handle; value: string }[] {
+  let handles: Handle[];
+  try {
+    handles = token.findData(ANCHOR.application);
+  } catch (e) {
+    // A module that refuses data objects may refuse to search for them too.
+    if (token.quirks.anchor === 'key' && e instanceof VaultError && e.code === ErrorCodes.HSM_ERROR) return [];
+    throw e;
+  }
+  return handles.map((h) => ({ h, value: token.dataValue(h).toString('utf8') }));
+}
+
+const keyAnchors = (token: Token): Handle[][] => ANCHOR.slots.map((id) => token.findKeyById(id));
+
+function keySlots(token: Token, keys: Handle[][], create: boolean, created: string[], made: Handle[]): [Handle, Handle] {
+  if (keys.some((k) => k.length > 1)) {
+    throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `unexpected state anchor keys on the token (${keys.flat().length}): ambiguous`);
+  }
+  for (const h of keys.flat()) {
+    const a = token.attributes(h);
+    const usable = USAGES.filter((u) => a[u]);
+    if (usable.length || a.wrap || a.unwrap || a.extractable || !a.sensitive) {
+      throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `state anchor key "${a.label}" can be used or extracted (${[...usable, ...(a.extractable ? ['extractable'] : [])].join(', ') || 'not sensitive'}): refusing it`);
+    }
+  }
+  const [a, b] = keys.map((k) => k[0]);
+  if (!a && !b) {
+    if (!create) throw missing(ANCHOR.application);
+    created.push(ANCHOR.application);
+    const label = anchorLabel(0, emptyRoot());
+    const first = token.createAnchorKey(ANCHOR.slots[0], label);
+    made.push(first);
+    return [first, token.createAnchorKey(ANCHOR.slots[1], label)];
+  }
+  // As for data objects: a slot lost to a torn write is recreated from the other.
+  return [a ?? token.createAnchorKey(ANCHOR.slots[0], token.readLabel(b!)), b ?? token.createAnchorKey(ANCHOR.slots[1], token.readLabel(a!))];
 }

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ADMIN } from './helpers/daemon.js';
 import { loadConfig } from '../vault/config.js';
-import { checkpointWorkerSetting, hsmWorkerSettings } from '../vault/core/open.js';
+import { hsmWorkerSettings } from '../vault/core/open.js';
 import { ErrorCodes } from '../protocol/errors.js';
 
 let dir: string;
@@ -130,31 +130,50 @@ describe('configuration validation', () => {
   });
 });
 
-describe('HSM pool settings from the environment', () => {
-  it('reads the thread count, queue, recycle interval and control thread, and refuses nonsense', () => {
-    expect(hsmWorkerSettings(true, {})).toEqual({});
-    expect(hsmWorkerSettings(true, { BKV_HSM_WORKERS: 'off' })).toBe(false);
-    expect(hsmWorkerSettings(false, { BKV_HSM_WORKERS: '3', BKV_HSM_QUEUE: '64', BKV_HSM_RECYCLE: '0', BKV_HSM_CONTROL: '0' })).toEqual({
+describe('HSM pool and checkpoint settings: config fields, BKV_* overrides', () => {
+  const cfg = (env: Record<string, string>, file?: object) => {
+    if (!file) return loadConfig({ env });
+    const dir = mkdtempSync(join(tmpdir(), 'bkv-knobs-'));
+    try {
+      writeFileSync(join(dir, 'config.json'), JSON.stringify(file));
+      return loadConfig({ env, file: join(dir, 'config.json') });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+  it('reads the thread count, queue, recycle interval and control thread from the environment, and refuses nonsense', () => {
+    expect(hsmWorkerSettings(cfg({}).hsm)).toEqual({ controlThread: true });
+    expect(hsmWorkerSettings(cfg({ BKV_HSM_WORKERS: 'off' }).hsm)).toBe(false);
+    expect(hsmWorkerSettings(cfg({ BKV_HSM_WORKERS: '0' }).hsm)).toBe(false);
+    expect(hsmWorkerSettings(cfg({ BKV_HSM_WORKERS: '3', BKV_HSM_QUEUE: '64', BKV_HSM_RECYCLE: '0', BKV_HSM_CONTROL: '0' }).hsm)).toEqual({
       threads: 3,
       maxQueue: 64,
       recycleAfter: 0,
       controlThread: false,
     });
-    expect(hsmWorkerSettings(true, { BKV_HSM_CONTROL: '1' })).toEqual({ controlThread: true });
-    for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_QUEUE: '0' }]) {
-      expect(() => hsmWorkerSettings(true, env)).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
+    for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_WORKERS: '300' }, { BKV_HSM_QUEUE: '0' }]) {
+      expect(() => cfg(env)).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
     }
-    // Both on/off switches refuse the same way.
-    expect(() => hsmWorkerSettings(true, { BKV_HSM_CONTROL: '2' })).toThrow('config: BKV_HSM_CONTROL must be 0 or 1');
+    expect(() => cfg({ BKV_HSM_CONTROL: '2' })).toThrow('config: BKV_HSM_CONTROL must be 1 or 0');
+    expect(() => cfg({ BKV_HSM_WORKERS: '300' })).toThrow(/hsm\.workers/);
+  });
+
+  it('the same knobs from the config file, the environment winning', () => {
+    const file = { hsm: { tokenLabel: 'bkv-embedded', workers: 2, queue: 32, recycleAfter: 1000, controlThread: false }, store: { checkpointWorker: false } };
+    const c = cfg({}, file);
+    expect(hsmWorkerSettings(c.hsm)).toEqual({ threads: 2, maxQueue: 32, recycleAfter: 1000, controlThread: false });
+    expect(c.store.checkpointWorker).toBe(false);
+    expect(hsmWorkerSettings(cfg({ BKV_HSM_WORKERS: 'off' }, file).hsm)).toBe(false);
+    expect(cfg({ BKV_CHECKPOINT_WORKER: '1' }, file).store.checkpointWorker).toBe(true);
   });
 
   it('BKV_CHECKPOINT_WORKER turns the WAL checkpoint thread off or on, and nothing else', () => {
-    expect(checkpointWorkerSetting({})).toBe(true);
-    expect(checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: '1' })).toBe(true);
-    expect(checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: '0' })).toBe(false);
-    for (const v of ['off', '2', 'true']) {
-      expect(() => checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: v })).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
+    expect(cfg({}).store.checkpointWorker).toBe(true);
+    expect(cfg({ BKV_CHECKPOINT_WORKER: '1' }).store.checkpointWorker).toBe(true);
+    expect(cfg({ BKV_CHECKPOINT_WORKER: '0' }).store.checkpointWorker).toBe(false);
+    for (const v of ['off', '2', 'yes']) {
+      expect(() => cfg({ BKV_CHECKPOINT_WORKER: v })).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
     }
-    expect(() => checkpointWorkerSetting({ BKV_CHECKPOINT_WORKER: 'off' })).toThrow('config: BKV_CHECKPOINT_WORKER must be 0 or 1');
+    expect(() => cfg({ BKV_CHECKPOINT_WORKER: 'off' })).toThrow('config: BKV_CHECKPOINT_WORKER must be 1 or 0');
   });
 });

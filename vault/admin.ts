@@ -8,7 +8,8 @@ import { Command, Option } from 'commander';
 import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { SOFTHSM_CANDIDATES, loadConfig, type Config } from './config.js';
+import { SOFTHSM_CANDIDATES, hsmSettings, loadConfig, type Config } from './config.js';
+import { inspectModule, type CapabilityReport } from './hsm/capabilities.js';
 import { VaultError, ADMIN_EXIT, errorSpec } from '../protocol/errors.js';
 import { initVault, tokenConfig } from './setup.js';
 import { openKeys, openVault } from './core/open.js';
@@ -101,6 +102,9 @@ function printStatus(s: StatusReport): void {
   out(`vault ${s.vaultId ?? '(unknown)'}  (${s.mode === 'daemon' ? `daemon pid ${s.daemon?.pid}, up ${s.daemon?.uptimeSec} s, ${s.daemon?.connections} connections` : 'daemon not running'})`);
   out(`HSM      ${s.hsm.embedded ? 'embedded SoftHSM2' : 'external'} module ${s.hsm.module}, token "${s.hsm.tokenLabel}", answering: ${yes(s.hsm.up)}`);
   out(`keys     policy-conform: ${yes(s.policy.conform)}${s.policy.problem ? `\n         ${s.policy.problem}` : ''}`);
+  if (s.policy.wrappable?.wrappable) {
+    out(`wrap     keys can leave the HSM wrapped: YES${s.policy.wrappable.accepted ? ' (ACCEPTED by hsm.acceptWrappableKeys: the vault serves anyway)' : ' (the vault refuses to serve)'}`);
+  }
   for (const k of s.policy.keys) out(`         ${k.label.padEnd(18)} ${k.purpose}`);
   if (s.policy.phase) out(phaseLines(s.policy));
   if (s.currentEpoch !== undefined) out(`epoch    ${s.currentEpoch} (seal keys present: ${s.policy.epochs.join(', ') || '?'})`);
@@ -116,6 +120,44 @@ function printStatus(s: StatusReport): void {
   }
   if (s.audit) out(`audit    ${s.audit.seq} lines, signed through ${s.audit.signedThrough}, writable: ${yes(s.audit.healthy)}`);
   if (s.permissions) out(`files    private (folders 0700, files 0600): ${yes(s.permissions.ok)}${s.permissions.problems.map((p) => `\n         ${p}`).join('')}`);
+}
+
+/** The capability table of `bkv-admin hsm check`. */
+export function capabilityText(r: CapabilityReport, accepted: boolean): string {
+  const lines: string[] = [];
+  const m = r.module;
+  lines.push(`module   ${m.path}: ${m.library} ${m.libraryVersion} (${m.manufacturer}), Cryptoki ${m.cryptoki}, library parameters ${m.libraryParameters ? 'set' : 'none'}`);
+  lines.push(`token    "${r.token.label}": ${r.token.manufacturer} ${r.token.model}, firmware ${r.token.firmware}`);
+  lines.push('');
+  lines.push(`${'MECHANISM'.padEnd(28)} ${'NEEDED'.padEnd(9)} ${'KEY SIZES'.padEnd(14)} RESULT`);
+  for (const x of r.mechanisms) {
+    const sizes = x.present ? `${x.minKeySize}..${x.maxKeySize}` : '-';
+    const result = !x.present ? `MISSING: ${x.problem}` : x.problem ? `PROBLEM: ${x.problem}` : `ok (${x.flags.map((f) => f.replace(/^CKF_/, '')).join(' ')})`;
+    lines.push(`${x.name.padEnd(28)} ${(x.required ? 'required' : 'ceremony').padEnd(9)} ${sizes.padEnd(14)} ${result}`);
+  }
+  lines.push('');
+  lines.push(`${'CHECK'.padEnd(22)} ${'RESULT'.padEnd(8)} ${'ANSWER'.padEnd(34)} DETAIL`);
+  for (const c of r.checks) {
+    const result = c.ok ? 'ok' : c.required ? 'FAILED' : 'handled';
+    lines.push(`${c.name.padEnd(22)} ${result.padEnd(8)} ${c.answer.padEnd(34)} ${c.detail}`);
+  }
+  lines.push('');
+  lines.push('WRAP: can keys that must never leave the token be wrapped out under a session key?');
+  const rows = [...r.wrap.throwaway, ...r.wrap.vaultKeys];
+  if (rows.length === 0) lines.push('  not tried: the module lists no AES wrapping mechanism');
+  for (const w of rows) lines.push(`  ${w.key.padEnd(50)} ${w.wrapped ? `WRAPPED OUT (${w.mechanism})` : `refused (${w.answers.join('; ')})`}`);
+  if (r.wrap.vaultKeys.length === 0) lines.push('  (no vault keys on the token yet: only throwaway keys were tried)');
+  lines.push('');
+  lines.push(`quirks   verifier compare: ${r.quirks.verify}, anchor: ${r.quirks.anchor === 'data' ? 'token data objects' : 'labels of two secret keys'}, key templates: ${r.quirks.template}`);
+  const verdict = r.missing.length
+    ? `NOT USABLE: missing ${r.missing.join('; ')}`
+    : r.wrap.wrappable
+      ? accepted
+        ? 'usable, but keys can be wrapped out: served only because hsm.acceptWrappableKeys is set (not policy-conform)'
+        : 'REFUSED: keys can be wrapped out of this token; set hsm.acceptWrappableKeys: true (BKV_HSM_ACCEPT_WRAPPABLE_KEYS=1) to serve anyway'
+      : 'usable: every capability the vault needs is present';
+  lines.push(`verdict  ${verdict}`);
+  return lines.join('\n');
 }
 
 function printTenants(list: Tenant[]): void {
@@ -248,6 +290,39 @@ common(program.command('rotate'))
         }
       },
     );
+  });
+
+const hsm = program.command('hsm').description('the PKCS#11 module and token');
+
+common(hsm.command('check'))
+  .description(
+    'load the module and report what it can do for the vault: the mechanisms the policy needs (key sizes, flags), ' +
+      'where the state anchor can live, what a wrong HMAC gets from C_Verify, whether keys can be wrapped out, label writes',
+  )
+  .option('--json', 'print JSON')
+  .action(async (o: Common & { json?: boolean }) => {
+    const c = config(o);
+    const accepted = hsmSettings(c).acceptWrappableKeys;
+    const ep = existsSync(c.dataDir) ? await findDaemon(c.dataDir) : undefined;
+    let r: CapabilityReport;
+    if (ep) {
+      // The daemon owns the token: show the check it ran at start rather than write probe objects under it.
+      const s = await adminCall<StatusReport>(ep, 'GET', '/admin/status');
+      if (!s.hsm.check) throw new CliError(EXIT.FAILED, 'the running daemon did not report a capability check');
+      r = s.hsm.check;
+      note(`(the check the running daemon, pid ${ep.pid ?? '?'}, made at start)`);
+    } else {
+      const lock = existsSync(c.dataDir) ? acquireLock(c.dataDir, 'bkv-admin hsm check') : undefined;
+      try {
+        r = inspectModule(tokenConfig(c), { vaultKeys: true });
+      } finally {
+        lock?.release();
+      }
+    }
+    const serves = r.missing.length === 0 && (!r.wrap.wrappable || accepted);
+    if (o.json) out(JSON.stringify({ ...r, verdict: { usable: r.missing.length === 0, wrappable: r.wrap.wrappable, accepted: r.wrap.wrappable && accepted, serves } }, null, 2));
+    else out(capabilityText(r, accepted));
+    if (!serves) process.exitCode = EXIT.NOT_CONFORM;
   });
 
 const tenant = program.command('tenant').description('backend credentials: add, list, revoke, mint a token');
@@ -504,7 +579,8 @@ common(configCmd.command('check'))
       out(`  data      ${c.dataDir}`);
       out(`  listen    ${c.tls ? 'wss' : 'ws'}://${c.listen.host}:${c.listen.port}`);
       out(`  admin     http://${c.admin.host}:${c.admin.port}`);
-      out(`  hsm       ${c.hsm.module ?? 'embedded SoftHSM2'} token "${c.hsm.tokenLabel}", PIN from ${process.env.BKV_HSM_PIN ? 'BKV_HSM_PIN' : (c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'))}`);
+      out(`  hsm       ${c.hsm.module ?? 'embedded SoftHSM2'} token "${c.hsm.tokenLabel}", PIN from ${process.env.BKV_HSM_PIN ? 'BKV_HSM_PIN' : (c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'))}${c.hsm.libraryParameters ? ', with library parameters' : ''}${c.hsm.acceptWrappableKeys ? ', wrappable keys ACCEPTED' : ''}`);
+      out('            (not loaded: "bkv-admin hsm check" loads the module and tests what it can do)');
       out(`  audit     ${c.audit.file ?? join(c.dataDir, 'audit.log')} (checkpoint every ${c.audit.checkpointEvery} events or ${c.audit.checkpointSec} s)`);
     }
   });

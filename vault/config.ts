@@ -33,9 +33,30 @@ const Schema = z
         pinFile: z.string().min(1).optional(),
         /** Security Officer PIN, for the key ceremony's trust step only (bkv-admin ceremony); the daemon never reads it. */
         soPinFile: z.string().min(1).optional(),
+        /** C_Initialize library parameters, for modules configured that way (NSS softoken: configdir=…). */
+        libraryParameters: z.string().min(1).max(65536).optional(),
+        /**
+         * Serve although the capability check could wrap vault keys out of the token
+         * (NSS softoken ignores CKA_EXTRACTABLE=false). Shown in status and metrics.
+         */
+        acceptWrappableKeys: z.boolean().optional(),
+        /**
+         * How the daemon drives the HSM (docs/PERFORMANCE.md, "The HSM worker pool"): "off" on
+         * the main thread, "auto" one worker thread per core, or a thread count. Tools always
+         * use the main thread.
+         */
+        workers: z.union([z.enum(['off', 'auto']), z.number().int().min(1).max(256)]),
+        /** ECDH jobs that may wait for a worker before new ones get OVERLOADED (default 256 per thread). */
+        queue: z.number().int().min(1).optional(),
+        /** ECDH derives between library recycles (SoftHSM keeps ~250 B per destroyed derive object); 0 = never. */
+        recycleAfter: z.number().int().min(0).optional(),
+        /** A worker of its own for anchor writes, so they never queue behind ECDH batches. */
+        controlThread: z.boolean(),
       })
       .strict(),
     dbPath: z.string().min(1).optional(),
+    /** SQLite. `checkpointWorker`: WAL checkpoints on a thread of their own (store/checkpointer.ts), off the event loop. */
+    store: z.object({ checkpointWorker: z.boolean() }).strict(),
     vault: z
       .object({
         attemptLimit: z.number().int().min(1).max(1000),
@@ -138,7 +159,8 @@ export type Config = z.output<typeof Schema>;
 export const DEFAULTS: Config = {
   dataDir: './data',
   listen: { host: '127.0.0.1', port: 8787 },
-  hsm: { tokenLabel: 'bkv-embedded' },
+  hsm: { tokenLabel: 'bkv-embedded', workers: 'auto', controlThread: true },
+  store: { checkpointWorker: true },
   vault: { attemptLimit: 10, sessionTtlSec: 120, kdfFloor: { m: 19456, t: 2, p: 1 } },
   limits: {
     tenantPerSec: 2000,
@@ -176,6 +198,24 @@ function merge(base: Json, over: Json): Json {
   return out;
 }
 
+const bool = (v: string | undefined, name: string): boolean | undefined => {
+  if (v === undefined || v === '') return undefined;
+  if (v === '1' || v === 'true') return true;
+  if (v === '0' || v === 'false') return false;
+  throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${name} must be 1 or 0`);
+};
+
+/** BKV_HSM_WORKERS: off/0/false, auto/on/true, or a thread count (the schema checks its range). */
+const workersOf = (v: string | undefined): 'off' | 'auto' | number | undefined => {
+  const m = v?.trim().toLowerCase();
+  if (!m) return undefined;
+  if (m === 'off' || m === '0' || m === 'false') return 'off';
+  if (m === 'auto' || m === 'on' || m === 'true') return 'auto';
+  const n = Number(m);
+  if (!Number.isInteger(n)) throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: BKV_HSM_WORKERS must be off, auto or a thread count 1..256');
+  return n;
+};
+
 const num = (v: string | undefined, name: string): number | undefined => {
   if (v === undefined || v === '') return undefined;
   const n = Number(v);
@@ -194,7 +234,19 @@ function fromEnv(env: NodeJS.ProcessEnv): Json {
     dataDir: env.BKV_DATA,
     listen: env.BKV_LISTEN ? parseListen(env.BKV_LISTEN) : undefined,
     tls: env.BKV_TLS_CERT || env.BKV_TLS_KEY ? { certFile: env.BKV_TLS_CERT, keyFile: env.BKV_TLS_KEY } : undefined,
-    hsm: { module: env.BKV_HSM_MODULE, tokenLabel: env.BKV_HSM_TOKEN, pinFile: env.BKV_HSM_PIN_FILE, soPinFile: env.BKV_HSM_SO_PIN_FILE },
+    hsm: {
+      module: env.BKV_HSM_MODULE,
+      tokenLabel: env.BKV_HSM_TOKEN,
+      pinFile: env.BKV_HSM_PIN_FILE,
+      soPinFile: env.BKV_HSM_SO_PIN_FILE,
+      libraryParameters: env.BKV_HSM_LIBRARY_PARAMETERS || undefined,
+      acceptWrappableKeys: bool(env.BKV_HSM_ACCEPT_WRAPPABLE_KEYS, 'BKV_HSM_ACCEPT_WRAPPABLE_KEYS'),
+      workers: workersOf(env.BKV_HSM_WORKERS),
+      queue: num(env.BKV_HSM_QUEUE, 'BKV_HSM_QUEUE'),
+      recycleAfter: num(env.BKV_HSM_RECYCLE, 'BKV_HSM_RECYCLE'),
+      controlThread: bool(env.BKV_HSM_CONTROL, 'BKV_HSM_CONTROL'),
+    },
+    store: { checkpointWorker: bool(env.BKV_CHECKPOINT_WORKER, 'BKV_CHECKPOINT_WORKER') },
     dbPath: env.BKV_DB,
     vault: { attemptLimit: num(env.BKV_ATTEMPT_LIMIT, 'BKV_ATTEMPT_LIMIT') },
     log: { level: env.BKV_LOG_LEVEL },
@@ -249,6 +301,10 @@ export interface HsmSettings {
   pinFile: string;
   /** The Security Officer's PIN file (hsm.soPinFile; embedded: <data>/hsm-so-pin), if any. */
   soPinFile?: string;
+  /** C_Initialize library parameters (hsm.libraryParameters). */
+  libraryParameters?: string;
+  /** The operator accepts keys the module lets out wrapped (hsm.acceptWrappableKeys). */
+  acceptWrappableKeys: boolean;
   /** Set when the vault runs its own SoftHSM2 token under dataDir. */
   embedded?: { conf: string; tokenDir: string; soPinFile: string };
 }
@@ -258,7 +314,14 @@ export function hsmSettings(c: Config): HsmSettings {
     if (!c.hsm.pinFile && !process.env.BKV_HSM_PIN) {
       throw new VaultError(ErrorCodes.BAD_REQUEST, 'config: hsm.pinFile (or BKV_HSM_PIN) is required with an external hsm.module');
     }
-    return { modulePath: c.hsm.module, tokenLabel: c.hsm.tokenLabel, pinFile: c.hsm.pinFile ?? '', ...(c.hsm.soPinFile ? { soPinFile: c.hsm.soPinFile } : {}) };
+    return {
+      modulePath: c.hsm.module,
+      tokenLabel: c.hsm.tokenLabel,
+      pinFile: c.hsm.pinFile ?? '',
+      ...(c.hsm.soPinFile ? { soPinFile: c.hsm.soPinFile } : {}),
+      ...(c.hsm.libraryParameters ? { libraryParameters: c.hsm.libraryParameters } : {}),
+      acceptWrappableKeys: c.hsm.acceptWrappableKeys ?? false,
+    };
   }
   const modulePath = SOFTHSM_CANDIDATES.find((p) => existsSync(p));
   if (!modulePath) {
@@ -269,6 +332,8 @@ export function hsmSettings(c: Config): HsmSettings {
     tokenLabel: c.hsm.tokenLabel,
     pinFile: c.hsm.pinFile ?? join(c.dataDir, 'hsm-pin'),
     soPinFile: c.hsm.soPinFile ?? join(c.dataDir, 'hsm-so-pin'),
+    ...(c.hsm.libraryParameters ? { libraryParameters: c.hsm.libraryParameters } : {}),
+    acceptWrappableKeys: c.hsm.acceptWrappableKeys ?? false,
     embedded: { conf: join(c.dataDir, 'softhsm2.conf'), tokenDir: join(c.dataDir, 'tokens'), soPinFile: join(c.dataDir, 'hsm-so-pin') },
   };
 }

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { checkpointWorkerSetting, openServingKeys, selfTest } from './core/open.js';
+import { hsmWorkerSettings, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
 import type { TenantStore } from './store/tenants.js';
@@ -30,6 +30,8 @@ import { dataPermissions } from './admin/perms.js';
 import { exportInDaemon } from './ceremony/steps.js';
 import { CohortNode } from './cohort/node.js';
 import type { Ledger } from './core/ledger.js';
+import { hsmSettings } from './config.js';
+import { inspectModule, rememberQuirks, requireCapabilities, requireUnwrappable, type CapabilityReport } from './hsm/capabilities.js';
 
 export interface DaemonHooks {
   onRequest?: (e: RequestEvent) => void;
@@ -49,6 +51,8 @@ export interface Daemon {
   /** Set in cohort mode (config `cohort`): the replication engine this node serves through. */
   cohort: CohortNode | undefined;
   startedAt: number;
+  /** The start-up capability check (bkv-admin hsm check / status show it). */
+  hsmCheck: CapabilityReport;
   readiness(): Promise<Readiness>;
   stop(): Promise<void>;
 }
@@ -66,15 +70,40 @@ function malloc(): 'jemalloc' | 'libc' {
   }
 }
 
+/**
+ * The capability check every start runs (vault/hsm/capabilities.ts): refuses a
+ * module that lacks what the vault needs, and keys it lets out wrapped unless the
+ * operator accepted that; learns the module's quirks for the key workers.
+ */
+export function startupCheck(c: Config, log: Logger, metrics?: Metrics): CapabilityReport {
+  const cfg = tokenConfig(c);
+  const accepted = hsmSettings(c).acceptWrappableKeys;
+  const check = inspectModule(cfg, { vaultKeys: true });
+  metrics?.hsmKeysWrappable.set(check.wrap.wrappable ? 1 : 0);
+  metrics?.hsmWrappableAccepted.set(check.wrap.wrappable && accepted ? 1 : 0);
+  requireCapabilities(check, 'start refused');
+  requireUnwrappable(check, accepted, 'start refused');
+  rememberQuirks(cfg, check.quirks);
+  log.info({ event: 'hsm.capabilities', quirks: check.quirks, wrappable: check.wrap.wrappable, library: check.module.library }, 'HSM capability check passed');
+  if (check.wrap.wrappable) {
+    log.warn(
+      { event: 'hsm.keys.wrappable', accepted: true, keys: [...check.wrap.vaultKeys, ...check.wrap.throwaway].filter((w) => w.wrapped).map((w) => w.key) },
+      'the HSM lets never-extractable keys out wrapped; serving only because hsm.acceptWrappableKeys is set',
+    );
+  }
+  return check;
+}
+
 async function openServingVault(
   c: Config,
   log: Logger,
   metrics: Metrics,
   wrap?: (k: VaultKeys) => VaultKeys,
-): Promise<{ vault: Vault; cohort: CohortNode | undefined }> {
-  // HSM worker threads unless BKV_HSM_WORKERS=off (docs/PERFORMANCE.md).
-  const checkpointWorker = checkpointWorkerSetting();
-  const raw = await openServingKeys(tokenConfig(c), log);
+): Promise<{ vault: Vault; check: CapabilityReport; cohort: CohortNode | undefined }> {
+  // HSM worker threads unless hsm.workers is "off" (docs/PERFORMANCE.md).
+  const checkpointWorker = c.store.checkpointWorker;
+  const check = startupCheck(c, log, metrics);
+  const raw = await openServingKeys({ ...tokenConfig(c), quirks: check.quirks }, log, hsmWorkerSettings(c.hsm));
   let store: Store | undefined;
   let cohort: CohortNode | undefined;
   try {
@@ -110,7 +139,7 @@ async function openServingVault(
       tenantSessions: c.limits.tenantSessions,
       tenantEnrollments: c.limits.tenantEnrollments,
     }, joinCohort);
-    return { vault, cohort };
+    return { vault, check, cohort };
   } catch (e) {
     await cohort?.close();
     store?.close();
@@ -121,7 +150,7 @@ async function openServingVault(
 
 export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   const metrics = hooks.metrics ?? new Metrics({ processMetrics: false });
-  const { vault, cohort } = await openServingVault(c, log, metrics, hooks.wrapKeys);
+  const { vault, check, cohort } = await openServingVault(c, log, metrics, hooks.wrapKeys);
   const now = vault.options.now;
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
@@ -239,6 +268,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     audit,
     cohort,
     startedAt,
+    hsmCheck: check,
     readiness: cachedReadiness(
       () => readiness(vault, audit, { ...(cohort ? { cohort } : {}) }),
       () => readinessSignals(vault, audit) + (cohort ? `|${cohort.ledger.stopped?.message ?? ''}` : ''),
@@ -317,6 +347,7 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
         ...(d.cohort ? { cohort: d.cohort.report() } : {}),
         startedAt: d.startedAt,
         connections: () => d.server.connections(),
+        hsmCheck: d.hsmCheck,
       }),
     rotate: (o, onProgress) => vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
     tenants: () => ({ tenants: vault.store.tenants.list() }),

@@ -32,6 +32,10 @@ export class Metrics {
   readonly hsmErrors: Counter<'op' | 'code'>;
   readonly hsmInFlight: Gauge;
   readonly hsmUp: Gauge;
+  /** 1 when the start-up capability check wrapped a never-extractable key out of the token (vault/hsm/capabilities.ts). */
+  readonly hsmKeysWrappable: Gauge;
+  /** 1 when the vault serves anyway because the operator set hsm.acceptWrappableKeys. */
+  readonly hsmWrappableAccepted: Gauge;
   readonly lockouts: Counter;
   readonly securityEvents: Counter<'event'>;
   readonly rollbacks: Counter;
@@ -55,6 +59,8 @@ export class Metrics {
     this.hsmErrors = new Counter({ name: 'bkv_hsm_operation_errors_total', help: 'HSM operations that failed, by operation and error code', labelNames: ['op', 'code'], registers: r });
     this.hsmInFlight = new Gauge({ name: 'bkv_hsm_in_flight', help: 'HSM operations waiting or running (the HSM queue depth)', registers: r });
     this.hsmUp = new Gauge({ name: 'bkv_hsm_up', help: '1 while the HSM token answers, 0 when its session is lost', registers: r });
+    this.hsmKeysWrappable = new Gauge({ name: 'bkv_hsm_keys_wrappable', help: '1 when the HSM let a never-extractable key out wrapped at the start-up check (the module ignores CKA_EXTRACTABLE)', registers: r });
+    this.hsmWrappableAccepted = new Gauge({ name: 'bkv_hsm_wrappable_keys_accepted', help: '1 when the vault serves wrappable keys because the operator set hsm.acceptWrappableKeys', registers: r });
     this.lockouts = new Counter({ name: 'bkv_lockouts_total', help: 'records destroyed because the attempt limit was reached', registers: r });
     this.securityEvents = new Counter({ name: 'bkv_security_events_total', help: 'security events written to the audit log, by event', labelNames: ['event'], registers: r });
     this.rollbacks = new Counter({ name: 'bkv_rollback_detections_total', help: 'stored state found older than or different from the HSM anchor', registers: r });

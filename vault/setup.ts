@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes, isVaultError } from '../protocol/errors.js';
 import { initToken, Token } from './hsm/token.js';
+import { inspectModule, rememberQuirks, requireCapabilities, requireUnwrappable } from './hsm/capabilities.js';
 import { openKeys, selfTest } from './core/open.js';
 import { Store } from './store/index.js';
 import { Vault } from './core/vault.js';
@@ -42,7 +43,7 @@ function isRegularFile(path: string): boolean {
 export function tokenConfig(c: Config): TokenConfig {
   const s = hsmSettings(c);
   prepareEmbedded(s);
-  return { modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) };
+  return { modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s), ...(s.libraryParameters ? { libraryParameters: s.libraryParameters } : {}) };
 }
 
 function writeSecret(path: string, value: string): void {
@@ -86,10 +87,27 @@ export function ensureEmbeddedToken(c: Config, log: Logger): boolean {
   return true;
 }
 
-export async function initVault(c: Config, log: Logger): Promise<InitResult> {
+export interface InitOptions {
+  /**
+   * The capability check (default: inspectModule on the configured token). A seam for
+   * tests of modules this machine does not have (openCryptoki, tpm2-pkcs11): they run
+   * the real check on a real token that hides what those modules lack.
+   */
+  inspect?: typeof inspectModule;
+}
+
+export async function initVault(c: Config, log: Logger, o: InitOptions = {}): Promise<InitResult> {
   const createdToken = ensureEmbeddedToken(c, log);
   const s = hsmSettings(c);
-  const keys = openKeys({ modulePath: s.modulePath, tokenLabel: s.tokenLabel, pin: readPin(s) }, true, log);
+  // Before anything is created: a module that lacks a mechanism, or lets keys out
+  // wrapped without the operator's consent, leaves no half-made vault behind.
+  const cfg = tokenConfig(c);
+  const check = (o.inspect ?? inspectModule)(cfg, { vaultKeys: true });
+  requireCapabilities(check, 'init refused');
+  requireUnwrappable(check, s.acceptWrappableKeys, 'init refused');
+  rememberQuirks(cfg, check.quirks);
+  log.info({ event: 'hsm.capabilities', quirks: check.quirks, wrappable: check.wrap.wrappable }, 'HSM capability check passed');
+  const keys = openKeys({ ...cfg, quirks: check.quirks }, true, log);
   try {
     await selfTest(keys);
     const publicKeyFile = join(c.dataDir, 'vault-key.pub');

@@ -4,6 +4,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { TEST_MODULE } from './softhsm.js';
+import { makeNssToken } from './nss.js';
 
 export const ROOT = resolve(import.meta.dirname, '../..');
 export const DAEMON = join(ROOT, 'dist/vault/main.js');
@@ -63,6 +65,19 @@ export async function startDaemon(
   } = {},
 ): Promise<RunningDaemon> {
   const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'bkv-daemon-'));
+  // BKV_TEST_MODULE=nss: the daemon runs on an NSS softoken token of its own (through
+  // hsm.module, with no code change), unless the test configured an HSM itself. NSS lets
+  // keys out wrapped, so the test pass accepts that explicitly (docs/OPERATIONS.md).
+  let nssCleanup: (() => void) | undefined;
+  if (TEST_MODULE === 'nss' && !(opts.config as { hsm?: unknown } | undefined)?.hsm) {
+    const n = makeNssToken();
+    nssCleanup = n.cleanup;
+    const pinFile = join(dataDir, 'nss-pin');
+    writeFileSync(pinFile, `${n.pin}\n`, { mode: 0o600 });
+    const hsm = { module: n.modulePath, tokenLabel: n.label, pinFile, libraryParameters: n.standaloneParameters, acceptWrappableKeys: true };
+    // A restart reuses the same token: the options carry it from here on.
+    opts = { ...opts, dataDir, config: { ...(opts.config ?? TEST_CONFIG), hsm } };
+  }
   const configFile = join(dataDir, 'test-config.json');
   writeFileSync(configFile, JSON.stringify(opts.config ?? TEST_CONFIG));
   const logs: string[] = [];
@@ -133,6 +148,7 @@ export async function startDaemon(
     async cleanup() {
       await d.stop();
       rmSync(dataDir, { recursive: true, force: true });
+      nssCleanup?.();
     },
   };
   return d;

@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { initToken } from '../../vault/hsm/token.js';
+import { makeNssToken } from './nss.js';
 
 export const SOFTHSM_MODULE =
   [
@@ -22,6 +23,10 @@ export interface TestToken {
   pin: string;
   soPin: string;
   modulePath: string;
+  /** C_Initialize library parameters (NSS softoken); absent for SoftHSM2. */
+  libraryParameters?: string;
+  /** Which reference module made it (BKV_TEST_MODULE). */
+  module: 'softhsm' | 'nss';
   /** Environment for a child process that should see this token. */
   env: NodeJS.ProcessEnv;
   cleanup(): void;
@@ -40,8 +45,31 @@ function processTokenDir(): { dir: string; conf: string } {
   return (processDir = { dir, conf });
 }
 
-/** A fresh, initialised token with random PINs in this process's token directory. */
-export function makeToken(opts: { label?: string } = {}): TestToken {
+/**
+ * The reference module the tests run on: BKV_TEST_MODULE=nss puts makeToken()'s
+ * tokens on NSS softoken (test/helpers/nss.ts) instead of SoftHSM2, so the same
+ * core, RPC, rollback and adversarial-HSM tests run on both.
+ */
+export const TEST_MODULE: 'softhsm' | 'nss' = process.env.BKV_TEST_MODULE === 'nss' ? 'nss' : 'softhsm';
+
+/** The TokenConfig fields of a test token (module, label, PIN and, for NSS, its library parameters). */
+export const hsmOf = (t: TestToken) => ({
+  modulePath: t.modulePath,
+  tokenLabel: t.label,
+  pin: t.pin,
+  ...(t.libraryParameters ? { libraryParameters: t.libraryParameters } : {}),
+});
+
+/**
+ * A fresh, initialised token with random PINs in this process's token directory,
+ * on SoftHSM2, or on NSS softoken with BKV_TEST_MODULE=nss. NSS tokens have no SO
+ * PIN (soPin is empty): tests of the Security Officer's steps need SoftHSM2.
+ */
+export function makeToken(opts: { label?: string; module?: 'softhsm' | 'nss' } = {}): TestToken {
+  if ((opts.module ?? TEST_MODULE) === 'nss') {
+    const n = makeNssToken();
+    return { conf: n.dir, label: n.label, pin: n.pin, soPin: '', modulePath: n.modulePath, libraryParameters: n.libraryParameters, module: 'nss', env: n.env, cleanup: n.cleanup };
+  }
   const { conf } = processTokenDir();
   const label = opts.label ?? `bkv-test-${randomBytes(4).toString('hex')}`;
   const pin = randomBytes(6).toString('hex');
@@ -56,6 +84,7 @@ export function makeToken(opts: { label?: string } = {}): TestToken {
     pin,
     soPin,
     modulePath: SOFTHSM_MODULE,
+    module: 'softhsm',
     env,
     cleanup: () => {
       try {

@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
-import { makeToken, type TestToken } from './softhsm.js';
+import { hsmOf, makeToken, type TestToken } from './softhsm.js';
 import { openVault } from '../../vault/core/open.js';
 import type { Vault, VaultOptions } from '../../vault/core/vault.js';
 import type { KdfParams } from '../../protocol/kdf.js';
@@ -37,7 +37,7 @@ export async function tempVault(opts: Partial<VaultOptions> = {}, token = makeTo
   const clock = { now: Date.now() };
   const open = (o: Partial<VaultOptions>, create: boolean) =>
     openVault({
-      hsm: { modulePath: token.modulePath, tokenLabel: token.label, pin: token.pin },
+      hsm: hsmOf(token),
       dbPath,
       createKeys: create,
       log: captureLog(logs),

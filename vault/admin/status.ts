@@ -22,6 +22,7 @@ import type { CohortReport } from '../cohort/node.js';
 import { hsmSettings, type Config } from '../config.js';
 import { tokenConfig } from '../setup.js';
 import { dataPermissions, type PermissionReport } from './perms.js';
+import { inspectToken, knownQuirks, type CapabilityReport } from '../hsm/capabilities.js';
 
 export interface PolicyReport {
   conform: boolean;
@@ -34,12 +35,17 @@ export interface PolicyReport {
   keyPhases?: { label: string; phase: Phase; origin: string }[];
   /** The key ceremony's objects on the token: trusted targets, transport keys, a target's unwrap key. */
   ceremony?: CeremonyObjects;
+  /**
+   * The module let keys marked never-extractable out wrapped (capability check):
+   * never policy-conform, whether or not the operator accepted it.
+   */
+  wrappable?: { wrappable: boolean; accepted: boolean; keys: string[] };
 }
 
 export interface StatusReport {
   mode: 'daemon' | 'offline';
   vaultId?: string;
-  hsm: { module: string; tokenLabel: string; embedded: boolean; up: boolean };
+  hsm: { module: string; tokenLabel: string; embedded: boolean; up: boolean; check?: CapabilityReport };
   policy: PolicyReport;
   currentEpoch?: number;
   records?: { active: number; locked: number; deleted: number };
@@ -68,10 +74,22 @@ export function checkPolicy(token: Token): PolicyReport & { resolved?: ReturnTyp
   }
 }
 
+/** A policy report that also says whether the module let keys out wrapped: such keys are never conform. */
+export function withWrapResult(p: PolicyReport, check: CapabilityReport, accepted: boolean): PolicyReport {
+  if (!check.wrap.wrappable) return { ...p, wrappable: { wrappable: false, accepted: false, keys: [] } };
+  const keys = [...check.wrap.vaultKeys, ...check.wrap.throwaway].filter((w) => w.wrapped).map((w) => w.key);
+  const why =
+    `the HSM lets keys marked never-extractable out wrapped (${keys.join(', ')}): ` +
+    (accepted ? 'served only because hsm.acceptWrappableKeys is set' : 'the vault refuses to serve them (hsm.acceptWrappableKeys is not set)');
+  return { ...p, conform: false, problem: p.problem ? `${p.problem}; ${why}` : why, wrappable: { wrappable: true, accepted, keys } };
+}
+
 /** A second, read-only look at the token from inside the daemon (same process: no second owner). */
 export function livePolicy(hsm: TokenConfig): PolicyReport {
   const token = Token.open(hsm);
   try {
+    // The daemon measured them at start; a second measurement would write probe objects under the running vault.
+    token.quirks = hsm.quirks ?? knownQuirks(hsm) ?? token.quirks;
     const { resolved: _r, ...report } = checkPolicy(token);
     return report;
   } finally {
@@ -108,7 +126,7 @@ function anchorDetail(dbSeq: number, hsmSeq: number, rootsMatch: boolean): { con
 export async function daemonStatus(
   c: Config,
   vault: Vault,
-  extra: { audit?: AuditLog; startedAt: number; connections: () => number; cohort?: CohortReport },
+  extra: { audit?: AuditLog; startedAt: number; connections: () => number; hsmCheck?: CapabilityReport; cohort?: CohortReport },
 ): Promise<StatusReport> {
   const s = hsmSettings(c);
   const up = vault.keys.ping();
@@ -118,6 +136,7 @@ export async function daemonStatus(
   } catch (e) {
     policy = { conform: false, problem: `policy check failed: ${(e as Error).message}`, keys: [], epochs: vault.keys.epochs() };
   }
+  if (extra.hsmCheck) policy = withWrapResult(policy, extra.hsmCheck, s.acceptWrappableKeys);
   const st = vault.ledger.status();
   let anchor: StatusReport['anchor'];
   try {
@@ -138,7 +157,7 @@ export async function daemonStatus(
   return {
     mode: 'daemon',
     vaultId: toHex(vault.vaultId),
-    hsm: { module: s.modulePath, tokenLabel: s.tokenLabel, embedded: !!s.embedded, up },
+    hsm: { module: s.modulePath, tokenLabel: s.tokenLabel, embedded: !!s.embedded, up, ...(extra.hsmCheck ? { check: extra.hsmCheck } : {}) },
     policy,
     currentEpoch: vault.keys.currentEpoch(),
     records: vault.store.records.counts(),
@@ -164,8 +183,11 @@ export async function offlineStatus(c: Config, _log: Logger): Promise<StatusRepo
   let hsmAnchor: { seq: number; root: string } | undefined;
   try {
     report.hsm.up = token.ping();
+    const check = inspectToken(token, tokenConfig(c), { vaultKeys: true });
+    token.quirks = check.quirks;
     const { resolved, ...policy } = checkPolicy(token);
-    report.policy = policy;
+    report.hsm.check = check;
+    report.policy = withWrapResult(policy, check, s.acceptWrappableKeys);
     if (resolved) {
       report.vaultId = toHex(vaultIdOf(resolved.sig.point));
       report.currentEpoch = Math.max(...resolved.seals.keys());

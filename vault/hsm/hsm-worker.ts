@@ -4,7 +4,7 @@
 // (handles are process-wide, resolved by the pool), so a recycle only has to
 // update the pool's copy. Started by worker-keys.ts, never imported elsewhere.
 import { parentPort, workerData } from 'node:worker_threads';
-import { Token, pinLibrary, type Handle } from './token.js';
+import { Token, pinLibrary, type Handle, type ModuleQuirks } from './token.js';
 import { enforcePolicy, epochProtection, type ResolvedKeys } from '../../hsm-policy/enforce.js';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { casAnchor, type AnchorExpectation } from './anchor.js';
@@ -13,6 +13,10 @@ export interface WorkerInit {
   modulePath: string;
   tokenLabel: string;
   pin: string;
+  /** C_Initialize library parameters (hsm.libraryParameters), if the module needs any. */
+  libraryParameters?: string;
+  /** The module's quirks as the capability check measured them in the main thread. */
+  quirks?: ModuleQuirks;
   /** Resolve (and with `create`, make) the key set after opening: the first worker only. */
   resolve: boolean;
   create: boolean;
@@ -131,10 +135,17 @@ function main(): void {
   const init = workerData as WorkerInit;
   // This realm never finalises the library on its own: only a coordinated recycle does.
   // Never released: when this thread ends, the library stays up for the others.
-  pinLibrary(init.modulePath);
+  pinLibrary(init.modulePath, init.libraryParameters);
   let token: Token;
   try {
-    token = Token.open({ modulePath: init.modulePath, tokenLabel: init.tokenLabel, pin: init.pin, maxSessions: 2 });
+    token = Token.open({
+      modulePath: init.modulePath,
+      tokenLabel: init.tokenLabel,
+      pin: init.pin,
+      maxSessions: 2,
+      ...(init.libraryParameters ? { libraryParameters: init.libraryParameters } : {}),
+      ...(init.quirks ? { quirks: init.quirks } : {}),
+    });
     const keys = init.resolve ? toWire(enforcePolicy(token, { create: init.create })) : undefined;
     port.postMessage({ type: 'ready', ...(keys ? { keys } : {}) } satisfies FromWorker);
   } catch (e) {

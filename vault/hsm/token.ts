@@ -2,9 +2,9 @@
 // found by label, with a small session pool and typed wrappers for exactly the
 // calls the vault and its policy need. Everything above sees opaque handles.
 import pkcs11js from 'pkcs11js';
-import { createHash } from 'node:crypto';
+import { createHash, timingSafeEqual } from 'node:crypto';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
-import { CKR, ckrOf, isHandleLost, isSessionLost, toVaultError } from './ckr.js';
+import { CKR, ckrOf, isHandleLost, isSessionLost, toVaultError, type HsmContext } from './ckr.js';
 
 const P = pkcs11js;
 
@@ -19,7 +19,52 @@ export interface TokenConfig {
   pin: string;
   /** Upper bound on open sessions (one operation per session at a time). */
   maxSessions?: number;
+  /**
+   * C_Initialize library parameters (CK_C_INITIALIZE_ARGS.pReserved), for modules
+   * that take their configuration there, e.g. NSS softoken:
+   * `configdir='sql:/path' certPrefix='' keyPrefix='' secmod='secmod.db' flags=`.
+   * One value per module and process: the first initialisation wins.
+   */
+  libraryParameters?: string;
+  /** How this module's quirks are handled, as the capability check detected them (capabilities.ts). */
+  quirks?: ModuleQuirks;
 }
+
+/**
+ * Module differences the vault handles at this one seam, chosen by what the
+ * capability check (capabilities.ts) measured on the module, never by its name.
+ */
+export interface ModuleQuirks {
+  /**
+   * How an HMAC verifier is compared. 'verify': C_Verify inside the token, whose
+   * mismatch answer is CKR_SIGNATURE_INVALID. 'sign-compare': C_Sign and a
+   * constant-time compare here, for modules whose C_Verify mismatch answer cannot be
+   * told from a failure (NSS softoken answers CKR_DEVICE_ERROR).
+   */
+  verify: 'verify' | 'sign-compare';
+  /**
+   * Where the state anchor lives. 'data': two private token CKO_DATA objects.
+   * 'key': the labels of two dedicated usage-less secret key objects, told apart by
+   * CKA_ID, for modules that refuse token data objects (NSS softoken).
+   */
+  anchor: 'data' | 'key';
+  /**
+   * Key templates. 'full' states every usage flag, true or false. 'minimal' leaves
+   * out the false ones for modules that reject explicit falses (tpm2-pkcs11 on EC
+   * keys); the policy check still reads every flag back afterwards.
+   */
+  template: 'full' | 'minimal';
+  /**
+   * The phase a new vault's keys are made in (hsm-policy/policy.ts). 'open' (for
+   * cloning) needs token keys with CKA_ALLOWED_MECHANISMS, CKA_WRAP_WITH_TRUSTED and
+   * CKA_LOCAL as the policy reads them; on a module that refuses or drops those
+   * (NSS softoken: CKR_GENERAL_ERROR for CKA_ALLOWED_MECHANISMS on token keys) the
+   * keys are made 'not-cloneable', the original never-extractable set.
+   */
+  keyPhase: 'open' | 'not-cloneable';
+}
+
+export const DEFAULT_QUIRKS: ModuleQuirks = { verify: 'verify', anchor: 'data', template: 'full', keyPhase: 'open' };
 
 // One loaded, initialised library per module path per process: a second
 // C_Initialize on the same library fails, and finalising while another Token
@@ -27,6 +72,8 @@ export interface TokenConfig {
 interface Library {
   p11: pkcs11js.PKCS11;
   refs: number;
+  /** What C_Initialize got; a recycle initialises with the same. */
+  parameters?: string;
 }
 const libraries = new Map<string, Library>();
 
@@ -36,7 +83,25 @@ const libraries = new Map<string, Library>();
 const loggedIn = new Map<string, string>();
 const pinDigest = (pin: string): string => createHash('sha256').update(pin).digest('hex');
 
-function acquireLibrary(modulePath: string): pkcs11js.PKCS11 {
+function initArgs(parameters: string | undefined): pkcs11js.InitializationOptions {
+  // Without OS locking, concurrent sessions crash SoftHSM.
+  return parameters ? { flags: P.CKF_OS_LOCKING_OK, libraryParameters: parameters } : { flags: P.CKF_OS_LOCKING_OK };
+}
+
+function initialize(p11: pkcs11js.PKCS11, parameters: string | undefined): void {
+  try {
+    p11.C_Initialize(initArgs(parameters));
+  } catch (e) {
+    if (ckrOf(e) === CKR.CRYPTOKI_ALREADY_INITIALIZED) return;
+    throw toVaultError(e, 'C_Initialize', {
+      hint: parameters
+        ? 'the module refused hsm.libraryParameters; check their syntax against the module\'s documentation'
+        : 'this module may need C_Initialize parameters: set hsm.libraryParameters (NSS softoken: configdir=\'sql:/path/to/db\' certPrefix=\'\' keyPrefix=\'\' secmod=\'secmod.db\' flags=)',
+    });
+  }
+}
+
+function acquireLibrary(modulePath: string, parameters?: string): pkcs11js.PKCS11 {
   const known = libraries.get(modulePath);
   if (known) {
     known.refs++;
@@ -49,12 +114,16 @@ function acquireLibrary(modulePath: string): pkcs11js.PKCS11 {
     throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, `cannot load PKCS#11 module ${modulePath}: ${(e as Error).message}`);
   }
   try {
-    // Without OS locking, concurrent sessions crash SoftHSM.
-    p11.C_Initialize({ flags: P.CKF_OS_LOCKING_OK });
+    initialize(p11, parameters);
   } catch (e) {
-    if (ckrOf(e) !== CKR.CRYPTOKI_ALREADY_INITIALIZED) throw toVaultError(e, 'C_Initialize');
+    try {
+      p11.close();
+    } catch {
+      /* never loaded far enough */
+    }
+    throw e;
   }
-  libraries.set(modulePath, { p11, refs: 1 });
+  libraries.set(modulePath, { p11, refs: 1, ...(parameters ? { parameters } : {}) });
   return p11;
 }
 
@@ -66,8 +135,8 @@ function acquireLibrary(modulePath: string): pkcs11js.PKCS11 {
  * pool pins the library in the main realm (and in each worker) so that only its
  * coordinated recycle ever finalises it while workers run.
  */
-export function pinLibrary(modulePath: string): () => void {
-  acquireLibrary(modulePath);
+export function pinLibrary(modulePath: string, libraryParameters?: string): () => void {
+  acquireLibrary(modulePath, libraryParameters);
   let released = false;
   return () => {
     if (released) return;
@@ -216,6 +285,10 @@ export class Token {
   private readonly pin: string;
   private readonly maxSessions: number;
   private readonly modulePath: string;
+  /** The module differences this token is driven with (capabilities.ts detects them). */
+  quirks: ModuleQuirks;
+  /** Labels of the objects this token found or made, by handle: errors name the key, not a number. */
+  private readonly names = new Map<string, string>();
   private idle: Handle[] = [];
   /**
    * Set when a call failed on a stale object handle (CKR_OBJECT/KEY_HANDLE_INVALID):
@@ -232,11 +305,12 @@ export class Token {
     this.pin = cfg.pin;
     this.maxSessions = cfg.maxSessions ?? 4;
     this.modulePath = cfg.modulePath;
+    this.quirks = cfg.quirks ?? DEFAULT_QUIRKS;
   }
 
   /** Load the module, find the token by label and log in. Fails fast on a wrong PIN. */
   static open(cfg: TokenConfig): Token {
-    const p11 = acquireLibrary(cfg.modulePath);
+    const p11 = acquireLibrary(cfg.modulePath, cfg.libraryParameters);
     try {
       const slot = findSlot(p11, cfg.tokenLabel);
       const token = new Token(cfg, p11, slot);
@@ -292,11 +366,7 @@ export class Token {
     } catch (e) {
       if (ckrOf(e) !== CKR.CRYPTOKI_NOT_INITIALIZED) throw toVaultError(e, 'C_Finalize');
     }
-    try {
-      this.p11.C_Initialize({ flags: P.CKF_OS_LOCKING_OK });
-    } catch (e) {
-      if (ckrOf(e) !== CKR.CRYPTOKI_ALREADY_INITIALIZED) throw toVaultError(e, 'C_Initialize');
-    }
+    initialize(this.p11, libraries.get(this.modulePath)?.parameters);
     // Slot numbers can change across C_Initialize (SoftHSM numbers the tokens it finds anew):
     // the next session finds ours by label again, as other threads' tokens do after dropSessions().
     this.slotStale = true;
@@ -425,7 +495,7 @@ export class Token {
           { type: P.CKA_LABEL, value: label },
         ]);
         try {
-          return this.p11.C_FindObjects(s, 16) as Handle[];
+          return (this.p11.C_FindObjects(s, 16) as Handle[]).map((h) => this.named(h, label));
         } finally {
           this.p11.C_FindObjectsFinal(s);
         }
@@ -455,7 +525,7 @@ export class Token {
         for (const h of found) {
           const [attr] = this.p11.C_GetAttributeValue(s, h, [{ type: P.CKA_LABEL }]);
           const label = attr?.value?.toString('utf8') ?? '';
-          if (label.startsWith(prefix)) out.push({ label, handle: h });
+          if (label.startsWith(prefix)) out.push({ label, handle: this.named(h, label) });
         }
         return out;
       }),
@@ -528,15 +598,17 @@ export class Token {
    * `protection` it is never extractable (the original key set); with one, as
    * the policy's phase says (hsm-policy/policy.ts).
    */
-  generateEcKeyPair(label: string, usages: Usage[], protection?: KeyProtection): { priv: Handle; pub: Handle } {
-    const flags = usageTemplate(usages, 'private');
+  generateEcKeyPair(label: string, usages: Usage[], protection?: KeyProtection, o: KeyMaking = {}): { priv: Handle; pub: Handle } {
+    const template = o.template ?? this.quirks.template;
+    const flags = trimmed(usageTemplate(usages, 'private'), template);
+    const onToken = !o.session;
     return this.guard('C_GenerateKeyPair', () =>
       this.run('C_GenerateKeyPair', (s) => {
         const kp = this.p11.C_GenerateKeyPair(
           s,
           { mechanism: P.CKM_EC_KEY_PAIR_GEN },
           [
-            { type: P.CKA_TOKEN, value: true },
+            { type: P.CKA_TOKEN, value: onToken },
             { type: P.CKA_PRIVATE, value: false },
             { type: P.CKA_LABEL, value: label },
             { type: P.CKA_EC_PARAMS, value: P256_OID },
@@ -544,7 +616,7 @@ export class Token {
             { type: P.CKA_MODIFIABLE, value: false },
           ],
           [
-            { type: P.CKA_TOKEN, value: true },
+            { type: P.CKA_TOKEN, value: onToken },
             { type: P.CKA_PRIVATE, value: true },
             { type: P.CKA_SENSITIVE, value: true },
             ...(protection ? protectionTemplate(protection) : [{ type: P.CKA_EXTRACTABLE, value: false }, { type: P.CKA_MODIFIABLE, value: false }]),
@@ -552,32 +624,90 @@ export class Token {
             ...flags,
           ],
         );
-        return { priv: kp.privateKey as Handle, pub: kp.publicKey as Handle };
+        return { priv: this.named(kp.privateKey as Handle, label), pub: this.named(kp.publicKey as Handle, label) };
       }),
+      { label, mechanism: 'CKM_EC_KEY_PAIR_GEN' },
     );
   }
 
   /** A fresh secret key held on the token, sensitive; never extractable unless `protection` says otherwise. */
-  generateSecretKey(label: string, kind: 'aes' | 'generic', bytes: number, usages: Usage[], protection?: KeyProtection): Handle {
-    return this.guard('C_GenerateKey', () =>
-      this.run('C_GenerateKey', (s) =>
-        this.p11.C_GenerateKey(s, { mechanism: kind === 'aes' ? P.CKM_AES_KEY_GEN : P.CKM_GENERIC_SECRET_KEY_GEN }, [
+  generateSecretKey(label: string, kind: 'aes' | 'generic', bytes: number, usages: Usage[], protection?: KeyProtection, o: KeyMaking = {}): Handle {
+    const mechanism = kind === 'aes' ? 'CKM_AES_KEY_GEN' : 'CKM_GENERIC_SECRET_KEY_GEN';
+    return this.guard(
+      'C_GenerateKey',
+      () =>
+        this.run('C_GenerateKey', (s) =>
+          this.named(
+            this.p11.C_GenerateKey(s, { mechanism: kind === 'aes' ? P.CKM_AES_KEY_GEN : P.CKM_GENERIC_SECRET_KEY_GEN }, [
+              { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
+              { type: P.CKA_KEY_TYPE, value: kind === 'aes' ? P.CKK_AES : P.CKK_GENERIC_SECRET },
+              { type: P.CKA_TOKEN, value: !o.session },
+              { type: P.CKA_PRIVATE, value: true },
+              { type: P.CKA_SENSITIVE, value: true },
+              ...(protection ? protectionTemplate(protection) : [{ type: P.CKA_EXTRACTABLE, value: false }, { type: P.CKA_MODIFIABLE, value: false }]),
+              { type: P.CKA_LABEL, value: label },
+              { type: P.CKA_VALUE_LEN, value: bytes },
+              ...trimmed(usageTemplate(usages, 'secret'), o.template ?? this.quirks.template),
+            ]) as Handle,
+            label,
+          ),
+        ),
+      { label, mechanism },
+    );
+  }
+
+  /**
+   * One slot of the state anchor as a token secret key (ModuleQuirks.anchor 'key'),
+   * for modules that refuse token data objects: a 128-bit AES key that can do
+   * nothing (every usage false, never extractable), found by CKA_ID = `slot`, whose
+   * CKA_LABEL carries the anchor. CKA_MODIFIABLE stays true so the label can move.
+   */
+  createAnchorKey(slot: string, label: string): Handle {
+    return this.guard(
+      'C_GenerateKey',
+      () =>
+        this.run('C_GenerateKey', (s) =>
+          this.named(
+            this.p11.C_GenerateKey(s, { mechanism: P.CKM_AES_KEY_GEN }, [
+              { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
+              { type: P.CKA_KEY_TYPE, value: P.CKK_AES },
+              { type: P.CKA_TOKEN, value: true },
+              { type: P.CKA_PRIVATE, value: true },
+              { type: P.CKA_SENSITIVE, value: true },
+              { type: P.CKA_EXTRACTABLE, value: false },
+              { type: P.CKA_MODIFIABLE, value: true },
+              { type: P.CKA_ID, value: Buffer.from(slot) },
+              { type: P.CKA_LABEL, value: label },
+              { type: P.CKA_VALUE_LEN, value: 16 },
+              ...trimmed(usageTemplate([], 'secret'), this.quirks.template),
+            ]) as Handle,
+            label,
+          ),
+        ),
+      { label: slot, mechanism: 'CKM_AES_KEY_GEN' },
+    );
+  }
+
+  /** Token secret keys whose CKA_ID is `id` (the anchor slots in 'key' mode). */
+  findKeyById(id: string): Handle[] {
+    return this.guard('C_FindObjects', () =>
+      this.run('C_FindObjects', (s) => {
+        this.p11.C_FindObjectsInit(s, [
           { type: P.CKA_CLASS, value: P.CKO_SECRET_KEY },
-          { type: P.CKA_KEY_TYPE, value: kind === 'aes' ? P.CKK_AES : P.CKK_GENERIC_SECRET },
           { type: P.CKA_TOKEN, value: true },
-          { type: P.CKA_PRIVATE, value: true },
-          { type: P.CKA_SENSITIVE, value: true },
-          ...(protection ? protectionTemplate(protection) : [{ type: P.CKA_EXTRACTABLE, value: false }, { type: P.CKA_MODIFIABLE, value: false }]),
-          { type: P.CKA_LABEL, value: label },
-          { type: P.CKA_VALUE_LEN, value: bytes },
-          ...usageTemplate(usages, 'secret'),
-        ]) as Handle,
-      ),
+          { type: P.CKA_ID, value: Buffer.from(id) },
+        ]);
+        try {
+          return (this.p11.C_FindObjects(s, 16) as Handle[]).map((h) => this.named(h, id));
+        } finally {
+          this.p11.C_FindObjectsFinal(s);
+        }
+      }),
     );
   }
 
   destroy(h: Handle): void {
-    this.guard('C_DestroyObject', () => this.run('C_DestroyObject', (s) => this.p11.C_DestroyObject(s, h)));
+    this.guard('C_DestroyObject', () => this.run('C_DestroyObject', (s) => this.p11.C_DestroyObject(s, h)), this.ctx(h));
   }
 
   /**
@@ -598,6 +728,7 @@ export class Token {
           { type: P.CKA_VALUE, value },
         ]) as Handle,
       ),
+      { label: application },
     );
   }
 
@@ -629,8 +760,10 @@ export class Token {
   }
 
   setLabel(h: Handle, label: string): void {
-    this.guard('C_SetAttributeValue', () =>
-      this.run('C_SetAttributeValue', (s) => this.p11.C_SetAttributeValue(s, h, [{ type: P.CKA_LABEL, value: label }])),
+    this.guard(
+      'C_SetAttributeValue',
+      () => this.run('C_SetAttributeValue', (s) => this.p11.C_SetAttributeValue(s, h, [{ type: P.CKA_LABEL, value: label }])),
+      this.ctx(h),
     );
   }
 
@@ -686,40 +819,88 @@ export class Token {
           this.p11.C_DestroyObject(s, derived);
         }
       }),
+      this.ctx(priv, 'CKM_ECDH1_DERIVE'),
     );
   }
 
   hmacSha256(key: Handle, data: Uint8Array): Buffer {
-    return this.guard('C_Sign', () =>
-      this.run('C_Sign', (s) => {
-        this.p11.C_SignInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
-        return this.p11.C_Sign(s, Buffer.from(data), Buffer.alloc(32));
-      }),
+    return this.guard(
+      'C_Sign',
+      () =>
+        this.run('C_Sign', (s) => {
+          this.p11.C_SignInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
+          return this.p11.C_Sign(s, Buffer.from(data), Buffer.alloc(32));
+        }),
+      this.ctx(key, 'CKM_SHA256_HMAC'),
     );
   }
 
-  /** HMAC compared inside the token (not constant time on SoftHSM, which uses memcmp). A mismatch is `false`, never an error. */
+  /**
+   * Is `mac` the HMAC of `data`? A mismatch is `false`, never an error. With
+   * ModuleQuirks.verify 'verify' the token compares (C_Verify; not constant time on
+   * SoftHSM, which uses memcmp); with 'sign-compare' the token computes the HMAC and
+   * this process compares in constant time, because that module's C_Verify answers a
+   * mismatch with a code that also means a failure (NSS: CKR_DEVICE_ERROR): read as a
+   * mismatch it would turn a broken HSM into counted guesses, read as a failure it
+   * turns every wrong password into HSM_UNAVAILABLE.
+   */
   hmacSha256Verify(key: Handle, data: Uint8Array, mac: Uint8Array): boolean {
-    return this.guard('C_Verify', () =>
-      this.run('C_Verify', (s) => {
-        this.p11.C_VerifyInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
-        try {
-          return this.p11.C_Verify(s, Buffer.from(data), Buffer.from(mac));
-        } catch (e) {
-          const ckr = ckrOf(e);
-          if (ckr === CKR.SIGNATURE_INVALID || ckr === CKR.SIGNATURE_LEN_RANGE) return false;
-          throw e;
-        }
-      }),
+    if (this.quirks.verify === 'sign-compare') {
+      const want = this.hmacSha256(key, data);
+      return mac.length === want.length && timingSafeEqual(want, mac);
+    }
+    return this.guard(
+      'C_Verify',
+      () =>
+        this.run('C_Verify', (s) => {
+          this.p11.C_VerifyInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
+          try {
+            return this.p11.C_Verify(s, Buffer.from(data), Buffer.from(mac));
+          } catch (e) {
+            const ckr = ckrOf(e);
+            if (ckr === CKR.SIGNATURE_INVALID || ckr === CKR.SIGNATURE_LEN_RANGE) return false;
+            throw e;
+          }
+        }),
+      this.ctx(key, 'CKM_SHA256_HMAC'),
     );
+  }
+
+  /**
+   * The raw answer of C_Verify to a wrong HMAC: the CKR code (0: it said "valid").
+   * The capability check runs it on a throwaway session key to learn ModuleQuirks.verify.
+   */
+  verifyMismatchCode(key: Handle, data: Uint8Array, wrongMac: Uint8Array): number {
+    // Not through run(): a DEVICE_ERROR here is the answer being measured, not a lost session.
+    // A session of its own, closed afterwards with whatever state the failed verify left: not a
+    // pooled one, whose closing would take the session objects made in it (the probe's keys) along.
+    if (this.closed) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM token is closed');
+    let s: Handle | undefined;
+    try {
+      s = this.newSession();
+    } catch (e) {
+      throw toVaultError(e, 'C_OpenSession');
+    }
+    try {
+      this.p11.C_VerifyInit(s, { mechanism: P.CKM_SHA256_HMAC }, key);
+      return this.p11.C_Verify(s, Buffer.from(data), Buffer.from(wrongMac)) ? 0 : CKR.SIGNATURE_INVALID;
+    } catch (e) {
+      return ckrOf(e) ?? -1;
+    } finally {
+      // Whatever state the failed verify left behind goes with the session.
+      this.discard(s);
+    }
   }
 
   aesGcmEncrypt(key: Handle, iv: Uint8Array, aad: Uint8Array, plaintext: Uint8Array): Buffer {
-    return this.guard('C_Encrypt', () =>
-      this.run('C_Encrypt', (s) => {
-        this.p11.C_EncryptInit(s, gcm(iv, aad), key);
-        return this.p11.C_Encrypt(s, Buffer.from(plaintext), Buffer.alloc(plaintext.length + 16));
-      }),
+    return this.guard(
+      'C_Encrypt',
+      () =>
+        this.run('C_Encrypt', (s) => {
+          this.p11.C_EncryptInit(s, gcm(iv, aad), key);
+          return this.p11.C_Encrypt(s, Buffer.from(plaintext), Buffer.alloc(plaintext.length + 16));
+        }),
+      this.ctx(key, 'CKM_AES_GCM'),
     );
   }
 
@@ -739,16 +920,20 @@ export class Token {
           throw e;
         }
       }),
+      this.ctx(key, 'CKM_AES_GCM'),
     );
   }
 
   /** ECDSA over a 32-byte digest; raw r‖s (64 bytes). */
   ecdsaSign(priv: Handle, digest: Uint8Array): Buffer {
-    return this.guard('C_Sign', () =>
-      this.run('C_Sign', (s) => {
-        this.p11.C_SignInit(s, { mechanism: P.CKM_ECDSA }, priv);
-        return this.p11.C_Sign(s, Buffer.from(digest), Buffer.alloc(64));
-      }),
+    return this.guard(
+      'C_Sign',
+      () =>
+        this.run('C_Sign', (s) => {
+          this.p11.C_SignInit(s, { mechanism: P.CKM_ECDSA }, priv);
+          return this.p11.C_Sign(s, Buffer.from(digest), Buffer.alloc(64));
+        }),
+      this.ctx(priv, 'CKM_ECDSA'),
     );
   }
 
@@ -757,11 +942,11 @@ export class Token {
    * policy self-test to prove long-term keys cannot leave the token: it returns
    * the CKR code of the refusal, or 0 if the token let the key out.
    */
-  tryWrap(wrapping: Handle, key: Handle, mechanism: 'aes-key-wrap-pad' | 'rsa-oaep' = 'aes-key-wrap-pad'): number {
+  tryWrap(wrapping: Handle, key: Handle, mechanism: WrapMechanism = 'aes-key-wrap-pad'): number {
     try {
-      this.run('C_WrapKey', (s) =>
-        this.p11.C_WrapKey(s, mechanism === 'rsa-oaep' ? OAEP : { mechanism: P.CKM_AES_KEY_WRAP_PAD }, wrapping, key, Buffer.alloc(4096)),
-      );
+      const out = this.run('C_WrapKey', (s) => this.p11.C_WrapKey(s, wrapMechanism(mechanism), wrapping, key, Buffer.alloc(4096)));
+      // The wrapped bytes are never used: only whether the token let the key out matters.
+      out.fill(0);
       return 0;
     } catch (e) {
       return ckrOf(e) ?? -1;
@@ -959,12 +1144,90 @@ export class Token {
     return this.guard('C_GetMechanismList', () => new Set(this.p11.C_GetMechanismList(this.slot)));
   }
 
-  private guard<T>(op: string, fn: () => T): T {
+  /** C_GetMechanismInfo for a mechanism by CKM_ name; undefined when the token does not list it. */
+  mechanismInfo(name: string): { minKeySize: number; maxKeySize: number; flags: number } | undefined {
+    const m = (P as unknown as Record<string, number>)[name];
+    if (typeof m !== 'number') throw new VaultError(ErrorCodes.INTERNAL, `unknown mechanism ${name}`);
+    if (!this.mechanisms().has(m)) return undefined;
+    return this.guard('C_GetMechanismInfo', () => {
+      const i = this.p11.C_GetMechanismInfo(this.slot, m);
+      return { minKeySize: i.minKeySize, maxKeySize: i.maxKeySize, flags: i.flags };
+    }, { mechanism: name });
+  }
+
+  /** Who made the module and the token (C_GetInfo, C_GetTokenInfo), for the capability report. */
+  describe(): { library: string; libraryVersion: string; manufacturer: string; cryptoki: string; token: { manufacturer: string; model: string; serial: string; firmware: string } } {
+    return this.guard('C_GetInfo', () => {
+      const i = this.p11.C_GetInfo();
+      const t = this.p11.C_GetTokenInfo(this.slot);
+      const v = (x: { major: number; minor: number }) => `${x.major}.${x.minor}`;
+      return {
+        library: i.libraryDescription.trim(),
+        libraryVersion: v(i.libraryVersion),
+        manufacturer: i.manufacturerID.trim(),
+        cryptoki: v(i.cryptokiVersion),
+        token: { manufacturer: t.manufacturerID.trim(), model: t.model.trim(), serial: t.serialNumber.trim(), firmware: v(t.firmwareVersion) },
+      };
+    });
+  }
+
+  /**
+   * A throwaway token data object shaped like an anchor slot, destroyed at once:
+   * 0 when the module accepts one, else its refusal code (capabilities.ts).
+   */
+  tryDataObject(application: string): number {
+    try {
+      const h = this.run('C_CreateObject', (s) =>
+        this.p11.C_CreateObject(s, [
+          { type: P.CKA_CLASS, value: P.CKO_DATA },
+          { type: P.CKA_TOKEN, value: true },
+          { type: P.CKA_PRIVATE, value: true },
+          { type: P.CKA_MODIFIABLE, value: true },
+          { type: P.CKA_APPLICATION, value: application },
+          { type: P.CKA_LABEL, value: 'bkv.probe' },
+          { type: P.CKA_VALUE, value: Buffer.from('probe') },
+        ]),
+      ) as Handle;
+      this.destroy(h);
+      return 0;
+    } catch (e) {
+      return ckrOf(e) ?? -1;
+    }
+  }
+
+  /** The CKR code of a call that should succeed, 0 when it did (capabilities.ts). */
+  attempt(fn: () => unknown): number {
+    try {
+      fn();
+      return 0;
+    } catch (e) {
+      if (e instanceof VaultError) return ckrOfMessage(e.message);
+      return ckrOf(e) ?? -1;
+    }
+  }
+
+  private guard<T>(op: string, fn: () => T, ctx?: HsmContext): T {
     try {
       return fn();
     } catch (e) {
-      throw toVaultError(e, op);
+      throw toVaultError(e, op, ctx);
     }
+  }
+
+  /** Remember which label a handle carries, for error messages. */
+  private named<H extends Handle>(h: H, label: string): H {
+    this.names.set(h.toString('hex'), label);
+    return h;
+  }
+
+  /** The label this token saw on a handle, if any (error messages only). */
+  private nameOf(h: Handle): string | undefined {
+    return this.names.get(h.toString('hex'));
+  }
+
+  private ctx(h: Handle, mechanism?: string): HsmContext {
+    const label = this.nameOf(h);
+    return { ...(label ? { label } : {}), ...(mechanism ? { mechanism } : {}) };
   }
 }
 
@@ -982,8 +1245,8 @@ export class SecurityOfficer {
     private readonly s: Handle,
   ) {}
 
-  static run<T>(cfg: { modulePath: string; tokenLabel: string }, soPin: string, fn: (so: SecurityOfficer) => T): T {
-    const p11 = acquireLibrary(cfg.modulePath);
+  static run<T>(cfg: { modulePath: string; tokenLabel: string; libraryParameters?: string }, soPin: string, fn: (so: SecurityOfficer) => T): T {
+    const p11 = acquireLibrary(cfg.modulePath, cfg.libraryParameters);
     let s: Handle | undefined;
     try {
       const slot = findSlot(p11, cfg.tokenLabel);
@@ -1091,6 +1354,27 @@ export class SecurityOfficer {
   }
 }
 
+export type WrapMechanism = 'aes-key-wrap-pad' | 'aes-key-wrap' | 'aes-cbc-pad' | 'rsa-oaep';
+
+function wrapMechanism(m: WrapMechanism): pkcs11js.Mechanism {
+  switch (m) {
+    case 'rsa-oaep':
+      return OAEP;
+    case 'aes-key-wrap':
+      return { mechanism: P.CKM_AES_KEY_WRAP };
+    case 'aes-cbc-pad':
+      return { mechanism: P.CKM_AES_CBC_PAD, parameter: Buffer.alloc(16) };
+    default:
+      return { mechanism: P.CKM_AES_KEY_WRAP_PAD };
+  }
+}
+
+/** The CKR code a VaultError's text names ("… (0x70) …"), -1 if none. */
+function ckrOfMessage(m: string): number {
+  const x = /\(0x([0-9a-f]+)\)/.exec(m);
+  return x ? parseInt(x[1]!, 16) : -1;
+}
+
 /**
  * RSA-OAEP as SoftHSM 2.6.1 accepts it for wrapping: SHA-1 and MGF1-SHA-1
  * (SHA-256 parameters give CKR_ARGUMENTS_BAD). OAEP's security does not rest on
@@ -1121,8 +1405,8 @@ function unwrapTemplate(t: UnwrapTemplate): pkcs11js.Attribute[] {
  * token is initialised in its own key ceremony. Going through the loaded
  * library, rather than softhsm2-util, lets a running process see the new token.
  */
-export function initToken(modulePath: string, label: string, soPin: string, pin: string): void {
-  const p11 = acquireLibrary(modulePath);
+export function initToken(modulePath: string, label: string, soPin: string, pin: string, libraryParameters?: string): void {
+  const p11 = acquireLibrary(modulePath, libraryParameters);
   try {
     const free = p11.C_GetSlotList(true).find((slot) => (p11.C_GetTokenInfo(slot).flags & P.CKF_TOKEN_INITIALIZED) === 0);
     if (!free) throw new VaultError(ErrorCodes.HSM_TOKEN_NOT_FOUND, 'no free slot to initialise a token in');
@@ -1161,6 +1445,19 @@ function findSlot(p11: pkcs11js.PKCS11, label: string): Handle {
 // can grant a usage the policy did not ask for.
 const PRIVATE_KEY_USAGES: Usage[] = ['derive', 'sign', 'decrypt'];
 const SECRET_KEY_USAGES: Usage[] = ['derive', 'sign', 'verify', 'encrypt', 'decrypt'];
+
+/** How a key is made, besides what it is: the capability check makes throwaway session keys. */
+export interface KeyMaking {
+  /** A session object (CKA_TOKEN=false), gone with the session. */
+  session?: boolean;
+  /** Overrides ModuleQuirks.template. */
+  template?: ModuleQuirks['template'];
+}
+
+/** A 'minimal' template leaves out usage flags that are false (ModuleQuirks.template). */
+function trimmed(attrs: pkcs11js.Attribute[], template: ModuleQuirks['template']): pkcs11js.Attribute[] {
+  return template === 'minimal' ? attrs.filter((a) => a.value !== false) : attrs;
+}
 
 function usageTemplate(usages: Usage[], cls: 'private' | 'secret'): pkcs11js.Attribute[] {
   const known = cls === 'private' ? PRIVATE_KEY_USAGES : SECRET_KEY_USAGES;

@@ -215,7 +215,7 @@ export class WorkerVaultKeys implements VaultKeys {
     if (!existsSync(fileURLToPath(url))) {
       throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM worker script ${fileURLToPath(url)} is missing; build first (npx tsc -p .)`);
     }
-    const unpin = pinLibrary(cfg.modulePath);
+    const unpin = pinLibrary(cfg.modulePath, cfg.libraryParameters);
     const slots: Slot[] = [];
     try {
       const spawn = async (index: number, resolveKeys: boolean, controlOnly = false): Promise<{ slot: Slot; keys?: WireKeys }> => {
@@ -223,6 +223,8 @@ export class WorkerVaultKeys implements VaultKeys {
           modulePath: cfg.modulePath,
           tokenLabel: cfg.tokenLabel,
           pin: cfg.pin,
+          ...(cfg.libraryParameters ? { libraryParameters: cfg.libraryParameters } : {}),
+          ...(cfg.quirks ? { quirks: cfg.quirks } : {}),
           resolve: resolveKeys,
           create: !!o.create,
         };
