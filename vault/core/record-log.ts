@@ -103,6 +103,7 @@ export class CohortRecordLog implements RecordLog {
     private readonly replica: Replica,
     /** Seconds from the call to the quorum commit applied here (metrics). */
     private readonly observe?: (seconds: number) => void,
+    private readonly readRetryMs = 3_000,
   ) {}
 
   peek(key: string): LogEntry {
@@ -113,9 +114,26 @@ export class CohortRecordLog implements RecordLog {
     return decodeEntry(key, env.payload);
   }
 
+  /**
+   * A read changes nothing, so any failure of etcd's (an election, a member gone) is
+   * tried again for up to `readRetryMs`; then STORE_UNAVAILABLE (retryable: a client
+   * moves to another node). The engine's own verdicts (STATE_ROLLBACK_DETECTED, a
+   * corrupt value) are not retried.
+   */
   async read(key: string): Promise<LogEntry> {
-    const { value } = await this.ledger.read(cohortRecordId(key));
-    return decodeEntry(key, value);
+    const deadline = Date.now() + this.readRetryMs;
+    for (let delay = 25; ; delay = Math.min(delay * 2, 250)) {
+      try {
+        const { value } = await this.ledger.read(cohortRecordId(key));
+        return decodeEntry(key, value);
+      } catch (e) {
+        if (e instanceof VaultError) throw e;
+        if (Date.now() + delay > deadline) {
+          throw new VaultError(ErrorCodes.STORE_UNAVAILABLE, `cohort: etcd did not answer a read (${(e as Error).message.slice(0, 120)}); retry`);
+        }
+        await new Promise((r) => setTimeout(r, delay * (0.5 + Math.random() / 2)));
+      }
+    }
   }
 
   async update<R>(key: string, step: Step<R>, committed?: (result: R) => void): Promise<R> {

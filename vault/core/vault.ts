@@ -183,7 +183,8 @@ export class Vault {
     let opened = false;
     try {
       const grantGeneration = this.grantGeneration(opts.grant, userId);
-      const decision = decideEnroll(this.records.peek(userId).rec, grantGeneration);
+      const got = this.current(userId);
+      const decision = decideEnroll((got instanceof Promise ? await got : got).rec, grantGeneration);
       if (!decision.ok) throw refusal(decision.code);
       const evaluated = await this.keys.oprfEvaluate(blinded);
       const session = this.sessions.open(slot, 'enroll', userId, decision.generation, this.options.now());
@@ -278,7 +279,8 @@ export class Vault {
     // (test/adversarial-hsm.test.ts). Fails with HSM_UNAVAILABLE, nothing counted.
     if (this.anchorFailing) await this.anchored();
     // Cheap refusal first, so locked or unknown users cost no HSM work.
-    const peeked = this.records.peek(userId);
+    const got = this.current(userId);
+    const peeked = got instanceof Promise ? await got : got;
     const pre = decideRecoverBegin(peeked.rec, this.pendingIn(peeked, userId, this.options.now()), this.options.now());
     if (!pre.ok && !pre.change) throw refusal(pre.code);
     // The session's slot before anything is counted: a full table refuses here, nothing
@@ -590,6 +592,16 @@ export class Vault {
       this.anchorFailing = true;
       throw e;
     }
+  }
+
+  /**
+   * The record for a refusal that is answered before any commit: a cohort node reads
+   * it as of etcd's current revision (a replica a few ms behind must not answer "not
+   * found" for a user just enrolled on another node); a single node reads it at once,
+   * as before (callers await only a promise: the pre-check and what follows stay in one turn).
+   */
+  private current(userId: string): LogEntry | Promise<LogEntry> {
+    return this.records.mode === 'cohort' ? this.records.read(userId) : this.records.peek(userId);
   }
 
   /** Pending guesses for a decision on `cur`: shared in the record (cohort) or this node's own (single). */
