@@ -5,7 +5,7 @@
 // measure what anchoring costs. A --no-anchor data folder is dead afterwards
 // (its database runs ahead of its anchor): the benchmark only uses copies.
 //
-//   node dist/bench/server.js --data DIR [--no-anchor] [--init]
+//   node dist/bench/server.js --data DIR [--no-anchor] [--init] [--cohort-endpoints URLS --node-id ID]
 // Environment as for the daemon (BKV_HSM_WORKERS, BKV_HSM_RECYCLE, ...).
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -54,13 +54,21 @@ class NoAnchorKeys implements VaultKeys {
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
-    options: { data: { type: 'string' }, 'no-anchor': { type: 'boolean' }, init: { type: 'boolean' } },
+    options: {
+      data: { type: 'string' },
+      'no-anchor': { type: 'boolean' },
+      init: { type: 'boolean' },
+      // A cohort node (bench/cohort.ts): etcd endpoints, comma-separated, and this node's id.
+      'cohort-endpoints': { type: 'string' },
+      'node-id': { type: 'string' },
+    },
   });
   const dataDir = values.data!;
   mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const configFile = join(dataDir, 'bench-config.json');
   if (!existsSync(configFile)) writeFileSync(configFile, JSON.stringify(BENCH_CONFIG));
-  const c = loadConfig({ file: configFile, env: {}, overrides: { dataDir, listen: { host: '127.0.0.1', port: 0 } } });
+  const cohort = values['cohort-endpoints'] ? { cohort: { endpoints: values['cohort-endpoints'].split(','), nodeId: values['node-id'] ?? 'n1' } } : {};
+  const c = loadConfig({ file: configFile, env: {}, overrides: { dataDir, listen: { host: '127.0.0.1', port: 0 }, ...cohort } });
   const lock = acquireLock(c.dataDir, 'bench server');
   const metrics = new Metrics();
   let log: Logger | undefined;
