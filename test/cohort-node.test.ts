@@ -14,9 +14,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport } from '../client/transport.js';
+import { WebSocketTransport, type Transport } from '../client/transport.js';
 import { readVaultKey } from '../client/cli.js';
-import { ErrorCodes } from '../protocol/errors.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { loadConfig } from '../vault/config.js';
 import { startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
 import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
@@ -172,6 +172,42 @@ describe('a 3-node cohort on a 3-member etcd', () => {
       c.close();
     }
   }, 90_000);
+
+  it('a guess whose node fails before its finish moves to another node and is counted once there', async () => {
+    const c1 = client(nodes[0]!);
+    await c1.enrollPassword('gus', 'pw gus', new Uint8Array(32).fill(5));
+    c1.close();
+    // Node 1's relay takes the begin, then loses the connection before it can send the finish
+    // (never sent): the SDK moves the whole recovery to node 2 with the same guess id and
+    // blinded element. Before guess ids were counted once, node 2 counted it again: 8 left.
+    let dropped = 0;
+    const real = new WebSocketTransport({ url: nodes[0]!.url, token: nodes[0]!.token });
+    const flaky: Transport = {
+      call: (method, params) => {
+        if (method === 'recover.finish' && dropped === 0) {
+          dropped++;
+          return Promise.reject(new VaultError(ErrorCodes.VAULT_UNREACHABLE, 'relay lost the connection', { sent: false }));
+        }
+        return real.call(method, params);
+      },
+      close: () => real.close(),
+    };
+    const c = new VaultClient({
+      transports: [flaky, new WebSocketTransport({ url: nodes[1]!.url, token: nodes[1]!.token })],
+      pinnedKey,
+      kdf: TEST_KDF,
+      failover: { first: 0, baseDelayMs: 1 },
+    });
+    const e = await c.recoverWithPassword('gus', 'not gus').catch((x: unknown) => x as VaultError);
+    expect(dropped).toBe(1);
+    expect(e).toMatchObject({ code: ErrorCodes.WRONG_PASSWORD, detail: { attemptsLeft: 9 } });
+    expect((await c.status('gus')).attemptsLeft).toBe(9);
+    // A new guess is a new count; the right password resets.
+    expect(await codeOf(c.recoverWithPassword('gus', 'still not gus'))).toBe(ErrorCodes.WRONG_PASSWORD);
+    expect((await c.status('gus')).attemptsLeft).toBe(8);
+    expect(await c.recoverWithPassword('gus', 'pw gus')).toEqual(new Uint8Array(32).fill(5));
+    c.close();
+  }, 60_000);
 
   it('kill -9 of a node: the SDK with all three URLs goes on through the others', async () => {
     const key = new Uint8Array(32).fill(3);

@@ -24,7 +24,7 @@ import { checkBytes, checkUserId } from './input.js';
 import { SessionTable, type Session, type SessionStats } from './sessions.js';
 import { Ledger } from './ledger.js';
 import { LocalRecordLog, type LogEntry, type PendingGuess, type RecordLog } from './record-log.js';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { userRef } from './user-ref.js';
 import type { CallerContext } from './caller.js';
 import {
@@ -33,6 +33,7 @@ import {
   decideExpiry,
   decideRecoverBegin,
   decideRecoverFinish,
+  type BeginDecision,
 } from './machine.js';
 
 export interface VaultOptions {
@@ -270,9 +271,19 @@ export class Vault {
     ctx: CallerContext,
     userIdIn: unknown,
     blindedIn: unknown,
+    guessIn?: unknown,
   ): Promise<{ sessionId: string; evaluated: Uint8Array; kdf: KdfParams; attemptsLeft: number; attemptLimit: number }> {
     const userId = keyOf(ctx, checkUserId(userIdIn));
     const blinded = validatePoint(checkBytes(blindedIn, SIZES.point, 'blinded'));
+    // Cohort mode: the guess goes into the record itself, so every node counts it as pending.
+    // Its id is the client's guess id bound to the blinded element: the SDK sends both again,
+    // unchanged, when a node fails under a recovery, and the node it moves to finds the guess
+    // already counted and counts it no second time (issue 17: "a retry must never spend two
+    // attempts for one guess"). Bound to the blinded element, a replay can only repeat the
+    // same password's evaluation: it yields nothing a new count would not.
+    const guessId = this.records.mode !== 'cohort' ? '' : guessIn !== undefined ? guessKey(checkBytes(guessIn, 16, 'guess'), blinded) : randomBytes(12).toString('base64url');
+    const replayOf = (cur: LogEntry, now: number): boolean =>
+      !!guessId && cur.rec?.state === 'active' && live(cur.guesses, now).some((g) => g.id === guessId);
     // After a failed anchor write, count no new guess until the anchor has caught up:
     // otherwise a user retrying through an HSM storage outage spends an attempt per
     // try without ever getting an answer, until the record is destroyed
@@ -281,12 +292,13 @@ export class Vault {
     // Cheap refusal first, so locked or unknown users cost no HSM work.
     const got = this.current(userId);
     const peeked = got instanceof Promise ? await got : got;
-    const pre = decideRecoverBegin(peeked.rec, this.pendingIn(peeked, userId, this.options.now()), this.options.now());
-    if (!pre.ok && !pre.change) throw refusal(pre.code);
+    const replay = replayOf(peeked, this.options.now());
+    const pre = replay ? undefined : decideRecoverBegin(peeked.rec, this.pendingIn(peeked, userId, this.options.now()), this.options.now());
+    if (pre && !pre.ok && !pre.change) throw refusal(pre.code);
     // The session's slot before anything is counted: a full table refuses here, nothing
     // spent. (Before issue 14 the attempt was committed and only then did the table say
     // OVERLOADED, "retryable": ten honest retries destroyed the record unread.)
-    const slot = pre.ok ? this.sessions.reserve(ctx.tenant, 'recover', this.options.now()) : undefined;
+    const slot = replay || pre!.ok ? this.sessions.reserve(ctx.tenant, 'recover', this.options.now()) : undefined;
     let kept = false;
     let session = undefined as Session | undefined;
     try {
@@ -294,13 +306,17 @@ export class Vault {
       // and nothing that depends on the guess leaves before its attempt is durable.
       const evaluated = slot ? await this.keys.oprfEvaluate(blinded) : undefined;
       const now = this.options.now();
-      // Cohort mode: the guess goes into the record itself, so every node counts it as pending.
-      const guessId = this.records.mode === 'cohort' ? randomBytes(12).toString('base64url') : '';
       // Commit before reveal: update() resolves once the attempt is durable and anchored
       // (single node) or quorum-committed and applied (cohort), before X leaves.
       const committed = await this.records.update(
         userId,
         (cur) => {
+          if (slot && replayOf(cur, now)) {
+            // Counted already, by the node that failed: a new session here, the same count, a fresh expiry.
+            const rec = cur.rec!;
+            const d: BeginDecision = { ok: true, change: rec, attemptsLeft: rec.attemptLimit - rec.attempts };
+            return { next: { rec, guesses: [...live(cur.guesses, now, guessId), { id: guessId, expiresAt: now + this.options.sessionTtlMs }] }, result: d };
+          }
           const d = decideRecoverBegin(cur.rec, this.pendingIn(cur, userId, now), now);
           // Counted only with its slot and evaluation in hand, so nothing after the commit can
           // refuse. (The row moved from "destroy" to "count" while we ran: nothing is written.)
@@ -640,6 +656,11 @@ function statusOf(userId: string, rec: StoredRecord | undefined, attemptLimit: n
     attemptsLeft: rec.state === 'active' ? Math.max(0, rec.attemptLimit - rec.attempts) : 0,
     attemptLimit: rec.attemptLimit,
   };
+}
+
+/** A pending guess's id in cohort mode: the client's guess id bound to its blinded element. */
+function guessKey(guess: Uint8Array, blinded: Uint8Array): string {
+  return createHash('sha256').update('bkv-v1-guess').update(guess).update(blinded).digest().subarray(0, 16).toString('base64url');
 }
 
 /** Cohort mode: the guesses of a record still pending at `now`, without `except` (the caller's own). */

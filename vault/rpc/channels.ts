@@ -244,9 +244,9 @@ export class ChannelTable {
       }
       case 'recover.begin': {
         const b = parse(Bodies[method], raw);
-        // b.guess (the SDK's id for this password guess) is accepted and not used yet: a single node
-        // never sees a fail-over repeat. The cohort will count a guess id once (issue 17).
-        const r = await v.recoverBegin(ctx, ch.userId, b.blinded);
+        // b.guess: the SDK's id for this password guess, the same on every node it is sent to. A cohort
+        // counts it once (core/vault.ts recoverBegin); a single node never sees a fail-over repeat.
+        const r = await v.recoverBegin(ctx, ch.userId, b.blinded, b.guess);
         ch.coreSession = r.sessionId;
         ch.step = 'recover-begun';
         return { evaluated: toB64(r.evaluated), kdf: r.kdf, attemptsLeft: r.attemptsLeft, attemptLimit: r.attemptLimit };
