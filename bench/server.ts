@@ -48,6 +48,7 @@ class NoAnchorKeys implements VaultKeys {
   writeAnchor = async (_a: AnchorState) => undefined;
   addEpoch = (e: number) => this.k.addEpoch(e);
   destroyEpoch = (e: number) => this.k.destroyEpoch(e);
+  adoptEpoch = (e: number) => this.k.adoptEpoch(e);
   ping = () => this.k.ping();
   close = () => this.k.close();
 }

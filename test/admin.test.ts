@@ -253,6 +253,7 @@ describe('readiness when the HSM session is lost and comes back (fault seam, in-
     writeAnchor = (a: Parameters<VaultKeys['writeAnchor']>[0]) => this.call(() => this.k.writeAnchor(a));
     addEpoch = (e: number) => this.call(() => this.k.addEpoch(e));
     destroyEpoch = (e: number) => this.call(() => this.k.destroyEpoch(e));
+    adoptEpoch = (e: number) => this.call(() => this.k.adoptEpoch(e));
     ping = () => !this.down && this.k.ping();
     close = () => this.k.close();
   }

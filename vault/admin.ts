@@ -253,15 +253,23 @@ common(program.command('rotate'))
   .description('new seal epoch: re-seal every live record, then destroy the older epoch keys in the HSM')
   .option('--resume', 'finish an interrupted rotation instead of starting a new one')
   .option('--batch-size <n>', 'records per anchored batch', (v) => Number(v))
-  .action(async (o: Common & { resume?: boolean; batchSize?: number }) => {
+  .option('--wait <sec>', 'cohort: how long to wait for the other nodes to import the new epoch and destroy the old (default 30)', (v) => Number(v))
+  .action(async (o: Common & { resume?: boolean; batchSize?: number; wait?: number }) => {
     const c = config(o);
     const progress = (done: number, remaining: number) => note(`  re-sealed ${done}, remaining ${remaining}`);
-    const show = (r: { epoch: number; resealed: number; unreadable: number; destroyedEpochs: number[] }) => {
+    const show = (r: { epoch: number; resealed: number; unreadable: number; destroyedEpochs: number[]; destroyedOn?: string[]; pendingNodes?: string[] }) => {
       out(`seal epoch is now ${r.epoch}: ${r.resealed} records re-sealed, ${r.unreadable} unreadable (left to be shredded)`);
       out(`destroyed epoch keys: ${r.destroyedEpochs.length ? r.destroyedEpochs.join(', ') : 'none'}`);
+      if (r.destroyedOn) out(`destroyed on nodes: ${r.destroyedOn.join(', ') || 'none'}`);
+      if (r.pendingNodes?.length) {
+        out(`NOT YET on nodes: ${r.pendingNodes.join(', ')} (down): each imports epoch ${r.epoch} and destroys the older keys at its next start, before it serves.`);
+        out('Until then a database copy from before this rotation could still be opened on those HSMs.');
+        process.exitCode = EXIT.FAILED;
+        return;
+      }
       out('Every database copy taken before this rotation can no longer be opened.');
     };
-    const body = { resume: !!o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}) };
+    const body = { resume: !!o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), ...(o.wait ? { waitSec: o.wait } : {}) };
     await withVault(
       c,
       async (ep) => {

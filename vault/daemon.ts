@@ -27,7 +27,8 @@ import { daemonStatus } from './admin/status.js';
 import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } from './admin/server.js';
 import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
-import { exportInDaemon } from './ceremony/steps.js';
+import { cohortCeremony, exportInDaemon } from './ceremony/steps.js';
+import { CohortKeyring } from './cohort/keyring.js';
 import { CohortNode } from './cohort/node.js';
 import type { Ledger } from './core/ledger.js';
 import { hsmSettings } from './config.js';
@@ -128,6 +129,10 @@ async function openServingVault(
             log,
             ledger,
           );
+          // Before serving: hold the cohort's seal epoch (a node down through a rotation catches up here).
+          cohort.keyring = new CohortKeyring({ ledger: cohort.ledger, replica: cohort.replica, nodeId: cc.nodeId, keys, ceremony: cohortCeremony(tokenConfig(c), log), log });
+          await cohort.keyring.join();
+          cohort.keyring.start();
           return cohort.records;
         }
       : undefined;
@@ -139,6 +144,7 @@ async function openServingVault(
       tenantSessions: c.limits.tenantSessions,
       tenantEnrollments: c.limits.tenantEnrollments,
     }, joinCohort);
+    if (cohort?.keyring) vault.useCohortKeys(cohort.keyring);
     return { vault, check, cohort };
   } catch (e) {
     await cohort?.close();
@@ -349,7 +355,10 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
         connections: () => d.server.connections(),
         hsmCheck: d.hsmCheck,
       }),
-    rotate: (o, onProgress) => vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
+    rotate: (o, onProgress) =>
+      d.cohort
+        ? vault.rotateCohort({ resume: o.resume, ...(o.waitSec ? { waitMs: o.waitSec * 1000 } : {}), onProgress })
+        : vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
     tenants: () => ({ tenants: vault.store.tenants.list() }),
     async addTenant(name) {
       const version = vault.store.tenants.add(name, Date.now());

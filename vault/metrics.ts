@@ -256,6 +256,9 @@ export class InstrumentedKeys implements VaultKeys {
   unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null> {
     return this.timed('unseal', () => this.inner.unseal(epoch, aad, blob));
   }
+  adoptEpoch(epoch: number): Promise<void> {
+    return this.timed('adopt_epoch', () => this.inner.adoptEpoch(epoch));
+  }
   sign(digest: Uint8Array): Promise<Uint8Array> {
     return this.timed('sign', () => this.inner.sign(digest));
   }

@@ -30,7 +30,8 @@ import type { StatusReport } from './status.js';
 
 export interface AdminActions {
   status(): Promise<StatusReport>;
-  rotate(opts: { resume: boolean; batchSize?: number }, onProgress: (done: number, remaining: number) => void): Promise<unknown>;
+  /** `waitSec`: a cohort node's wait for the other nodes to import and destroy (cohort/keyring.ts). */
+  rotate(opts: { resume: boolean; batchSize?: number; waitSec?: number }, onProgress: (done: number, remaining: number) => void): Promise<unknown>;
   tenants(): unknown;
   addTenant(name: string): Promise<{ name: string; version: number; secret: string }>;
   /** Every active version, or only `version`; resolves once the revoked connections are closed. */
@@ -196,13 +197,14 @@ export async function startAdminServer(deps: AdminServerDeps, opts: { host: stri
             const b = await readJson(req);
             const resume = b.resume === true;
             const batchSize = b.batchSize === undefined ? undefined : int(b.batchSize, 'batchSize', 1, 100_000);
+            const waitSec = b.waitSec === undefined ? undefined : int(b.waitSec, 'waitSec', 1, 3_600);
             // Progress streams as NDJSON; the rotation itself goes on if the client disconnects.
             res.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store' });
             const line = (o: unknown) => {
               if (!res.destroyed) res.write(JSON.stringify(o) + '\n');
             };
             try {
-              const result = await a.rotate({ resume, ...(batchSize ? { batchSize } : {}) }, (done, remaining) => line({ progress: { done, remaining } }));
+              const result = await a.rotate({ resume, ...(batchSize ? { batchSize } : {}), ...(waitSec ? { waitSec } : {}) }, (done, remaining) => line({ progress: { done, remaining } }));
               line({ result });
             } catch (e) {
               const err = e instanceof VaultError ? e : new VaultError(ErrorCodes.INTERNAL, 'internal error');

@@ -21,6 +21,7 @@ import { vaultIdOf } from '../../protocol/descriptor.js';
 import {
   groupFingerprint,
   makeTargetFile,
+  parseBundle,
   parseTarget,
   rsaFingerprint,
   serializeBundle,
@@ -34,6 +35,7 @@ import {
   type TargetFile,
 } from './bundle.js';
 import { checkKat, makeKat, type LabelledKey } from './kat.js';
+import type { CeremonyPort } from '../cohort/keyring.js';
 
 const spec = (name: KeySpec['name']): KeySpec => KEY_SET.find((k) => k.name === name)!;
 const b64 = (u: Uint8Array): string => Buffer.from(u).toString('base64');
@@ -487,4 +489,41 @@ export function exportInDaemon(hsm: TokenConfig, targetText: string, epoch: numb
   } finally {
     token.close();
   }
+}
+
+// ---- the cohort's rotation (cohort/keyring.ts) ---------------------------------------
+
+/**
+ * What a cohort node's rotation needs of the ceremony, each step on a second
+ * Token in the daemon's process (as exportInDaemon): this HSM's target, a seal
+ * epoch wrapped for another node's trusted target, and the import of a bundle
+ * made for this HSM (checked to be of the vault this HSM holds, and proven by
+ * its known answers).
+ */
+export function cohortCeremony(hsm: TokenConfig, log: Logger): CeremonyPort {
+  const withToken = <T>(f: (t: Token) => T): T => {
+    const token = Token.open(hsm);
+    try {
+      return f(token);
+    } finally {
+      token.close();
+    }
+  };
+  return {
+    target: () =>
+      withToken((token) => {
+        const k = unwrapKey(token);
+        if (!k) return undefined;
+        const { modulus, exponent } = token.rsaPublic(k.pub);
+        const file = makeTargetFile(modulus, exponent, token.label, '');
+        return { fingerprint: file.fingerprint, text: JSON.stringify(file) };
+      }),
+    exportEpoch: (targetText, epoch) => withToken((token) => exportBundle(token, parseTarget(targetText), { epoch, includeAnchor: false }, log).text),
+    importEpoch: (bundleText) =>
+      withToken((token) => {
+        const b = parseBundle(bundleText);
+        const mine = toHex(vaultIdOf(enforcePolicy(token, { create: false }).sig.point));
+        importBundle(token, b, { expectVaultId: mine }, log);
+      }),
+  };
 }

@@ -315,6 +315,11 @@ export class CohortLedger {
     return `${this.prefix}/r/${id}`;
   }
 
+  /** The prefix every record key starts with (to list them in a replica). */
+  recordPrefix(): string {
+    return `${this.prefix}/r/`;
+  }
+
   /** Commits decide(current) on record `id` through an etcd quorum; see Decide and CommitResult. */
   commit(id: string, decide: Decide): Promise<CommitResult> {
     let key: string;

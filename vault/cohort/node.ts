@@ -21,6 +21,7 @@ import { SqliteReplica } from '../store/cohort-replica.js';
 import { connectEtcd, validateEndpoints } from './etcd.js';
 import { CohortLedger, type LedgerAnchor, type LedgerStatus } from './ledger.js';
 import { CohortRecordLog } from '../core/record-log.js';
+import type { CohortKeyring } from './keyring.js';
 import type { Ledger } from '../core/ledger.js';
 import type { StoredRecord } from '../store/records.js';
 
@@ -92,10 +93,14 @@ export interface CohortReport {
   records: number;
   /** The cohort state last anchored in the HSM (through the ledger row), if any yet. */
   anchored: { revision: string; head: string; checkpointRevision?: string } | undefined;
+  /** The cohort's seal epochs (keyring.ts): the current one, a rotation under way, the last one's stragglers. */
+  keyring?: { current: number; retired: number; members: string[]; rotation: { target: number; phase: string; from: string; fenced: string[] } | null; last: { epoch: number; destroyedOn: string[]; pending: string[] } | null };
   stats: LedgerStatus['stats'];
 }
 
 export class CohortNode {
+  /** The cohort's seal epochs (keyring.ts), set by the daemon once this node joined. */
+  keyring: CohortKeyring | undefined;
   private anchorTimer: NodeJS.Timeout | undefined;
   private anchoring = false;
   private closed = false;
@@ -194,7 +199,26 @@ export class CohortNode {
             ...(this.anchored.checkpoint ? { checkpointRevision: this.anchored.checkpoint.modRevision.toString() } : {}),
           }
         : undefined,
+      ...(this.keyringReport() ? { keyring: this.keyringReport()! } : {}),
       stats: st.stats,
+    };
+  }
+
+  private keyringReport(): CohortReport['keyring'] {
+    let k;
+    try {
+      k = this.keyring?.peek();
+    } catch {
+      return undefined;
+    }
+    if (!k) return undefined;
+    const r = k.rotation;
+    return {
+      current: k.current,
+      retired: k.retired,
+      members: Object.keys(k.members).sort(),
+      rotation: r ? { target: r.target, phase: r.phase, from: r.from, fenced: r.fenced } : null,
+      last: k.last ? { epoch: k.last.epoch, destroyedOn: k.last.destroyedOn, pending: k.last.pending } : null,
     };
   }
 
@@ -221,6 +245,7 @@ export class CohortNode {
 
   async close(): Promise<void> {
     this.closed = true;
+    this.keyring?.close();
     if (this.anchorTimer) clearInterval(this.anchorTimer);
     await this.ledger.close().catch(() => undefined);
     this.etcd.close();

@@ -114,6 +114,25 @@ export class CohortRecordLog implements RecordLog {
     return decodeEntry(key, env.payload);
   }
 
+  /** The keys of live records sealed under an epoch older than `epoch`, as this replica holds them (rotation). */
+  sealedBefore(epoch: number): string[] {
+    const out: string[] = [];
+    for (const k of this.replica.keys(this.ledger.recordPrefix())) {
+      const env = decodeEnvelope(this.replica.get(k)!.value);
+      if (!env?.payload) continue;
+      let w: Partial<Wire>;
+      try {
+        w = JSON.parse(Buffer.from(env.payload).toString('utf8')) as Partial<Wire>;
+      } catch {
+        continue;
+      }
+      // Other values share the space (the keyring, tenants): only records have `k` and `r`.
+      if (w.v !== 1 || typeof w.k !== 'string' || !w.r) continue;
+      if (w.r.state === 'active' && w.r.sealEpoch !== null && w.r.sealEpoch !== undefined && w.r.sealEpoch < epoch) out.push(w.k);
+    }
+    return out;
+  }
+
   /**
    * A read changes nothing, so any failure of etcd's (an election, a member gone) is
    * tried again for up to `readRetryMs`; then STORE_UNAVAILABLE (retryable: a client

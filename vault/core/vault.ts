@@ -23,7 +23,8 @@ import { toHex } from '../../protocol/bytes.js';
 import { checkBytes, checkUserId } from './input.js';
 import { SessionTable, type Session, type SessionStats } from './sessions.js';
 import { Ledger } from './ledger.js';
-import { LocalRecordLog, type LogEntry, type PendingGuess, type RecordLog } from './record-log.js';
+import { LocalRecordLog, type CohortRecordLog, type LogEntry, type PendingGuess, type RecordLog } from './record-log.js';
+import type { CohortKeyring, CohortRotationResult } from '../cohort/keyring.js';
 import { createHash, randomBytes } from 'node:crypto';
 import { userRef } from './user-ref.js';
 import type { CallerContext } from './caller.js';
@@ -92,6 +93,8 @@ export class Vault {
   readonly records: RecordLog;
   /** Cohort mode: the id of the pending guess each live recover session put in its record. */
   private readonly guessOf = new Map<string, string>();
+  /** Cohort mode: the cohort's seal epochs (cohort/keyring.ts), attached once the node joined. */
+  private cohortKeys: CohortKeyring | undefined;
 
   private constructor(
     readonly keys: VaultKeys,
@@ -129,6 +132,16 @@ export class Vault {
     return new Vault(keys, store, ledger, log, options, records);
   }
 
+  /** Cohort mode: seal under the cohort's epoch and rotate across the cohort (cohort/keyring.ts). */
+  useCohortKeys(k: CohortKeyring): void {
+    this.cohortKeys = k;
+  }
+
+  /** The epoch new seals use: the cohort's (every reachable node holds it), or this HSM's newest. */
+  private sealingEpoch(): number {
+    return this.cohortKeys?.sealingEpoch() ?? this.keys.currentEpoch();
+  }
+
   /** Sweep expired sessions periodically (destroys records whose last guess was abandoned). */
   startSweeper(intervalMs = 1000): void {
     this.sweepTimer ??= setInterval(() => {
@@ -153,7 +166,7 @@ export class Vault {
   }
 
   async descriptor(): Promise<SignedDescriptor> {
-    const epoch = this.keys.currentEpoch();
+    const epoch = this.sealingEpoch();
     if (this.descriptorCache?.epoch === epoch) return this.descriptorCache.value;
     const d = {
       version: PROTOCOL_VERSION,
@@ -215,7 +228,7 @@ export class Vault {
     try {
       if (session.userId !== userId) throw new VaultError(ErrorCodes.SESSION_NOT_FOUND, 'no enroll session for this user');
       const generation = session.generation;
-      const epoch = this.keys.currentEpoch();
+      const epoch = this.sealingEpoch();
       let verifier: Uint8Array;
       let sealed: Uint8Array;
       try {
@@ -259,6 +272,9 @@ export class Vault {
       };
       return { next: { rec, guesses: [] }, result: undefined };
     });
+    // Cohort: sealed under the old epoch while a rotation moved to re-sealing (this node had not
+    // seen it yet): the rotation's pass may have gone by, so re-seal it here before answering.
+    if (this.cohortKeys && epoch < this.cohortKeys.sealingEpoch()) await this.resealOne(userId, this.cohortKeys.sealingEpoch());
     // Old sessions and grants were for the previous generation.
     this.sessions.cancelUser(userId, ['recover', 'grant', 'enroll']);
     this.log.info({ event: 'enroll.finish', user: userRef(userId), generation }, 'record enrolled');
@@ -467,6 +483,8 @@ export class Vault {
   }
 
   private async unseal(rec: StoredRecord): Promise<Uint8Array> {
+    // Cohort: sealed under an epoch this node imported during a rotation but has not started using yet.
+    if (this.cohortKeys && rec.sealEpoch !== null) await this.cohortKeys.ensure(rec.sealEpoch);
     const aad = sealAad(this.vaultId, rec.userId, rec.generation, rec.sealEpoch!, rec.verifier!);
     const out = rec.sealEpoch !== null ? await this.keys.unseal(rec.sealEpoch, aad, rec.sealed!) : null;
     if (!out || out.length !== SIZES.envelope) {
@@ -539,8 +557,9 @@ export class Vault {
     opts: { resume?: boolean; batchSize?: number; onProgress?: (done: number, remaining: number) => void } = {},
   ): Promise<{ epoch: number; resealed: number; unreadable: number; destroyedEpochs: number[] }> {
     if (this.rotating) throw new VaultError(ErrorCodes.BAD_REQUEST, 'a rotation is already running');
-    // Rotation across a cohort (a new epoch on every node's HSM, the old one destroyed on all) is not built yet.
-    if (this.records.mode === 'cohort') throw new VaultError(ErrorCodes.BAD_REQUEST, 'seal-epoch rotation is not available in cohort mode yet (docs/COHORT.md)');
+    if (this.records.mode === 'cohort') {
+      throw new VaultError(ErrorCodes.BAD_REQUEST, 'a cohort node rotates through its running daemon (bkv-admin rotate with the daemon up: cohort/keyring.ts)');
+    }
     this.rotating = true;
     try {
       const before = this.keys.epochs();
@@ -597,6 +616,75 @@ export class Vault {
     } finally {
       this.rotating = false;
     }
+  }
+
+  /**
+   * Rotate the seal epoch across the cohort (cohort/keyring.ts): the new key
+   * reaches every node's HSM through the key ceremony's bundles, this node
+   * re-seals every live record through etcd, then every node destroys the older
+   * keys. Nodes that were down do so at their next start, before serving.
+   */
+  async rotateCohort(opts: { resume?: boolean; waitMs?: number; onProgress?: (done: number, remaining: number) => void } = {}): Promise<CohortRotationResult> {
+    const k = this.cohortKeys;
+    if (!k || this.records.mode !== 'cohort') throw new VaultError(ErrorCodes.BAD_REQUEST, 'not a cohort node');
+    if (this.rotating) throw new VaultError(ErrorCodes.BAD_REQUEST, 'a rotation is already running');
+    this.rotating = true;
+    try {
+      const r = await k.rotate({
+        ...(opts.resume !== undefined ? { resume: opts.resume } : {}),
+        ...(opts.waitMs !== undefined ? { waitMs: opts.waitMs } : {}),
+        reseal: (target) => this.resealCohort(target, opts.onProgress),
+      });
+      this.descriptorCache = undefined;
+      return r;
+    } finally {
+      this.rotating = false;
+    }
+  }
+
+  /** Re-seal every live cohort record under `target`, pass after pass until none is left under an older epoch. */
+  private async resealCohort(target: number, onProgress?: (done: number, remaining: number) => void): Promise<{ resealed: number; unreadable: number }> {
+    const log = this.records as CohortRecordLog;
+    let resealed = 0;
+    const unreadable = new Set<string>();
+    // A node that sealed just before it saw the reseal phase lands its record after a pass:
+    // one more pass after a pause longer than a node's apply lag picks it up.
+    for (let quiet = 0; quiet < 2; ) {
+      const stale = log.sealedBefore(target).filter((u) => !unreadable.has(u));
+      if (stale.length === 0) {
+        quiet++;
+        if (quiet < 2) await new Promise((r) => setTimeout(r, 1_000));
+        continue;
+      }
+      quiet = 0;
+      for (const userId of stale) {
+        const out = await this.resealOne(userId, target);
+        if (out === 'unreadable') unreadable.add(userId);
+        if (out === 'resealed') resealed++;
+      }
+      onProgress?.(resealed, log.sealedBefore(target).length - unreadable.size);
+    }
+    return { resealed, unreadable: unreadable.size };
+  }
+
+  /** One record under `target`, if it is live and older; 'unreadable' when it does not unseal. */
+  private async resealOne(userId: string, target: number): Promise<'resealed' | 'unchanged' | 'unreadable'> {
+    const rec = (await this.records.read(userId)).rec;
+    if (!rec || rec.state !== 'active' || rec.sealEpoch === null || rec.sealEpoch >= target) return 'unchanged';
+    const envelope = await this.keys
+      .unseal(rec.sealEpoch, sealAad(this.vaultId, rec.userId, rec.generation, rec.sealEpoch, rec.verifier!), rec.sealed!)
+      .catch(() => null);
+    if (!envelope) {
+      this.log.error({ event: 'rotate.unreadable', user: userRef(rec.userId) }, 'record does not unseal; left to be shredded');
+      return 'unreadable';
+    }
+    const sealed = await this.keys.seal(target, sealAad(this.vaultId, rec.userId, rec.generation, target, rec.verifier!), envelope);
+    return this.records.update(userId, (cur) => {
+      const c = cur.rec;
+      // Changed meanwhile (re-enrolled, deleted, locked): the new state needs no re-seal from us.
+      if (!c || c.state !== 'active' || c.generation !== rec.generation || c.sealEpoch !== rec.sealEpoch) return { result: 'unchanged' as const };
+      return { next: { rec: { ...c, sealed, sealEpoch: target, updatedAt: this.options.now() }, guesses: cur.guesses }, result: 'resealed' as const };
+    });
   }
 
   /** ledger.sync(), remembering whether the last anchor write failed (see recoverBegin). */

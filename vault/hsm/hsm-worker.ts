@@ -51,6 +51,8 @@ export type Job =
   /** A new seal epoch key, in the phase of `key`, the current epoch's key. */
   | { op: 'genSeal'; label: string; key: Uint8Array }
   | { op: 'destroy'; key: Uint8Array }
+  /** A seal epoch's key that arrived by the ceremony: the key set checked against the policy, then its handle (or null). */
+  | { op: 'findSeal'; epoch: number }
   | { op: 'ping' };
 
 export type JobResult = { ok: true; v: Uint8Array | boolean | string | null } | { ok: false; code: string; message: string };
@@ -119,6 +121,8 @@ function run(token: Token, j: Job): Uint8Array | boolean | string | null {
     case 'destroy':
       token.destroy(h(j.key));
       return null;
+    case 'findSeal':
+      return enforcePolicy(token, { create: false }).seals.get(j.epoch) ?? null;
     case 'ping':
       return token.ping();
   }

@@ -3,7 +3,7 @@
 // whether a call runs on this thread or in an HSM worker.
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { sealLabel } from '../../hsm-policy/policy.js';
-import { epochProtection } from '../../hsm-policy/enforce.js';
+import { enforcePolicy, epochProtection } from '../../hsm-policy/enforce.js';
 import type { Handle, Token } from './token.js';
 import { AnchorBook, casAnchor, type AnchorState } from './anchor.js';
 
@@ -58,6 +58,12 @@ export interface VaultKeys {
   addEpoch(epoch: number): Promise<void>;
   /** Destroy a seal epoch's key object: everything sealed under it is gone for good. */
   destroyEpoch(epoch: number): Promise<void>;
+  /**
+   * Start using a seal epoch's key that reached the token another way (the key
+   * ceremony's import, a cohort rotation), after the whole key set passes the
+   * policy again. HSM_POLICY_VIOLATION when the token does not hold it.
+   */
+  adoptEpoch(epoch: number): Promise<void>;
   /** True while the token answers (readiness). */
   ping(): boolean;
   close(): void;
@@ -198,6 +204,13 @@ export class TokenVaultKeys implements VaultKeys {
     const h = await this.fresh(() =>
       this.token.generateSecretKey(sealLabel(epoch), 'aes', 32, ['encrypt', 'decrypt'], epochProtection(this.token, this.sealKey(this.currentEpoch()))),
     );
+    this.keys.seals.set(epoch, h);
+  }
+
+  async adoptEpoch(epoch: number): Promise<void> {
+    if (this.keys.seals.has(epoch)) return;
+    const h = await this.fresh(() => enforcePolicy(this.token, { create: false }).seals.get(epoch));
+    if (!h) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `the HSM holds no key ${sealLabel(epoch)} to adopt`);
     this.keys.seals.set(epoch, h);
   }
 

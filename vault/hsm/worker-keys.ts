@@ -334,6 +334,13 @@ export class WorkerVaultKeys implements VaultKeys {
     this.handles.seals.set(epoch, h);
   }
 
+  async adoptEpoch(epoch: number): Promise<void> {
+    if (this.handles.seals.has(epoch)) return;
+    const h = await this.value(this.submit({ op: 'findSeal', epoch }, 0));
+    if (!(h instanceof Uint8Array)) throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, `the HSM holds no key ${sealLabel(epoch)} to adopt`);
+    this.handles.seals.set(epoch, h);
+  }
+
   async destroyEpoch(epoch: number): Promise<void> {
     if (!this.handles.seals.has(epoch)) return;
     if (epoch === this.currentEpoch()) throw new VaultError(ErrorCodes.BAD_REQUEST, 'refusing to destroy the current seal epoch');
