@@ -114,9 +114,17 @@ function printStatus(s: StatusReport): void {
   if (s.cohort) {
     const k = s.cohort;
     out(
-      `cohort   node ${k.nodeId}, applied revision ${k.appliedRevision}, lag ${k.lag}, ${k.records} records, chain head ${k.chainHead.slice(0, 16)}…` +
+      `cohort   node ${k.nodeId}, applied revision ${k.appliedRevision}, lag ${k.lag}, ${k.records} values, chain head ${k.chainHead.slice(0, 16)}…` +
         `${k.stopped ? `\n         STOPPED: ${k.stopped}` : ''}\n         HSM anchor of the cohort state: ${k.anchored ? `revision ${k.anchored.revision}, head ${k.anchored.head.slice(0, 16)}…` : 'none yet'}`,
     );
+    const r = k.keyring;
+    if (r) {
+      out(
+        `         seal epoch ${r.current} cohort-wide (nodes: ${r.members.join(', ')})` +
+          (r.rotation ? `; rotation to ${r.rotation.target} under way (${r.rotation.phase}, by ${r.rotation.from}${r.rotation.fenced.length ? `, fenced: ${r.rotation.fenced.join(', ')}` : ''})` : '') +
+          (r.last?.pending.length ? `; epoch ${r.last.epoch - 1} and older not yet destroyed on: ${r.last.pending.join(', ')}` : ''),
+      );
+    }
   }
   if (s.audit) out(`audit    ${s.audit.seq} lines, signed through ${s.audit.signedThrough}, writable: ${yes(s.audit.healthy)}`);
   if (s.permissions) out(`files    private (folders 0700, files 0600): ${yes(s.permissions.ok)}${s.permissions.problems.map((p) => `\n         ${p}`).join('')}`);
