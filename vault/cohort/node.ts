@@ -20,6 +20,7 @@ import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { SqliteReplica } from '../store/cohort-replica.js';
 import { connectEtcd, validateEndpoints } from './etcd.js';
 import { CohortLedger, type LedgerAnchor, type LedgerStatus } from './ledger.js';
+import { ObservedReplica } from './replica.js';
 import { CohortRecordLog } from '../core/record-log.js';
 import type { CohortKeyring } from './keyring.js';
 import type { Ledger } from '../core/ledger.js';
@@ -128,7 +129,9 @@ export class CohortNode {
       const from = replica.appliedRevision;
       // Read through the ledger: a row that does not match the HSM-anchored root is refused there.
       const anchor = anchorOf(local.get(COHORT_ANCHOR_KEY));
-      ledger = new CohortLedger({ etcd, replica, prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000, ...(anchor ? { anchor } : {}) });
+      // The record port keeps an index of records at their limit from what the engine applies.
+      const observed = new ObservedReplica(replica);
+      ledger = new CohortLedger({ etcd, replica: observed, prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000, ...(anchor ? { anchor } : {}) });
       const t0 = Date.now();
       await ledger.start();
       log.info(
@@ -145,7 +148,9 @@ export class CohortNode {
         },
         from === 0n ? 'cohort replica built from an etcd snapshot' : 'cohort replica caught up from etcd',
       );
-      const node = new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica, s.onCommit), local, log, anchor);
+      const records = new CohortRecordLog(ledger, replica, s.onCommit);
+      records.follow(observed);
+      const node = new CohortNode(s, etcd, replica, ledger, records, local, log, anchor);
       await node.anchor();
       node.anchorTimer = setInterval(() => void node.anchor(), 1_000);
       node.anchorTimer.unref();

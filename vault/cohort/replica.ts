@@ -121,3 +121,38 @@ export class MemoryReplica implements Replica {
     return Buffer.from(snapshotHead(0n, this.map)).toString('hex');
   }
 }
+
+/**
+ * A replica that tells an observer what it applied (after the apply, so the
+ * observer reads the new state): how the vault keeps an index of records it
+ * must watch (core/record-log.ts, records at their limit) without scanning.
+ * `onReset` after a snapshot load: the observer must rebuild from scratch.
+ */
+export class ObservedReplica implements Replica {
+  onApply: ((ops: readonly ReplicaOp[]) => void) | undefined;
+  onReset: (() => void) | undefined;
+  constructor(private readonly inner: Replica) {}
+  get appliedRevision(): bigint {
+    return this.inner.appliedRevision;
+  }
+  get chainHead(): Uint8Array {
+    return this.inner.chainHead;
+  }
+  get clusterId(): string | undefined {
+    return this.inner.clusterId;
+  }
+  get(key: string): ReplicaEntry | undefined {
+    return this.inner.get(key);
+  }
+  keys(prefix: string): string[] {
+    return this.inner.keys(prefix);
+  }
+  apply(revision: bigint, ops: readonly ReplicaOp[], newHead: Uint8Array): void {
+    this.inner.apply(revision, ops, newHead);
+    this.onApply?.(ops);
+  }
+  reset(revision: bigint, entries: ReadonlyMap<string, ReplicaEntry>, head: Uint8Array, clusterId: string): void {
+    this.inner.reset(revision, entries, head, clusterId);
+    this.onReset?.();
+  }
+}

@@ -19,7 +19,7 @@ import { createHash } from 'node:crypto';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import type { StoredRecord } from '../store/records.js';
 import type { CohortLedger } from '../cohort/ledger.js';
-import type { Replica } from '../cohort/replica.js';
+import type { ObservedReplica, Replica } from '../cohort/replica.js';
 import { decodeEnvelope } from '../cohort/envelope.js';
 import type { Ledger } from './ledger.js';
 
@@ -114,21 +114,51 @@ export class CohortRecordLog implements RecordLog {
     return decodeEntry(key, env.payload);
   }
 
+  /**
+   * Records at their limit with a counted guess still pending, by the latest such
+   * guess's expiry. The node that counted the guess destroys the record when the
+   * guess's session expires; if that node died, no one would: Vault.sweep asks for
+   * the due ones here (dueForExpiry) and destroys them through etcd.
+   */
+  private readonly exhausted = new Map<string, number>();
+
+  /** Keep `exhausted` current from what the replica applies (cohort/node.ts wires it). */
+  follow(r: ObservedReplica): void {
+    const prefix = this.ledger.recordPrefix();
+    r.onApply = (ops) => {
+      for (const op of ops) if (op.type === 'put' && op.key.startsWith(prefix)) this.note(op.value);
+    };
+    r.onReset = () => this.rescan();
+    this.rescan();
+  }
+
+  private rescan(): void {
+    this.exhausted.clear();
+    for (const k of this.replica.keys(this.ledger.recordPrefix())) this.note(this.replica.get(k)?.value);
+  }
+
+  private note(raw: Uint8Array | undefined): void {
+    // Records are never removed (only marked locked or deleted): a value that is not a record is not ours.
+    const w = raw ? wireOf(raw) : undefined;
+    if (!w) return;
+    if (w.r.state === 'active' && w.r.attempts >= w.r.attemptLimit && w.g.length > 0) {
+      this.exhausted.set(w.k, Math.max(...w.g.map(([, expiresAt]) => expiresAt)));
+    } else this.exhausted.delete(w.k);
+  }
+
+  /** Record keys at their limit whose every counted guess has expired by `now`. */
+  dueForExpiry(now: number): string[] {
+    const out: string[] = [];
+    for (const [k, expiry] of this.exhausted) if (expiry <= now) out.push(k);
+    return out;
+  }
+
   /** The keys of live records sealed under an epoch older than `epoch`, as this replica holds them (rotation). */
   sealedBefore(epoch: number): string[] {
     const out: string[] = [];
     for (const k of this.replica.keys(this.ledger.recordPrefix())) {
-      const env = decodeEnvelope(this.replica.get(k)!.value);
-      if (!env?.payload) continue;
-      let w: Partial<Wire>;
-      try {
-        w = JSON.parse(Buffer.from(env.payload).toString('utf8')) as Partial<Wire>;
-      } catch {
-        continue;
-      }
-      // Other values share the space (the keyring, tenants): only records have `k` and `r`.
-      if (w.v !== 1 || typeof w.k !== 'string' || !w.r) continue;
-      if (w.r.state === 'active' && w.r.sealEpoch !== null && w.r.sealEpoch !== undefined && w.r.sealEpoch < epoch) out.push(w.k);
+      const w = wireOf(this.replica.get(k)!.value);
+      if (w && w.r.state === 'active' && w.r.sealEpoch !== null && w.r.sealEpoch < epoch) out.push(w.k);
     }
     return out;
   }
@@ -186,6 +216,19 @@ interface Wire {
   k: string;
   r: Omit<StoredRecord, 'verifier' | 'sealed'> & { verifier: string | null; sealed: string | null };
   g: [string, number][];
+}
+
+/** A replica value as a record's wire form; undefined for a tombstone or a value that is not a record (the keyring, tenants). */
+function wireOf(raw: Uint8Array): Wire | undefined {
+  const env = decodeEnvelope(raw);
+  if (!env?.payload) return undefined;
+  let w: Partial<Wire>;
+  try {
+    w = JSON.parse(Buffer.from(env.payload).toString('utf8')) as Partial<Wire>;
+  } catch {
+    return undefined;
+  }
+  return w.v === 1 && typeof w.k === 'string' && w.r && Array.isArray(w.g) ? (w as Wire) : undefined;
 }
 
 export function encodeEntry(key: string, e: LogEntry): Uint8Array {

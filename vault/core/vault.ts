@@ -541,6 +541,21 @@ export class Vault {
         this.log.warn({ event: 'record.locked', user: userRef(s.userId) }, 'record destroyed: last guess abandoned at the limit');
       }
     }
+    // Cohort: a record whose last counted guess was abandoned because its node died. The node
+    // that counted it does the above at its session's expiry; any node does this a little later.
+    if (this.records.mode === 'cohort') {
+      const log = this.records as CohortRecordLog;
+      for (const userId of log.dueForExpiry(now - ORPHAN_GRACE_MS)) {
+        const change = await this.records.update(userId, (cur) => {
+          const c = cur.rec ? decideExpiry(cur.rec, cur.rec.generation, live(cur.guesses, now).length, now) : undefined;
+          return c ? { next: { rec: c, guesses: [] }, result: c } : { result: c };
+        });
+        if (change) {
+          destroyedCount++;
+          this.log.warn({ event: 'record.locked', user: userRef(userId), orphaned: true }, 'record destroyed: last guess abandoned at the limit on a node that is gone');
+        }
+      }
+    }
     return destroyedCount;
   }
 
@@ -745,6 +760,9 @@ function statusOf(userId: string, rec: StoredRecord | undefined, attemptLimit: n
     attemptLimit: rec.attemptLimit,
   };
 }
+
+/** How long after an orphaned guess's expiry another node destroys its record (the counting node goes first). */
+const ORPHAN_GRACE_MS = 2_000;
 
 /** A pending guess's id in cohort mode: the client's guess id bound to its blinded element. */
 function guessKey(guess: Uint8Array, blinded: Uint8Array): string {

@@ -1,19 +1,22 @@
-// Seal-epoch rotation across a real cohort (docs/COHORT.md, "Rotation across the
-// cohort"): 3 real daemons on a 3-member etcd, each with its own SoftHSM2 token
+// What a real cohort keeps doing by itself. Seal-epoch rotation (docs/COHORT.md,
+// "Rotation across the cohort"): 3 real daemons on a 3-member etcd, each with its own SoftHSM2 token
 // (copies of one vault's token that is also its own ceremony target and trusts
 // it, as after a key ceremony). With node 3 down, `rotate` on node 1 carries the
 // new epoch key to node 2 through a ceremony bundle in etcd, re-seals every
 // record, and destroys the old key on nodes 1 and 2; it names node 3 as still
 // owing. Node 3, started again, imports the new epoch and destroys the old one
 // before it serves, and the records it serves are the re-sealed ones.
+// And a record whose last counted guess was abandoned on a node that then died
+// is destroyed by the others once that guess expires, not left at 0 attempts.
 import { spawnSync } from 'node:child_process';
 import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport } from '../client/transport.js';
 import { readVaultKey } from '../client/cli.js';
+import { WebSocketTransport as WsTransport, type Transport } from '../client/transport.js';
+import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { ADMIN, startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
 import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
 import { TEST_KDF } from './helpers/vault.js';
@@ -54,15 +57,16 @@ interface Status {
   cohort: { keyring?: { current: number; retired: number; rotation: unknown; last: { epoch: number; destroyedOn: string[]; pending: string[] } | null } };
 }
 
-describe('seal-epoch rotation across a 3-node cohort', () => {
+describe('a 3-node cohort keeps itself: seal-epoch rotation, guesses orphaned by a dead node', () => {
   let cluster: EtcdCluster;
   const nodes: RunningDaemon[] = [];
   const dirs: string[] = [];
   let seedDir = '';
   let pinnedKey: Uint8Array;
-  const config = (i: number) => ({ ...TEST_CONFIG, cohort: { endpoints: cluster.endpoints, prefix: 't-rot', nodeId: `n${i + 1}` } });
+  // Short sessions (the minimum): an abandoned guess expires within the test.
+  const config = (i: number) => ({ ...TEST_CONFIG, vault: { ...TEST_CONFIG.vault, sessionTtlSec: 5 }, cohort: { endpoints: cluster.endpoints, prefix: 't-rot', nodeId: `n${i + 1}` } });
   const client = (d: RunningDaemon) =>
-    new VaultClient({ transport: new WebSocketTransport({ url: d.url, token: d.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+    new VaultClient({ transport: new WsTransport({ url: d.url, token: d.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
 
   beforeAll(async () => {
     cluster = await startEtcdCluster({ members: 3 });
@@ -134,4 +138,36 @@ describe('seal-epoch rotation across a 3-node cohort', () => {
     // --resume with no rotation under way changes nothing.
     expect((await rotate(nodes[1]!, { resume: true })).find((l) => l.result)?.result).toMatchObject({ epoch: 2, resealed: 0 });
   }, 120_000);
+
+  it('a record whose 10th counted guess was abandoned on a node killed before its finish is destroyed by the other nodes once the guess expires', async () => {
+    const c1 = client(nodes[0]!);
+    await c1.enrollPassword('orphan', 'pw orphan', new Uint8Array(32).fill(9));
+    for (let i = 0; i < 9; i++) await expect(c1.recoverWithPassword('orphan', `wrong ${i}`)).rejects.toMatchObject({ code: ErrorCodes.WRONG_PASSWORD });
+    expect((await c1.status('orphan')).attemptsLeft).toBe(1);
+    // The 10th guess is counted by node 3's recover.begin; its finish never leaves, and node 3 dies.
+    const real = new WsTransport({ url: nodes[2]!.url, token: nodes[2]!.token });
+    const cut: Transport = {
+      call: (method, params) =>
+        method === 'recover.finish' ? Promise.reject(new VaultError(ErrorCodes.VAULT_UNREACHABLE, 'relay lost the connection', { sent: false })) : real.call(method, params),
+      close: () => real.close(),
+    };
+    const c3 = new VaultClient({ transport: cut, pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+    await expect(c3.recoverWithPassword('orphan', 'wrong 9')).rejects.toMatchObject({ code: ErrorCodes.VAULT_UNREACHABLE });
+    c3.close();
+    await nodes[2]!.stop('SIGKILL');
+    // Counted and pending: no attempt left, but not destroyed while the guess may still be finished.
+    expect(await c1.status('orphan')).toMatchObject({ state: 'active', attemptsLeft: 0 });
+    // After the guess's expiry (5 s) and the grace (2 s), nodes 1 and 2 destroy it. Before the
+    // orphan sweep, it stayed active with 0 attempts left until someone called recover.begin.
+    const deadline = Date.now() + 20_000;
+    let s = await c1.status('orphan');
+    while (s.state === 'active' && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 250));
+      s = await c1.status('orphan');
+    }
+    expect(s.state).toBe('locked');
+    expect(nodes.slice(0, 2).some((n) => n.logs.some((l) => l.includes('"orphaned":true')))).toBe(true);
+    c1.close();
+    nodes[2] = await nodes[2]!.restart();
+  }, 60_000);
 });
