@@ -23,6 +23,8 @@ import { CohortLedger, type LedgerAnchor, type LedgerStatus } from './ledger.js'
 import { CohortRecordLog } from '../core/record-log.js';
 import type { Ledger } from '../core/ledger.js';
 import type { StoredRecord } from '../store/records.js';
+import type { Tenant } from '../store/tenants.js';
+import { CohortTenants } from './tenants.js';
 
 /**
  * The ledger row holding this node's cohort anchor. A record key no user id can
@@ -76,6 +78,8 @@ export interface CohortSettings {
   startTimeoutMs?: number;
   /** Each record commit's latency, in seconds (metrics). */
   onCommit?: (seconds: number) => void;
+  /** This node's local tenants table (vault.db): copied into etcd at the cohort's first start (tenants.ts). */
+  localTenants?: readonly Tenant[];
 }
 
 /** Exit code of `bkv-vault serve` when the cohort's etcd has no quorum at start. */
@@ -90,6 +94,8 @@ export interface CohortReport {
   clusterId: string | undefined;
   stopped: string | undefined;
   records: number;
+  /** Tenant names in etcd (every version of one name is one value). */
+  tenants: number;
   /** The cohort state last anchored in the HSM (through the ledger row), if any yet. */
   anchored: { revision: string; head: string; checkpointRevision?: string } | undefined;
   stats: LedgerStatus['stats'];
@@ -106,6 +112,8 @@ export class CohortNode {
     readonly replica: SqliteReplica,
     readonly ledger: CohortLedger,
     readonly records: CohortRecordLog,
+    /** The cohort's tenants (etcd), read from this node's applied replica. */
+    readonly tenants: CohortTenants,
     private readonly local: Ledger,
     private readonly log: Logger,
     private anchored: LedgerAnchor | undefined,
@@ -123,7 +131,9 @@ export class CohortNode {
       const from = replica.appliedRevision;
       // Read through the ledger: a row that does not match the HSM-anchored root is refused there.
       const anchor = anchorOf(local.get(COHORT_ANCHOR_KEY));
-      ledger = new CohortLedger({ etcd, replica, prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000, ...(anchor ? { anchor } : {}) });
+      // The engine applies to the replica through the tenant table, which sees every tenant change applied.
+      const tenants = new CohortTenants(s.prefix, log);
+      ledger = new CohortLedger({ etcd, replica: tenants.observe(replica), prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000, ...(anchor ? { anchor } : {}) });
       const t0 = Date.now();
       await ledger.start();
       log.info(
@@ -140,7 +150,9 @@ export class CohortNode {
         },
         from === 0n ? 'cohort replica built from an etcd snapshot' : 'cohort replica caught up from etcd',
       );
-      const node = new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica, s.onCommit), local, log, anchor);
+      tenants.attach(ledger);
+      await tenants.migrate(s.localTenants ?? [], s.nodeId);
+      const node = new CohortNode(s, etcd, replica, ledger, new CohortRecordLog(ledger, replica, s.onCommit), tenants, local, log, anchor);
       await node.anchor();
       node.anchorTimer = setInterval(() => void node.anchor(), 1_000);
       node.anchorTimer.unref();
@@ -186,7 +198,8 @@ export class CohortNode {
       chainHead: st.chainHead,
       clusterId: st.clusterId,
       stopped: st.stopped,
-      records: this.replica.keys(`${this.settings.prefix}/r/`).length,
+      records: this.replica.keys(`${this.settings.prefix}/r/`).filter((k) => !this.tenants.owns(k)).length,
+      tenants: this.tenants.list().reduce((names, t) => names.add(t.name), new Set<string>()).size,
       anchored: this.anchored
         ? {
             revision: this.anchored.revision.toString(),
