@@ -214,6 +214,13 @@ describe('a 3-node cohort on a 3-member etcd', () => {
         expect(r.stderr).toMatch(/BAD_REQUEST|in a cohort/);
         expect(r.stderr).toMatch(/Start the daemon and run "bkv-admin tenant (add|revoke)" again/);
       }
+      // scripts/cohort gives the daemon its cohort config through its environment only: the
+      // replica file in the data folder is enough to refuse.
+      writeFileSync(cfg, JSON.stringify(TEST_CONFIG));
+      writeFileSync(join(dir, 'cohort.db'), '');
+      const r = spawnSync(process.execPath, [ADMIN, 'tenant', 'add', 'offline', '--data', dir, '--config', cfg], { encoding: 'utf8', env: { ...process.env, SOFTHSM2_CONF: join(dir, 'softhsm2.conf') } });
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/its cohort replica .*cohort\.db exists/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -331,11 +331,16 @@ common(hsm.command('check'))
  * nothing any node serves, so it is refused: the daemon (up) writes through etcd.
  */
 function refuseOfflineInCohort(c: Config, cmd: string): void {
-  if (c.cohort) {
+  // The config may give `cohort` to the daemon only (BKV_COHORT_* in its environment, as
+  // scripts/cohort does): a replica file in the data folder says the node is in one too.
+  const replica = c.cohort?.replicaPath ?? join(c.dataDir, 'cohort.db');
+  const why = c.cohort ? 'config "cohort"' : existsSync(replica) ? `its cohort replica ${replica} exists` : undefined;
+  if (why) {
     throw new VaultError(
       ErrorCodes.BAD_REQUEST,
-      `this node is in a cohort (config "cohort"): its tenants live in etcd, not in ${c.dbPath ?? join(c.dataDir, 'vault.db')}. ` +
-        `Start the daemon and run "bkv-admin ${cmd}" again: it goes through the daemon to etcd and reaches every node.`,
+      `this node is in a cohort (${why}): its tenants live in etcd, not in ${c.dbPath ?? join(c.dataDir, 'vault.db')}. ` +
+        `Start the daemon and run "bkv-admin ${cmd}" again: it goes through the daemon to etcd and reaches every node.` +
+        (c.cohort ? '' : ` (A node that left its cohort for good: move ${replica} away.)`),
     );
   }
 }
