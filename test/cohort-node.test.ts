@@ -7,8 +7,12 @@
 // the HSM's verifier check at most that often, and the record is destroyed on
 // every node; kill -9 of a node and the SDK goes on through the others; a
 // node whose replica is wiped rebuilds it from etcd and serves. Config errors
-// and a missing quorum at start are refused, never served single-node.
-import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+// and a missing quorum at start are refused, never served single-node. Tenants
+// live in etcd: one added through node 1's admin API calls every node, and
+// revoked through node 2 its open connection on node 3 is closed with 4401;
+// offline tenant changes on a cohort node are refused.
+import { spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,10 +22,12 @@ import { WebSocketTransport, type Transport } from '../client/transport.js';
 import { readVaultKey } from '../client/cli.js';
 import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { loadConfig } from '../vault/config.js';
-import { startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
+import { ADMIN, startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
 import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { codeOf } from './helpers/codes.js';
+import { adminApi } from './helpers/admin-api.js';
+import { RawSocket } from './helpers/adversarial.js';
 
 async function deadPort(): Promise<number> {
   const s = createServer();
@@ -145,6 +151,80 @@ describe('a 3-node cohort on a 3-member etcd', () => {
       expect(BigInt(st.cohort.anchored.revision)).toBeGreaterThan(0n);
     }
   }, 60_000);
+
+  it('a tenant added through node 1 calls nodes 2 and 3; revoked through node 2, its open connection on node 3 closes with 4401 and node 3 refuses it', async () => {
+    const [api1, api2, api3] = await Promise.all(nodes.map((n) => adminApi(n)));
+    const add = await api1!.post<{ version: number }>('/admin/tenants', { name: 'shared' });
+    expect(add).toMatchObject({ status: 200, body: { version: 1 } });
+    // Node 3's directory has it from etcd: node 3 mints its token (same vault keys everywhere).
+    const tok = await api3!.post<{ token: string; version: number }>('/admin/tenants/token', { name: 'shared', ttlSec: 600 });
+    expect(tok).toMatchObject({ status: 200, body: { version: 1 } });
+    const as = (d: RunningDaemon) =>
+      new VaultClient({ transport: new WebSocketTransport({ url: d.url, token: tok.body.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+    const key = new Uint8Array(32).fill(7);
+    const c2 = as(nodes[1]!);
+    await c2.enrollPassword('shared-user', 'pw shared', key);
+    c2.close();
+    const c3 = as(nodes[2]!);
+    expect(await c3.recoverWithPassword('shared-user', 'pw shared')).toEqual(key);
+    c3.close();
+    // bkv-admin tenant list on any node shows the cohort's table.
+    const list = (await (await fetch(`${adminUrl(nodes[1]!)}/admin/tenants`, { headers: { authorization: `Bearer ${readFileSync(join(nodes[1]!.dataDir, 'admin-token'), 'utf8').trim()}` } })).json()) as {
+      tenants: { name: string; version: number; state: string }[];
+    };
+    expect(list.tenants.filter((t) => t.name === 'shared')).toMatchObject([{ version: 1, state: 'active' }]);
+
+    const open3 = await RawSocket.open(nodes[2]!.url, tok.body.token);
+    expect((await open3.call('health', {})).result).toBeDefined();
+    const t0 = performance.now();
+    const rev = await api2!.post<{ revoked: number; connectionsClosed: number }>('/admin/tenants/revoke', { name: 'shared' });
+    // Node 2 had no connection of it; node 3 closes its own on applying the revocation.
+    expect(rev).toMatchObject({ status: 200, body: { revoked: 1, connectionsClosed: 0 } });
+    const closed = await Promise.race([
+      open3.closed.then((c) => ({ code: c.code, after: performance.now() - t0 })),
+      new Promise<undefined>((r) => setTimeout(() => r(undefined), 2_000)),
+    ]);
+    console.log(`cohort: a revocation made on node 2 closed the tenant's connection on node 3 ${closed ? Math.round(closed.after) : '>2000'} ms after the admin call began`);
+    expect(closed?.code).toBe(4401);
+    expect(closed!.after).toBeLessThan(2_000);
+    for (const n of nodes) {
+      const e = await RawSocket.open(n.url, tok.body.token).then(
+        (s) => (s.close(), 'opened'),
+        (x: Error) => x.message,
+      );
+      expect(e).toMatch(/401/);
+    }
+    expect(nodes[2]!.logs.some((l) => l.includes('"event":"tenant.revoke.applied"') && l.includes('"tenant":"shared"') && l.includes('"connectionsClosed":1'))).toBe(true);
+    // Gone everywhere: nothing more to revoke through node 1, no token from node 3.
+    expect((await api1!.post('/admin/tenants/revoke', { name: 'shared' })).status).toBe(404);
+    expect((await api3!.post('/admin/tenants/token', { name: 'shared', ttlSec: 600 })).status).toBe(404);
+  }, 60_000);
+
+  it('offline tenant changes on a cohort node are refused: its tenants live in etcd', () => {
+    // A stopped cohort node's folder (the seed copy with a cohort config): nothing running there.
+    const dir = mkdtempSync(join(tmpdir(), 'bkv-cohort-off-'));
+    try {
+      cpSync(seedDir, dir, { recursive: true });
+      rmSync(join(dir, 'admin.json'), { force: true });
+      const cfg = join(dir, 'test-config.json');
+      writeFileSync(cfg, JSON.stringify(config(0, cluster.endpoints)));
+      for (const args of [['tenant', 'add', 'offline'], ['tenant', 'revoke', 'dev']]) {
+        const r = spawnSync(process.execPath, [ADMIN, ...args, '--data', dir, '--config', cfg], { encoding: 'utf8', env: { ...process.env, SOFTHSM2_CONF: join(dir, 'softhsm2.conf') } });
+        expect(r.status).not.toBe(0);
+        expect(r.stderr).toMatch(/BAD_REQUEST|in a cohort/);
+        expect(r.stderr).toMatch(/Start the daemon and run "bkv-admin tenant (add|revoke)" again/);
+      }
+      // scripts/cohort gives the daemon its cohort config through its environment only: the
+      // replica file in the data folder is enough to refuse.
+      writeFileSync(cfg, JSON.stringify(TEST_CONFIG));
+      writeFileSync(join(dir, 'cohort.db'), '');
+      const r = spawnSync(process.execPath, [ADMIN, 'tenant', 'add', 'offline', '--data', dir, '--config', cfg], { encoding: 'utf8', env: { ...process.env, SOFTHSM2_CONF: join(dir, 'softhsm2.conf') } });
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/its cohort replica .*cohort\.db exists/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
 
   it('200 concurrent wrong guesses over the 3 nodes: exactly the limit counted and verified, and the record destroyed on every node', async () => {
     const c1 = client(nodes[0]!);

@@ -10,7 +10,7 @@ import { dirname, join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { SOFTHSM_CANDIDATES, hsmSettings, loadConfig, type Config } from './config.js';
 import { inspectModule, type CapabilityReport } from './hsm/capabilities.js';
-import { VaultError, ADMIN_EXIT, errorSpec } from '../protocol/errors.js';
+import { VaultError, ErrorCodes, ADMIN_EXIT, errorSpec } from '../protocol/errors.js';
 import { initVault, tokenConfig } from './setup.js';
 import { openKeys, openVault } from './core/open.js';
 import { Store } from './store/index.js';
@@ -114,7 +114,7 @@ function printStatus(s: StatusReport): void {
   if (s.cohort) {
     const k = s.cohort;
     out(
-      `cohort   node ${k.nodeId}, applied revision ${k.appliedRevision}, lag ${k.lag}, ${k.records} values, chain head ${k.chainHead.slice(0, 16)}…` +
+      `cohort   node ${k.nodeId}, applied revision ${k.appliedRevision}, lag ${k.lag}, ${k.records} records, chain head ${k.chainHead.slice(0, 16)}…` +
         `${k.stopped ? `\n         STOPPED: ${k.stopped}` : ''}\n         HSM anchor of the cohort state: ${k.anchored ? `revision ${k.anchored.revision}, head ${k.anchored.head.slice(0, 16)}…` : 'none yet'}`,
     );
     const r = k.keyring;
@@ -341,6 +341,26 @@ common(hsm.command('check'))
     if (!serves) process.exitCode = EXIT.NOT_CONFORM;
   });
 
+/**
+ * A cohort node's tenants live in etcd (docs/COHORT.md, "Tenants"); its vault.db table is only
+ * what it brought in at its first cohort start. Changing that table offline would change
+ * nothing any node serves, so it is refused: the daemon (up) writes through etcd.
+ */
+function refuseOfflineInCohort(c: Config, cmd: string): void {
+  // The config may give `cohort` to the daemon only (BKV_COHORT_* in its environment, as
+  // scripts/cohort does): a replica file in the data folder says the node is in one too.
+  const replica = c.cohort?.replicaPath ?? join(c.dataDir, 'cohort.db');
+  const why = c.cohort ? 'config "cohort"' : existsSync(replica) ? `its cohort replica ${replica} exists` : undefined;
+  if (why) {
+    throw new VaultError(
+      ErrorCodes.BAD_REQUEST,
+      `this node is in a cohort (${why}): its tenants live in etcd, not in ${c.dbPath ?? join(c.dataDir, 'vault.db')}. ` +
+        `Start the daemon and run "bkv-admin ${cmd}" again: it goes through the daemon to etcd and reaches every node.` +
+        (c.cohort ? '' : ` (A node that left its cohort for good: move ${replica} away.)`),
+    );
+  }
+}
+
 const tenant = program.command('tenant').description('backend credentials: add, list, revoke, mint a token');
 
 common(tenant.command('add'))
@@ -353,6 +373,7 @@ common(tenant.command('add'))
       c,
       (ep) => adminCall<{ name: string; version: number; secret: string }>(ep, 'POST', '/admin/tenants', { name }),
       async (log, audit) => {
+        refuseOfflineInCohort(c, 'tenant add');
         const keys = openKeys(tokenConfig(c), false, log);
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {
@@ -409,6 +430,7 @@ common(tenant.command('revoke'))
           ...(version !== undefined ? { version } : {}),
         }),
       async (log) => {
+        refuseOfflineInCohort(c, 'tenant revoke');
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {
           const revoked = store.tenants.revoke(name, Date.now(), version);
@@ -439,6 +461,8 @@ common(tenant.command('token'))
       c,
       (ep) => adminCall<{ token: string; version: number; expiresAt: string }>(ep, 'POST', '/admin/tenants/token', { name, ttlSec: o.ttl, ...(o.sub ? { sub: o.sub } : {}) }),
       async (log, audit) => {
+        // The local table's newest version may be revoked (or superseded) in etcd.
+        refuseOfflineInCohort(c, 'tenant token');
         const keys = openKeys(tokenConfig(c), false, log);
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {

@@ -8,7 +8,7 @@ import type { Logger } from 'pino';
 import { hsmWorkerSettings, openServingKeys, selfTest } from './core/open.js';
 import { Vault } from './core/vault.js';
 import { Store } from './store/index.js';
-import type { TenantStore } from './store/tenants.js';
+import type { TenantDirectory } from './store/tenants.js';
 import type { NamespacePolicy } from './core/namespace.js';
 import { ChannelTable } from './rpc/channels.js';
 import { Authenticator, mintToken } from './rpc/auth.js';
@@ -51,6 +51,13 @@ export interface Daemon {
   audit: AuditLog | undefined;
   /** Set in cohort mode (config `cohort`): the replication engine this node serves through. */
   cohort: CohortNode | undefined;
+  /** Who may call: vault.db's table on a single node, etcd's (through the cohort engine) on a cohort node. */
+  tenants: TenantDirectory;
+  /**
+   * Cohort mode: per tenant, the closing of its connections that its last applied
+   * revocation started on this node (resolves with how many were open).
+   */
+  revocations: Map<string, Promise<number>>;
   startedAt: number;
   /** The start-up capability check (bkv-admin hsm check / status show it). */
   hsmCheck: CapabilityReport;
@@ -125,6 +132,7 @@ async function openServingVault(
               replicaPath: cc.replicaPath ?? join(c.dataDir, 'cohort.db'),
               startTimeoutMs: cc.startTimeoutSec * 1000,
               onCommit: (s) => metrics.cohortCommitSeconds.observe(s),
+              localTenants: store!.tenants.list(),
             },
             log,
             ledger,
@@ -158,6 +166,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
   const metrics = hooks.metrics ?? new Metrics({ processMetrics: false });
   const { vault, check, cohort } = await openServingVault(c, log, metrics, hooks.wrapKeys);
   const now = vault.options.now;
+  const tenants: TenantDirectory = cohort ? cohort.tenants : vault.store.tenants;
   const channels = new ChannelTable(vault, {
     ttlMs: c.vault.sessionTtlSec * 1000,
     freshnessMs: 60_000,
@@ -170,7 +179,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
   });
   const auth = new Authenticator({
     vaultId: vault.vaultId,
-    isActive: (n, v) => vault.store.tenants.isActive(n, v),
+    isActive: (n, v) => tenants.isActive(n, v),
     deriveSecret: (input) => vault.keys.tenantSecret(input),
     now,
     maxLifetimeSec: c.limits.tokenMaxLifetimeSec,
@@ -189,7 +198,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
       {
         auth,
         limiter,
-        methods: metrics.wrapMethods(methodTable(vault, channels, namespacePolicy(c, vault.store.tenants))),
+        methods: metrics.wrapMethods(methodTable(vault, channels, namespacePolicy(c, tenants))),
         log,
         now,
         onRequest: (e) => {
@@ -214,6 +223,18 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     vault.keys.close();
     throw e;
   }
+  // Cohort: a revocation applied on this node, whichever node made it, cuts the tenant's
+  // open connections off here too (issue 14 finding 3, cohort-wide): every further request
+  // is refused from now on, and the sockets close with 4401.
+  const revocations = new Map<string, Promise<number>>();
+  cohort?.tenants.onRevoked((name, versions) => {
+    auth.revoked(name, versions);
+    const closing = server.revoke(name, versions);
+    revocations.set(name, closing);
+    void closing.then((connectionsClosed) =>
+      log.info({ event: 'tenant.revoke.applied', tenant: name, versions, connectionsClosed }, 'tenant revocation applied on this node'),
+    );
+  });
   metrics.attach({
     records: () => vault.store.records.counts(),
     ledger: () => vault.ledger.status(),
@@ -273,6 +294,8 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     metrics,
     audit,
     cohort,
+    tenants,
+    revocations,
     startedAt,
     hsmCheck: check,
     readiness: cachedReadiness(
@@ -303,7 +326,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
  * it), so it is read once per tenant, not per request; only authenticated tenants reach
  * this, so the map is bounded by the tenants table.
  */
-export function namespacePolicy(c: Config, tenants: TenantStore): NamespacePolicy {
+export function namespacePolicy(c: Config, tenants: Pick<TenantDirectory, 'home'>): NamespacePolicy {
   const grants = new Map(Object.entries(c.tenants.grants));
   const isolated = new Set(c.tenants.isolate);
   const homes = new Map<string, string>();
@@ -319,10 +342,10 @@ export function namespacePolicy(c: Config, tenants: TenantStore): NamespacePolic
 
 /** The development tenant (`--dev`): created once, and a fresh 24 h token written to the data folder. */
 export async function devToken(d: Daemon, c: Config, log: Logger): Promise<string> {
-  const tenants = d.vault.store.tenants;
+  const tenants = d.tenants;
   let dev = tenants.list().find((t) => t.name === 'dev' && t.state === 'active');
   if (!dev) {
-    tenants.add('dev', Date.now());
+    await tenants.add('dev', Date.now());
     dev = tenants.list().find((t) => t.name === 'dev' && t.state === 'active')!;
     log.info({ event: 'tenant.add', tenant: 'dev', version: dev.version }, 'development tenant created');
   }
@@ -338,8 +361,9 @@ export const adminFiles = (dataDir: string) => ({ info: join(dataDir, 'admin.jso
 /** What the admin endpoints do, on the daemon's own vault (it owns the HSM token). */
 export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
   const { vault, auth } = d;
+  const { tenants } = d;
   const latestActive = (name: string) => {
-    const v = vault.store.tenants
+    const v = tenants
       .list()
       .filter((t) => t.name === name && t.state === 'active')
       .reduce((m, t) => Math.max(m, t.version), 0);
@@ -351,6 +375,7 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
       daemonStatus(c, vault, {
         ...(d.audit ? { audit: d.audit } : {}),
         ...(d.cohort ? { cohort: d.cohort.report() } : {}),
+        tenants,
         startedAt: d.startedAt,
         connections: () => d.server.connections(),
         hsmCheck: d.hsmCheck,
@@ -359,26 +384,33 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
       d.cohort
         ? vault.rotateCohort({ resume: o.resume, ...(o.waitSec ? { waitMs: o.waitSec * 1000 } : {}), onProgress })
         : vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
-    tenants: () => ({ tenants: vault.store.tenants.list() }),
+    tenants: () => ({ tenants: tenants.list() }),
     async addTenant(name) {
-      const version = vault.store.tenants.add(name, Date.now());
+      const version = await tenants.add(name, Date.now());
       const secret = await auth.secretFor(name, version);
       log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
       return { name, version, secret: Buffer.from(secret).toString('hex') };
     },
     async revokeTenant(name, version) {
-      const versions = vault.store.tenants
+      const versions = tenants
         .list()
         .filter((t) => t.name === name && t.state === 'active' && (version === undefined || t.version === version))
         .map((t) => t.version);
-      const revoked = vault.store.tenants.revoke(name, Date.now(), version);
+      const revoked = await tenants.revoke(name, Date.now(), version);
       if (revoked === 0) {
         throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"${version === undefined ? '' : ` version ${version}`}`);
       }
-      // "Tokens stop working at once": open connections too, not only new upgrades
-      // (issue 14, finding 3). Every further request of theirs is refused from here on.
-      auth.revoked(name, versions);
-      const connectionsClosed = await d.server.revoke(name, versions);
+      let connectionsClosed: number;
+      if (d.cohort) {
+        // Applied here before revoke() resolved: the listener in startDaemon has already cut
+        // them off (and every other node does on applying it).
+        connectionsClosed = await (d.revocations.get(name) ?? 0);
+      } else {
+        // "Tokens stop working at once": open connections too, not only new upgrades
+        // (issue 14, finding 3). Every further request of theirs is refused from here on.
+        auth.revoked(name, versions);
+        connectionsClosed = await d.server.revoke(name, versions);
+      }
       log.info({ event: 'tenant.revoke', tenant: name, revoked, versions, connectionsClosed }, 'tenant credentials revoked');
       return { name, revoked, connectionsClosed };
     },

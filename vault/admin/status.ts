@@ -13,7 +13,7 @@ import { ANCHOR, KEY_SET, PHASE_TEXT, sealLabel, type Phase } from '../../hsm-po
 import { ceremonyObjects, type CeremonyObjects } from '../ceremony/steps.js';
 import { openDb } from '../store/db.js';
 import { RecordStore } from '../store/records.js';
-import { TenantStore, type Tenant } from '../store/tenants.js';
+import { TenantStore, type Tenant, type TenantDirectory } from '../store/tenants.js';
 import { vaultIdOf } from '../../protocol/descriptor.js';
 import { toHex } from '../../protocol/bytes.js';
 import type { Vault } from '../core/vault.js';
@@ -126,7 +126,15 @@ function anchorDetail(dbSeq: number, hsmSeq: number, rootsMatch: boolean): { con
 export async function daemonStatus(
   c: Config,
   vault: Vault,
-  extra: { audit?: AuditLog; startedAt: number; connections: () => number; hsmCheck?: CapabilityReport; cohort?: CohortReport },
+  extra: {
+    audit?: AuditLog;
+    startedAt: number;
+    connections: () => number;
+    hsmCheck?: CapabilityReport;
+    cohort?: CohortReport;
+    /** The tenants the daemon serves (a cohort node's come from etcd); default: vault.db's table. */
+    tenants?: Pick<TenantDirectory, 'list'>;
+  },
 ): Promise<StatusReport> {
   const s = hsmSettings(c);
   const up = vault.keys.ping();
@@ -161,7 +169,7 @@ export async function daemonStatus(
     policy,
     currentEpoch: vault.keys.currentEpoch(),
     records: vault.store.records.counts(),
-    tenants: tenantSummary(vault.store.tenants.list()),
+    tenants: tenantSummary((extra.tenants ?? vault.store.tenants).list()),
     anchor,
     ...(extra.audit ? { audit: (({ seq, signedThrough, healthy }) => ({ seq, signedThrough, healthy }))(extra.audit.status()) } : {}),
     ...(extra.cohort ? { cohort: extra.cohort } : {}),

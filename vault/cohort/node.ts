@@ -22,9 +22,11 @@ import { connectEtcd, validateEndpoints } from './etcd.js';
 import { CohortLedger, type LedgerAnchor, type LedgerStatus } from './ledger.js';
 import { ObservedReplica } from './replica.js';
 import { CohortRecordLog } from '../core/record-log.js';
-import type { CohortKeyring } from './keyring.js';
+import { KEYRING_ID, type CohortKeyring } from './keyring.js';
 import type { Ledger } from '../core/ledger.js';
 import type { StoredRecord } from '../store/records.js';
+import type { Tenant } from '../store/tenants.js';
+import { CohortTenants } from './tenants.js';
 
 /**
  * The ledger row holding this node's cohort anchor. A record key no user id can
@@ -78,6 +80,8 @@ export interface CohortSettings {
   startTimeoutMs?: number;
   /** Each record commit's latency, in seconds (metrics). */
   onCommit?: (seconds: number) => void;
+  /** This node's local tenants table (vault.db): copied into etcd at the cohort's first start (tenants.ts). */
+  localTenants?: readonly Tenant[];
 }
 
 /** Exit code of `bkv-vault serve` when the cohort's etcd has no quorum at start. */
@@ -92,6 +96,8 @@ export interface CohortReport {
   clusterId: string | undefined;
   stopped: string | undefined;
   records: number;
+  /** Tenant names in etcd (every version of one name is one value). */
+  tenants: number;
   /** The cohort state last anchored in the HSM (through the ledger row), if any yet. */
   anchored: { revision: string; head: string; checkpointRevision?: string } | undefined;
   /** The cohort's seal epochs (keyring.ts): the current one, a rotation under way, the last one's stragglers. */
@@ -112,6 +118,8 @@ export class CohortNode {
     readonly replica: SqliteReplica,
     readonly ledger: CohortLedger,
     readonly records: CohortRecordLog,
+    /** The cohort's tenants (etcd), read from this node's applied replica. */
+    readonly tenants: CohortTenants,
     private readonly local: Ledger,
     private readonly log: Logger,
     private anchored: LedgerAnchor | undefined,
@@ -129,8 +137,10 @@ export class CohortNode {
       const from = replica.appliedRevision;
       // Read through the ledger: a row that does not match the HSM-anchored root is refused there.
       const anchor = anchorOf(local.get(COHORT_ANCHOR_KEY));
-      // The record port keeps an index of records at their limit from what the engine applies.
+      // The tenant table and the record port's index of records at their limit follow what the engine applies.
       const observed = new ObservedReplica(replica);
+      const tenants = new CohortTenants(s.prefix, log);
+      tenants.follow(observed);
       ledger = new CohortLedger({ etcd, replica: observed, prefix: s.prefix, nodeId: s.nodeId, checkpointMs: 1_000, ...(anchor ? { anchor } : {}) });
       const t0 = Date.now();
       await ledger.start();
@@ -148,9 +158,11 @@ export class CohortNode {
         },
         from === 0n ? 'cohort replica built from an etcd snapshot' : 'cohort replica caught up from etcd',
       );
+      tenants.attach(ledger);
+      await tenants.migrate(s.localTenants ?? [], s.nodeId);
       const records = new CohortRecordLog(ledger, replica, s.onCommit);
       records.follow(observed);
-      const node = new CohortNode(s, etcd, replica, ledger, records, local, log, anchor);
+      const node = new CohortNode(s, etcd, replica, ledger, records, tenants, local, log, anchor);
       await node.anchor();
       node.anchorTimer = setInterval(() => void node.anchor(), 1_000);
       node.anchorTimer.unref();
@@ -196,7 +208,8 @@ export class CohortNode {
       chainHead: st.chainHead,
       clusterId: st.clusterId,
       stopped: st.stopped,
-      records: this.replica.keys(`${this.settings.prefix}/r/`).length,
+      records: this.replica.keys(`${this.settings.prefix}/r/`).filter((k) => !this.tenants.owns(k) && !k.endsWith(KEYRING_ID)).length,
+      tenants: this.tenants.list().reduce((names, t) => names.add(t.name), new Set<string>()).size,
       anchored: this.anchored
         ? {
             revision: this.anchored.revision.toString(),

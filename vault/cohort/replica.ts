@@ -122,16 +122,23 @@ export class MemoryReplica implements Replica {
   }
 }
 
+/** Told after every apply (with its ops) and after every snapshot load (rebuild from scratch). */
+export interface ReplicaListener {
+  apply(ops: readonly ReplicaOp[]): void;
+  reset(): void;
+}
+
 /**
- * A replica that tells an observer what it applied (after the apply, so the
- * observer reads the new state): how the vault keeps an index of records it
- * must watch (core/record-log.ts, records at their limit) without scanning.
- * `onReset` after a snapshot load: the observer must rebuild from scratch.
+ * A replica that tells listeners what it applied (after the apply, so they read
+ * the new state): how the tenant table (tenants.ts) and the record port's index
+ * of records at their limit (core/record-log.ts) stay current without scanning.
  */
 export class ObservedReplica implements Replica {
-  onApply: ((ops: readonly ReplicaOp[]) => void) | undefined;
-  onReset: (() => void) | undefined;
+  private readonly listeners: ReplicaListener[] = [];
   constructor(private readonly inner: Replica) {}
+  listen(l: ReplicaListener): void {
+    this.listeners.push(l);
+  }
   get appliedRevision(): bigint {
     return this.inner.appliedRevision;
   }
@@ -149,10 +156,10 @@ export class ObservedReplica implements Replica {
   }
   apply(revision: bigint, ops: readonly ReplicaOp[], newHead: Uint8Array): void {
     this.inner.apply(revision, ops, newHead);
-    this.onApply?.(ops);
+    for (const l of this.listeners) l.apply(ops);
   }
   reset(revision: bigint, entries: ReadonlyMap<string, ReplicaEntry>, head: Uint8Array, clusterId: string): void {
     this.inner.reset(revision, entries, head, clusterId);
-    this.onReset?.();
+    for (const l of this.listeners) l.reset();
   }
 }

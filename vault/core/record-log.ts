@@ -125,10 +125,12 @@ export class CohortRecordLog implements RecordLog {
   /** Keep `exhausted` current from what the replica applies (cohort/node.ts wires it). */
   follow(r: ObservedReplica): void {
     const prefix = this.ledger.recordPrefix();
-    r.onApply = (ops) => {
-      for (const op of ops) if (op.type === 'put' && op.key.startsWith(prefix)) this.note(op.value);
-    };
-    r.onReset = () => this.rescan();
+    r.listen({
+      apply: (ops) => {
+        for (const op of ops) if (op.type === 'put' && op.key.startsWith(prefix)) this.note(op.value);
+      },
+      reset: () => this.rescan(),
+    });
     this.rescan();
   }
 

@@ -22,7 +22,25 @@ export function checkTenantName(name: string): string {
   return name;
 }
 
-export class TenantStore {
+/**
+ * Where the daemon reads and changes tenants. A single node: this file's SQLite
+ * table (TenantStore). A cohort node: etcd through the replication engine, read
+ * from the node's applied replica (cohort/tenants.ts, docs/COHORT.md "Tenants").
+ * Reads are synchronous and cheap (every upgrade and request uses them); a change
+ * returns once durable (single node) or resolves once quorum-committed and applied
+ * on this node (cohort): callers await either.
+ */
+export interface TenantDirectory {
+  isActive(name: string, version: number): boolean;
+  home(name: string): string;
+  list(): Tenant[];
+  /** The new credential version. */
+  add(name: string, now: number): number | Promise<number>;
+  /** How many active versions were revoked (0: none matched). */
+  revoke(name: string, now: number, version?: number): number | Promise<number>;
+}
+
+export class TenantStore implements TenantDirectory {
   private readonly activeStmt;
   private readonly maxStmt;
   private readonly insertStmt;
