@@ -148,8 +148,20 @@ const Schema = z
         nodeId: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/, 'must be 1-32 of A-Z, a-z, 0-9, "_", ".", "-" (unique in the cohort)'),
         replicaPath: z.string().min(1).optional(),
         startTimeoutSec: z.number().int().min(1).max(300),
+        /**
+         * TLS to etcd (https:// endpoints): etcd's client CA, pinned (never the system roots),
+         * and this node's client certificate and key when etcd demands one
+         * (--client-cert-auth): how etcd is kept to the vault nodes (THREAT-MODEL R19).
+         */
+        tls: z
+          .object({ caFile: z.string().min(1), certFile: z.string().min(1).optional(), keyFile: z.string().min(1).optional() })
+          .strict()
+          .refine((t) => !t.certFile === !t.keyFile, 'certFile and keyFile go together')
+          .optional(),
       })
       .strict()
+      .refine((c) => !c.endpoints.some((e) => e.startsWith('https:')) || !!c.tls, { message: 'https:// endpoints need cohort.tls.caFile (etcd\'s client CA)', path: ['tls'] })
+      .refine((c) => !c.tls || c.endpoints.every((e) => e.startsWith('https:')), { message: 'cohort.tls needs https:// endpoints', path: ['tls'] })
       .optional(),
   })
   .strict();
@@ -253,11 +265,12 @@ function fromEnv(env: NodeJS.ProcessEnv): Json {
     admin: env.BKV_ADMIN_LISTEN ? parseListen(env.BKV_ADMIN_LISTEN) : undefined,
     audit: { file: env.BKV_AUDIT_FILE },
     cohort:
-      env.BKV_COHORT_ENDPOINTS || env.BKV_COHORT_NODE_ID || env.BKV_COHORT_PREFIX
+      env.BKV_COHORT_ENDPOINTS || env.BKV_COHORT_NODE_ID || env.BKV_COHORT_PREFIX || env.BKV_COHORT_TLS_CA
         ? {
             endpoints: env.BKV_COHORT_ENDPOINTS ? env.BKV_COHORT_ENDPOINTS.split(',').map((e) => e.trim()) : undefined,
             nodeId: env.BKV_COHORT_NODE_ID,
             prefix: env.BKV_COHORT_PREFIX,
+            tls: env.BKV_COHORT_TLS_CA ? { caFile: env.BKV_COHORT_TLS_CA, certFile: env.BKV_COHORT_TLS_CERT, keyFile: env.BKV_COHORT_TLS_KEY } : undefined,
           }
         : undefined,
   };

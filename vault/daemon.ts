@@ -131,6 +131,16 @@ async function openServingVault(
               nodeId: cc.nodeId,
               replicaPath: cc.replicaPath ?? join(c.dataDir, 'cohort.db'),
               startTimeoutMs: cc.startTimeoutSec * 1000,
+              ...(cc.tls
+                ? {
+                    tls: {
+                      ca: readConfigFile(cc.tls.caFile, 'cohort.tls.caFile'),
+                      ...(cc.tls.certFile && cc.tls.keyFile
+                        ? { cert: readConfigFile(cc.tls.certFile, 'cohort.tls.certFile'), key: readConfigFile(cc.tls.keyFile, 'cohort.tls.keyFile') }
+                        : {}),
+                    },
+                  }
+                : {}),
               onCommit: (s) => metrics.cohortCommitSeconds.observe(s),
               localTenants: store!.tenants.list(),
             },
@@ -159,6 +169,15 @@ async function openServingVault(
     store?.close();
     raw.close();
     throw e;
+  }
+}
+
+/** A file the config names (certificates, keys): BAD_REQUEST naming the field when it cannot be read. */
+function readConfigFile(file: string, field: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (e) {
+    throw new VaultError(ErrorCodes.BAD_REQUEST, `config: ${field}: cannot read ${file} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
   }
 }
 

@@ -129,7 +129,7 @@ function hookExit(): void {
 }
 
 /** Free loopback ports, all held open at once so they are distinct, then released for etcd to bind. */
-async function freePorts(n: number): Promise<number[]> {
+export async function freePorts(n: number): Promise<number[]> {
   const servers = await Promise.all(
     Array.from({ length: n }, () => new Promise<import('node:net').Server>((res, rej) => {
       const s = createServer();

@@ -78,6 +78,8 @@ export interface CohortSettings {
   replicaPath: string;
   /** How long start waits for a quorum to answer. */
   startTimeoutMs?: number;
+  /** TLS to etcd: its client CA, and this node's client certificate and key (PEM). */
+  tls?: { ca: Buffer; cert?: Buffer; key?: Buffer };
   /** Each record commit's latency, in seconds (metrics). */
   onCommit?: (seconds: number) => void;
   /** This node's local tenants table (vault.db): copied into etcd at the cohort's first start (tenants.ts). */
@@ -128,7 +130,7 @@ export class CohortNode {
   static async start(s: CohortSettings, log: Logger, local: Ledger): Promise<CohortNode> {
     const endpoints = validateEndpoints(s.endpoints, 'cohort.endpoints');
     const timeoutMs = s.startTimeoutMs ?? 10_000;
-    const etcd = connectEtcd(endpoints, { field: 'cohort.endpoints' });
+    const etcd = connectEtcd(endpoints, { field: 'cohort.endpoints', ...(s.tls ? { tls: s.tls } : {}) });
     let replica: SqliteReplica | undefined;
     let ledger: CohortLedger | undefined;
     try {
