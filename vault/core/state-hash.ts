@@ -6,6 +6,7 @@
 // (131 071 hashes) and native SHA-256 does that several times faster.
 import { createHash } from 'node:crypto';
 import { concat, frame, fromHex, toHex, u32be, u64be, utf8 } from '../../protocol/bytes.js';
+import type { StoredRecord } from './record.js';
 
 export const BUCKET_BITS = 16;
 export const BUCKETS = 1 << BUCKET_BITS;
@@ -20,17 +21,8 @@ function sha256(...parts: Uint8Array[]): Uint8Array {
   return h.digest();
 }
 
-export interface LeafFields {
-  userId: string;
-  state: 'active' | 'locked' | 'deleted';
-  generation: number;
-  attempts: number;
-  attemptLimit: number;
-  verifier: Uint8Array | null;
-  sealed: Uint8Array | null;
-  sealEpoch: number | null;
-  kdf: { alg: string; m: number; t: number; p: number } | null;
-}
+/** What a leaf covers: every field of a record but its timestamps. */
+export type LeafFields = Omit<StoredRecord, 'createdAt' | 'updatedAt'>;
 
 const opt = (b: Uint8Array | null): Uint8Array => (b ? concat(new Uint8Array([1]), b) : new Uint8Array([0]));
 

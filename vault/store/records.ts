@@ -6,35 +6,15 @@ import { promisify } from 'node:util';
 import type { Db } from './db.js';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import type { KdfParams } from '../../protocol/kdf.js';
+import type { RecordState, StoredRecord } from '../core/record.js';
 import { bucketOf, leafHash } from '../core/state-hash.js';
 import { Checkpointer, type CheckpointStats } from './checkpointer.js';
 
 const datasync = promisify(fdatasync);
 
-export type RecordState = 'active' | 'locked' | 'deleted';
+export type { RecordState, StoredRecord } from '../core/record.js';
 const STATE_CODE: Record<RecordState, number> = { active: 1, locked: 2, deleted: 3 };
 const STATE_NAME: Record<number, RecordState> = { 1: 'active', 2: 'locked', 3: 'deleted' };
-
-export interface StoredRecord {
-  /**
-   * The record key (core/namespace.ts): the user id for the legacy namespace, "<namespace>
-   * U+001F <user id>" for every other. The column keeps its name: rows of the legacy
-   * namespace are the rows written before namespaces, unchanged.
-   */
-  userId: string;
-  state: RecordState;
-  /** Bumped on every enrolment for this user; bound into the verifier and the seal. */
-  generation: number;
-  attempts: number;
-  attemptLimit: number;
-  /** null once the record is locked or deleted. */
-  verifier: Uint8Array | null;
-  sealed: Uint8Array | null;
-  sealEpoch: number | null;
-  kdf: KdfParams | null;
-  createdAt: number;
-  updatedAt: number;
-}
 
 export interface Row {
   user_id: string;
