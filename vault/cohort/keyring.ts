@@ -183,6 +183,21 @@ export class CohortKeyring {
     await this.sync(await this.read());
   }
 
+  /**
+   * Why this node cannot serve the cohort's records right now, if it cannot: it does
+   * not hold the epoch records are (or are being re-)sealed under, e.g. it was fenced
+   * and has no bundle it can open. Readiness fails with this (cohort/node.ts).
+   */
+  health(): string | undefined {
+    const k = this.peek();
+    if (!k) return undefined;
+    const need = this.sealingEpoch();
+    if (this.o.keys.epochs().includes(need)) return undefined;
+    return `cohort: this node's HSM does not hold seal epoch ${need}, which the cohort seals under${this.lastError ? ` (${this.lastError})` : ''}`;
+  }
+
+  private lastError: string | undefined;
+
   /** Follow the keyring while serving: import, destroy and acknowledge as it moves. */
   start(): void {
     this.timer = setInterval(() => {
@@ -190,9 +205,13 @@ export class CohortKeyring {
       if (!e || e.modRevision === this.lastRevision || this.syncing) return;
       this.lastRevision = e.modRevision;
       this.syncing = this.sync(this.peek())
+        .then(() => (this.lastError = undefined))
         .catch((err: unknown) => {
           this.lastRevision = -1n; // try again at the next tick
-          this.o.log.error({ event: 'cohort.keyring.failed', err: (err as Error).message }, 'cohort keyring: could not follow a rotation');
+          const message = (err as Error).message;
+          // Logged once per distinct failure, not at every retry.
+          if (message !== this.lastError) this.o.log.error({ event: 'cohort.keyring.failed', err: message }, 'cohort keyring: could not follow a rotation');
+          this.lastError = message;
         })
         .finally(() => (this.syncing = undefined));
     }, this.o.pollMs ?? 200);

@@ -254,6 +254,8 @@ export class CohortNode {
     };
     const stopped = this.ledger.stopped;
     if (stopped) return { ok: false, detail: stopped.message, ...base() };
+    const keys = this.keyring?.health();
+    if (keys) return { ok: false, detail: keys, ...base() };
     try {
       const rev = await withTimeout(this.ledger.readIndex(), timeoutMs, 'no etcd quorum answered');
       await this.ledger.waitApplied(rev, timeoutMs);
