@@ -19,11 +19,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { VaultClient } from '../client/sdk.js';
 import { WebSocketTransport, type Transport } from '../client/transport.js';
-import { readVaultKey } from '../client/cli.js';
 import { ErrorCodes, VaultError } from '../protocol/errors.js';
 import { loadConfig } from '../vault/config.js';
 import { ADMIN, startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
-import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
+import type { EtcdCluster } from './helpers/etcd.js';
+import { configError, startTestCohort, type TestCohort } from './helpers/cohort.js';
 import { TEST_KDF } from './helpers/vault.js';
 import { codeOf } from './helpers/codes.js';
 import { adminApi } from './helpers/admin-api.js';
@@ -48,47 +48,25 @@ async function metric(d: RunningDaemon, name: string, label = ''): Promise<numbe
 }
 
 describe('a 3-node cohort on a 3-member etcd', () => {
+  let t: TestCohort;
   let cluster: EtcdCluster;
-  const nodes: RunningDaemon[] = [];
-  const dirs: string[] = [];
+  let nodes: RunningDaemon[];
   let seedDir = '';
   let pinnedKey: Uint8Array;
-  const config = (i: number, endpoints: string[]) => ({ ...TEST_CONFIG, cohort: { endpoints, prefix: 't-node', nodeId: `n${i + 1}` } });
-  const client = (d: RunningDaemon) =>
-    new VaultClient({ transport: new WebSocketTransport({ url: d.url, token: d.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+  const config = (i: number, _endpoints?: string[]) => t.config(i);
+  const client = (d: RunningDaemon) => t.client(d);
 
   beforeAll(async () => {
-    cluster = await startEtcdCluster({ members: 3 });
-    // One key set: a single node makes the keys, the dev tenant and its token, then stops; each
-    // cohort node starts from its own copy of that folder (its own token copy and SQLite files).
-    const seed = await startDaemon();
-    pinnedKey = readVaultKey(seed.vaultKeyFile);
-    await seed.stop();
-    for (let i = 0; i < 3; i++) {
-      const dir = mkdtempSync(join(tmpdir(), `bkv-cohort-n${i + 1}-`));
-      cpSync(seed.dataDir, dir, { recursive: true });
-      rmSync(join(dir, 'softhsm2.conf')); // names the seed's token folder; the node writes its own
-      dirs.push(dir);
-    }
-    seedDir = seed.dataDir;
-    nodes.push(...(await Promise.all(dirs.map((dir, i) => startDaemon({ dataDir: dir, config: config(i, cluster.endpoints) })))));
+    t = await startTestCohort({ prefix: 't-node' });
+    ({ cluster, nodes, seedDir, pinnedKey } = t);
   }, 120_000);
 
   afterAll(async () => {
-    for (const n of nodes) await n?.stop('SIGKILL');
-    for (const d of [...dirs, seedDir]) if (d) rmSync(d, { recursive: true, force: true });
-    await cluster?.stop();
+    await t?.stop();
   });
 
   it('refuses a bad cohort config by field, and a start without quorum with exit code 3', async () => {
-    const bad = (cohort: object) => {
-      try {
-        loadConfig({ env: {}, overrides: { cohort } });
-        return '';
-      } catch (e) {
-        return (e as Error).message;
-      }
-    };
+    const bad = (cohort: object) => configError({ cohort });
     expect(bad({ endpoints: ['http://user:pw@a:1'], nodeId: 'n1' })).toMatch(/cohort\.endpoints\.0: must be http\(s\):\/\/host:port/);
     expect(bad({ endpoints: ['http://a:1'], nodeId: 'n 1' })).toMatch(/cohort\.nodeId: must be 1-32/);
     expect(bad({ endpoints: [], nodeId: 'n1' })).toMatch(/cohort\.endpoints: must list at least one/);

@@ -15,6 +15,7 @@ import { readVaultKey } from '../client/cli.js';
 import { loadConfig } from '../vault/config.js';
 import { startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
 import { ETCD_BIN, freePorts } from './helpers/etcd.js';
+import { configError } from './helpers/cohort.js';
 import { TEST_KDF } from './helpers/vault.js';
 
 const openssl = (dir: string, ...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
@@ -73,14 +74,7 @@ describe('a cohort node on etcd over TLS with client-certificate auth', () => {
   });
 
   it('refuses https:// endpoints without the CA, and TLS settings without https://, by field', () => {
-    const bad = (cohort: object) => {
-      try {
-        loadConfig({ env: {}, overrides: { cohort } });
-        return '';
-      } catch (e) {
-        return (e as Error).message;
-      }
-    };
+    const bad = (cohort: object) => configError({ cohort });
     expect(bad({ endpoints: ['https://127.0.0.1:2379'], nodeId: 'n1' })).toMatch(/cohort\.tls: https:\/\/ endpoints need cohort\.tls\.caFile/);
     expect(bad({ endpoints: ['http://127.0.0.1:2379'], nodeId: 'n1', tls: { caFile: 'ca.pem' } })).toMatch(/cohort\.tls: cohort\.tls needs https:\/\/ endpoints/);
     expect(bad({ endpoints: ['https://127.0.0.1:2379'], nodeId: 'n1', tls: { caFile: 'ca.pem', certFile: 'c.pem' } })).toMatch(/certFile and keyFile go together/);

@@ -9,16 +9,14 @@
 // And a record whose last counted guess was abandoned on a node that then died
 // is destroyed by the others once that guess expires, not left at 0 attempts.
 import { spawnSync } from 'node:child_process';
-import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { VaultClient } from '../client/sdk.js';
-import { readVaultKey } from '../client/cli.js';
 import { WebSocketTransport as WsTransport, type Transport } from '../client/transport.js';
 import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { ADMIN, startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
-import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
+import { ADMIN, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
+import { startTestCohort, type TestCohort } from './helpers/cohort.js';
 import { TEST_KDF } from './helpers/vault.js';
 
 const adminInfo = (d: RunningDaemon) => ({
@@ -58,41 +56,30 @@ interface Status {
 }
 
 describe('a 3-node cohort keeps itself: seal-epoch rotation, guesses orphaned by a dead node', () => {
-  let cluster: EtcdCluster;
-  const nodes: RunningDaemon[] = [];
-  const dirs: string[] = [];
-  let seedDir = '';
+  let t: TestCohort;
+  let nodes: RunningDaemon[];
   let pinnedKey: Uint8Array;
-  // Short sessions (the minimum): an abandoned guess expires within the test.
-  const config = (i: number) => ({ ...TEST_CONFIG, vault: { ...TEST_CONFIG.vault, sessionTtlSec: 5 }, cohort: { endpoints: cluster.endpoints, prefix: 't-rot', nodeId: `n${i + 1}` } });
-  const client = (d: RunningDaemon) =>
-    new VaultClient({ transport: new WsTransport({ url: d.url, token: d.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+  const client = (d: RunningDaemon) => t.client(d);
 
   beforeAll(async () => {
-    cluster = await startEtcdCluster({ members: 3 });
-    const seed = await startDaemon();
-    pinnedKey = readVaultKey(seed.vaultKeyFile);
-    await seed.stop();
-    // The ceremony's two steps on the seed, so every copy is a target that every copy trusts.
-    const init = admin(seed.dataDir, 'ceremony', 'target-init');
-    expect(init.code, init.stderr).toBe(0);
-    const fp = (JSON.parse(readFileSync(join(seed.dataDir, 'ceremony-target.json'), 'utf8')) as { fingerprint: string }).fingerprint;
-    const trust = admin(seed.dataDir, 'ceremony', 'trust', '--target', join(seed.dataDir, 'ceremony-target.json'), '--fingerprint', fp);
-    expect(trust.code, trust.stderr).toBe(0);
-    for (let i = 0; i < 3; i++) {
-      const dir = mkdtempSync(join(tmpdir(), `bkv-rot-n${i + 1}-`));
-      cpSync(seed.dataDir, dir, { recursive: true });
-      rmSync(join(dir, 'softhsm2.conf'));
-      dirs.push(dir);
-    }
-    seedDir = seed.dataDir;
-    nodes.push(...(await Promise.all(dirs.map((dir, i) => startDaemon({ dataDir: dir, config: config(i) })))));
+    t = await startTestCohort({
+      prefix: 't-rot',
+      // Short sessions (the minimum): an abandoned guess expires within the test.
+      nodeConfig: { vault: { ...TEST_CONFIG.vault, sessionTtlSec: 5 } },
+      // The ceremony's two steps on the seed, so every copy is a target that every copy trusts.
+      prepareSeed: (seed) => {
+        const init = admin(seed, 'ceremony', 'target-init');
+        expect(init.code, init.stderr).toBe(0);
+        const fp = (JSON.parse(readFileSync(join(seed, 'ceremony-target.json'), 'utf8')) as { fingerprint: string }).fingerprint;
+        const trust = admin(seed, 'ceremony', 'trust', '--target', join(seed, 'ceremony-target.json'), '--fingerprint', fp);
+        expect(trust.code, trust.stderr).toBe(0);
+      },
+    });
+    ({ nodes, pinnedKey } = t);
   }, 120_000);
 
   afterAll(async () => {
-    for (const n of nodes) await n?.stop('SIGKILL');
-    for (const d of [...dirs, seedDir]) if (d) rmSync(d, { recursive: true, force: true });
-    await cluster?.stop();
+    await t?.stop();
   });
 
   it('with node 3 down: the new epoch reaches node 2 by a ceremony bundle, every record is re-sealed, the old key is destroyed on nodes 1 and 2, and node 3 catches up before serving', async () => {
