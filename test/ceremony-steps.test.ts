@@ -209,7 +209,7 @@ describe('replacing a dead HSM with a standby clone made earlier', () => {
     } finally {
       v.close();
       v.store.close();
-      v.keys.close();
+      await v.keys.close();
     }
   });
 });

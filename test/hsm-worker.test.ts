@@ -86,14 +86,14 @@ describe('worker pool answers like the direct path', () => {
       expect(await direct.readAnchor()).toEqual(a);
       await w.writeAnchor({ seq: a.seq + 1, root: a.root });
       expect((await direct.readAnchor()).seq).toBe(a.seq + 1);
-      expect(w.ping()).toBe(true);
+      expect(await w.ping()).toBe(true);
     } finally {
       await w.shutdown();
     }
-    expect(w.ping()).toBe(false);
+    expect(await w.ping()).toBe(false);
     await expect(w.oprfEvaluate(point())).rejects.toMatchObject({ code: ErrorCodes.HSM_UNAVAILABLE });
     // Closing the pool leaves the library up for the rest of the process.
-    expect(direct.ping()).toBe(true);
+    expect(await direct.ping()).toBe(true);
   });
 
   it('a vault on the pool enrols and recovers, across many recycles', async () => {

@@ -129,7 +129,7 @@ export async function daemonStatus(
   extra: { audit?: AuditLog; startedAt: number; connections: () => number; hsmCheck?: CapabilityReport; cohort?: CohortReport },
 ): Promise<StatusReport> {
   const s = hsmSettings(c);
-  const up = vault.keys.ping();
+  const up = await vault.keys.ping();
   let policy: PolicyReport;
   try {
     policy = up ? livePolicy(tokenConfig(c)) : { conform: false, problem: 'HSM unavailable: not checked', keys: [], epochs: vault.keys.epochs() };

@@ -120,7 +120,7 @@ export async function openVault(opts: OpenOptions): Promise<Vault> {
     return await Vault.open(keys, store, opts.log, opts.vault);
   } catch (e) {
     store?.close();
-    keys.close();
+    await keys.close();
     throw e;
   }
 }

@@ -64,9 +64,10 @@ export interface VaultKeys {
    * policy again. HSM_POLICY_VIOLATION when the token does not hold it.
    */
   adoptEpoch(epoch: number): Promise<void>;
-  /** True while the token answers (readiness). */
-  ping(): boolean;
-  close(): void;
+  /** True when the token answers a real round trip now (readiness). */
+  ping(): Promise<boolean>;
+  /** Ends every session (and the pool's workers); resolves when they are gone. */
+  close(): Promise<void>;
 }
 
 const IV = 12;
@@ -222,11 +223,11 @@ export class TokenVaultKeys implements VaultKeys {
     this.keys.seals.delete(epoch);
   }
 
-  ping(): boolean {
+  async ping(): Promise<boolean> {
     return this.token.ping();
   }
 
-  close(): void {
+  async close(): Promise<void> {
     this.token.close();
   }
 

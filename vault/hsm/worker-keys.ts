@@ -163,8 +163,6 @@ export class WorkerVaultKeys implements VaultKeys {
   private recycleWanted = false;
   private recycling = false;
   private closed = false;
-  private healthy = true;
-  private pingInFlight = false;
   private pumpScheduled = false;
   private lastHeal = 0;
   private idleWaiters: (() => void)[] = [];
@@ -349,28 +347,26 @@ export class WorkerVaultKeys implements VaultKeys {
   }
 
   /**
-   * Last known state (the interface is synchronous): false once the pool is
-   * closed, has lost its workers or failed a recycle; each call also starts a
-   * background C_GetSessionInfo whose answer the next call reports.
+   * A real C_GetSessionInfo round trip on the control lane, answered within
+   * `timeoutMs` (false after that): false at once once the pool is closed, has
+   * lost its workers or failed a recycle.
    */
-  ping(): boolean {
+  async ping(timeoutMs = 2000): Promise<boolean> {
     if (this.closed || this.broken || !this.slots.some((s) => s.alive)) return false;
-    if (!this.pingInFlight) {
-      this.pingInFlight = true;
-      this.submit({ op: 'ping' }, 0).then(
-        (r) => {
-          this.pingInFlight = false;
-          if (!this.closed && !this.recycling) this.healthy = r.ok && r.v === true;
-        },
-        () => (this.pingInFlight = false),
-      );
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((res) => {
+      timer = setTimeout(() => res(false), timeoutMs);
+    });
+    try {
+      return await Promise.race([this.submit({ op: 'ping' }, 0).then((r) => r.ok && r.v === true), late]);
+    } finally {
+      clearTimeout(timer);
     }
-    return this.healthy;
   }
 
-  /** Stop taking work and end the workers in the background (see shutdown()). */
-  close(): void {
-    void this.shutdown().catch((e: unknown) => this.log?.error({ event: 'hsm.pool.close', err: (e as Error).message }, 'HSM pool shutdown failed'));
+  /** Stop taking work and end the workers (see shutdown()); resolves when they are gone. */
+  close(): Promise<void> {
+    return this.shutdown();
   }
 
   /**
@@ -652,7 +648,6 @@ export class WorkerVaultKeys implements VaultKeys {
         throw new VaultError(ErrorCodes.HSM_POLICY_VIOLATION, 'the HSM key set changed across a library recycle');
       }
       this.handles = handlesOf(keys);
-      this.healthy = true;
       const ms = performance.now() - t0;
       this.counters.recycles++;
       this.counters.recycleMsTotal += ms;
@@ -663,7 +658,6 @@ export class WorkerVaultKeys implements VaultKeys {
       // After a C_Finalize the old handles may name other objects: never serve on them.
       // Fail what waits (retryable), refuse new work, and try again in a second
       // unless the token itself is wrong (other keys, PIN refused).
-      this.healthy = false;
       this.broken = isFatal(e) ? 'fatal' : 'retry';
       this.log?.error({ event: 'hsm.pool.recycle.failed', err: (e as Error).message, fatal: this.broken === 'fatal' }, 'HSM library recycle failed');
       for (const lane of this.lanes) for (const q of lane.drain()) q.resolve(unavailable('the HSM is unavailable'));
