@@ -310,8 +310,8 @@ describe('the pkcs11js seam (Token on the main thread)', () => {
 
   /** The Token's module object, whose calls the double intercepts. */
   function p11Of(v: TestVault): pkcs11js.PKCS11 & Record<string, unknown> {
-    const token = (v.vault.keys as unknown as { token?: { p11?: pkcs11js.PKCS11 } }).token;
-    if (!token?.p11) throw new Error('the Token no longer keeps its module object as .p11: update this test double');
+    const token = (v.vault.keys as unknown as { port?: { token?: { p11?: pkcs11js.PKCS11 } } }).port?.token;
+    if (!token?.p11) throw new Error('the keys no longer keep their Token as .port.token, or it no longer keeps its module object as .p11: update this test double');
     return token.p11 as pkcs11js.PKCS11 & Record<string, unknown>;
   }
 

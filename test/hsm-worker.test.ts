@@ -14,7 +14,7 @@ import { runInNewContext } from 'node:vm';
 import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { openKeys, openVault } from '../vault/core/open.js';
 import { WorkerVaultKeys, type WorkerPoolOptions } from '../vault/hsm/worker-keys.js';
-import type { TokenVaultKeys } from '../vault/hsm/vault-keys.js';
+import type { VaultKeys } from '../vault/hsm/vault-keys.js';
 import { VaultError, ErrorCodes, RETRYABLE } from '../protocol/errors.js';
 import { enroll, recover } from './helpers/flows.js';
 import { TEST_KDF } from './helpers/vault.js';
@@ -22,7 +22,7 @@ import { SOAK } from './helpers/soak.js';
 
 const log = pino({ level: 'silent' });
 let token: TestToken;
-let direct: TokenVaultKeys;
+let direct: VaultKeys;
 
 const hsm = () => ({ modulePath: token.modulePath, tokenLabel: token.label, pin: token.pin });
 /** A valid P-256 point that is not the key's own. */

@@ -5,7 +5,9 @@ import type { Logger } from 'pino';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { Token, pinLibrary, type TokenConfig } from '../hsm/token.js';
 import { quirksOf } from '../hsm/capabilities.js';
-import { TokenVaultKeys, type VaultKeys } from '../hsm/vault-keys.js';
+import type { VaultKeys } from '../hsm/vault-keys.js';
+import { tokenKeys, type TokenPort } from '../hsm/token-port.js';
+import type { HsmKeys } from '../hsm/keys.js';
 import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { Store } from '../store/index.js';
@@ -20,8 +22,8 @@ export interface OpenOptions {
   vault?: Partial<VaultOptions>;
   log: Logger;
   /**
-   * Run HSM calls in worker threads (WorkerVaultKeys) instead of on this thread
-   * (TokenVaultKeys). Default false here (tools and tests); the daemon serves
+   * Run HSM calls in worker threads (the HsmPool port) instead of on this thread
+   * (TokenPort). Default false here (tools and tests); the daemon serves
    * with workers (openServingKeys, as the config's hsm.workers says).
    */
   hsmWorkers?: boolean | WorkerPoolOptions;
@@ -77,14 +79,14 @@ export function withQuirks(hsm: TokenConfig): TokenConfig {
   }
 }
 
-export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): TokenVaultKeys {
+export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): HsmKeys<TokenPort> {
   const token = Token.open(hsm);
   try {
     token.quirks = hsm.quirks ?? quirksOf(token, hsm);
     const keys = enforcePolicy(token, { create: createKeys });
     if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
     // The resolver lets the keys recover from a lost login (stale handles) by themselves.
-    return new TokenVaultKeys(token, keys, keys.created, () => enforcePolicy(token, { create: false }));
+    return tokenKeys(token, keys, keys.created, () => enforcePolicy(token, { create: false }));
   } catch (e) {
     token.close();
     throw e;
