@@ -20,7 +20,7 @@ import { Metrics } from '../vault/metrics.js';
 import { acquireLock } from '../vault/admin/lock.js';
 import type { VaultKeys } from '../vault/hsm/vault-keys.js';
 import { decorateKeys } from '../vault/hsm/decorate.js';
-import { WorkerVaultKeys } from '../vault/hsm/worker-keys.js';
+import { poolOf } from '../vault/hsm/pool/pool.js';
 import { emit, serveCommands } from './lib/proc.js';
 import { BENCH_CONFIG } from './lib/config.js';
 import { latency } from './lib/stats.js';
@@ -84,7 +84,7 @@ async function main(): Promise<void> {
     startupMs: Math.round(startupMs),
     openMs: Math.round(openMs),
     records: records.active + records.locked + records.deleted,
-    hsmWorkers: raw instanceof WorkerVaultKeys ? raw.stats().threads : 0,
+    hsmWorkers: poolOf(raw)?.stats().threads ?? 0,
   });
   let cpu0 = process.cpuUsage();
   // Where main-thread stalls come from: event-loop delay and GC pauses since the last reset.
@@ -132,14 +132,13 @@ async function main(): Promise<void> {
           external: m.external,
           cpuUserMs: cpu.user / 1000,
           cpuSystemMs: cpu.system / 1000,
-          pool: raw instanceof WorkerVaultKeys ? raw.stats() : undefined,
+          pool: poolOf(raw)?.stats(),
           ledger: d.vault.ledger.status(),
           checkpoints: d.vault.store.records.checkpoints(),
         };
       }
       case 'stop':
         await d.stop();
-        await (raw instanceof WorkerVaultKeys ? raw.shutdown() : Promise.resolve());
         lock.release();
         setImmediate(() => process.exit(0));
         return { stopped: true };

@@ -146,7 +146,7 @@ describe('capability check and quirks on NSS softoken', () => {
     const r = await recover(v, 'nss-user', 'right');
     expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
     v.store.close();
-    await (v.keys as { shutdown?: () => Promise<void> }).shutdown?.();
+    await v.keys.close();
 
     // Control: the quirk is what makes it a guess. Told to trust C_Verify, NSS's answer to
     // the start-up self-test's wrong MAC reads as a lost session: the vault does not open,

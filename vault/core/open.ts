@@ -8,7 +8,7 @@ import { quirksOf } from '../hsm/capabilities.js';
 import type { VaultKeys } from '../hsm/vault-keys.js';
 import { tokenKeys, type TokenPort } from '../hsm/token-port.js';
 import type { HsmKeys } from '../hsm/keys.js';
-import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';
+import { poolKeys, type HsmPool, type WorkerPoolOptions } from '../hsm/pool/pool.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { Store } from '../store/index.js';
 import { Vault, type VaultOptions } from './vault.js';
@@ -46,10 +46,10 @@ export function hsmWorkerSettings(h: Pick<Config['hsm'], 'workers' | 'queue' | '
 }
 
 /** The key set on worker threads, resolved (and with createKeys, made) under hsm-policy. */
-export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<WorkerVaultKeys> {
-  const keys = await WorkerVaultKeys.open(withQuirks(hsm), { ...pool, create: createKeys, log });
+export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<HsmKeys<HsmPool>> {
+  const keys = await poolKeys(withQuirks(hsm), { ...pool, create: createKeys, log });
   if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
-  const st = keys.stats();
+  const st = keys.port.stats();
   log.info({ event: 'hsm.pool', threads: st.threads, controlThread: st.control }, 'HSM calls run on worker threads');
   return keys;
 }
