@@ -15,6 +15,7 @@ import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { openKeys, openVault } from '../vault/core/open.js';
 import { poolKeys, poolOf, type HsmPool, type WorkerPoolOptions } from '../vault/hsm/pool/pool.js';
 import type { HsmKeys } from '../vault/hsm/keys.js';
+import type { HsmOp } from '../vault/hsm/port.js';
 import type { VaultKeys } from '../vault/hsm/vault-keys.js';
 import { VaultError, ErrorCodes, RETRYABLE } from '../protocol/errors.js';
 import { enroll, recover } from './helpers/flows.js';
@@ -48,6 +49,49 @@ afterAll(() => {
 async function pool(o: WorkerPoolOptions = {}): Promise<HsmKeys<HsmPool>> {
   return poolKeys(hsm(), { log, ...o });
 }
+
+describe('the rules live once, above the port (vault/hsm/keys.ts), on both ports', () => {
+  /** Records each operation the keys hand to their port. */
+  function counted(k: HsmKeys): string[] {
+    const ops: string[] = [];
+    const port = k.port as { call: (op: HsmOp) => Promise<unknown> };
+    const real = port.call.bind(port);
+    port.call = (op: HsmOp) => {
+      ops.push(op.op);
+      return real(op);
+    };
+    return ops;
+  }
+
+  it('answers or refuses without an HSM call where a rule decides, and frames seals iv(12) ‖ ct ‖ tag(16)', async () => {
+    const w = await pool({ threads: 1, recycleAfter: 0 });
+    const d = openKeys(hsm(), false, log);
+    try {
+      for (const k of [w, d] as HsmKeys[]) {
+        const ops = counted(k);
+        const e = k.currentEpoch();
+        // Too short to hold an IV and a tag: not authentic, and the HSM is not asked.
+        expect(await k.unseal(e, new Uint8Array(1), new Uint8Array(27))).toBeNull();
+        await expect(k.destroyEpoch(e)).rejects.toMatchObject({ code: ErrorCodes.BAD_REQUEST });
+        await k.addEpoch(e);
+        await k.adoptEpoch(e);
+        await k.destroyEpoch(e + 1000);
+        expect(ops).toEqual([]);
+        const sealed = await k.seal(e, new Uint8Array(3), new Uint8Array(5));
+        expect(sealed.length).toBe(12 + 5 + 16);
+        expect(ops).toEqual(['encrypt']);
+        // 28 bytes reach the HSM (and fail its tag check).
+        expect(await k.unseal(e, new Uint8Array(3), sealed.subarray(0, 28))).toBeNull();
+        expect(ops).toEqual(['encrypt', 'decrypt']);
+        await expect(k.adoptEpoch(e + 1000)).rejects.toMatchObject({ code: ErrorCodes.HSM_POLICY_VIOLATION });
+        expect(ops.at(-1)).toBe('findSeal');
+      }
+    } finally {
+      await d.close();
+      await w.close();
+    }
+  });
+});
 
 describe('worker pool answers like the direct path', () => {
   it('every VaultKeys call gives the same result on both paths', async () => {
@@ -87,10 +131,15 @@ describe('worker pool answers like the direct path', () => {
       expect(await direct.readAnchor()).toEqual(a);
       await w.writeAnchor({ seq: a.seq + 1, root: a.root });
       expect((await direct.readAnchor()).seq).toBe(a.seq + 1);
+      // A real round trip (one job through the control lane), not a remembered flag.
+      const jobs = w.port.stats().jobs;
       expect(await w.ping()).toBe(true);
+      expect(w.port.stats().jobs).toBe(jobs + 1);
     } finally {
       await w.close();
     }
+    // close() resolved only once every worker had ended.
+    expect(w.port.stats()).toMatchObject({ threads: 0, control: false });
     expect(await w.ping()).toBe(false);
     await expect(w.oprfEvaluate(point())).rejects.toMatchObject({ code: ErrorCodes.HSM_UNAVAILABLE });
     // Closing the pool leaves the library up for the rest of the process.
