@@ -16,7 +16,6 @@ import { openVault } from '../vault/core/open.js';
 import { verifierInput, sealAad } from '../protocol/record.js';
 import { fromB64 } from '../protocol/bytes.js';
 import type { StoredRecord } from '../vault/store/records.js';
-import { WorkerVaultKeys } from '../vault/hsm/worker-keys.js';
 import { syntheticUser } from './lib/vault-client.js';
 import { emit } from './lib/proc.js';
 import { BENCH_KDF } from './lib/config.js';
@@ -59,8 +58,7 @@ async function main(): Promise<void> {
   }
   vault.close();
   vault.store.close();
-  if (keys instanceof WorkerVaultKeys) await keys.shutdown();
-  else keys.close();
+  await keys.close();
   // Fold the WAL into the file so its size is the database's.
   const db = new Database(dbPath);
   db.pragma('wal_checkpoint(TRUNCATE)');

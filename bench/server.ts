@@ -18,40 +18,16 @@ import { logTap, makeLogger, openAudit } from '../vault/logging.js';
 import { initVault } from '../vault/setup.js';
 import { Metrics } from '../vault/metrics.js';
 import { acquireLock } from '../vault/admin/lock.js';
-import type { AnchorState, VaultKeys } from '../vault/hsm/vault-keys.js';
-import { WorkerVaultKeys } from '../vault/hsm/worker-keys.js';
+import type { VaultKeys } from '../vault/hsm/vault-keys.js';
+import { decorateKeys } from '../vault/hsm/decorate.js';
+import { poolOf } from '../vault/hsm/pool/pool.js';
 import { emit, serveCommands } from './lib/proc.js';
 import { BENCH_CONFIG } from './lib/config.js';
 import { latency } from './lib/stats.js';
 
 
-class NoAnchorKeys implements VaultKeys {
-  constructor(private readonly k: VaultKeys) {}
-  get channelPublic() {
-    return this.k.channelPublic;
-  }
-  get signingPublic() {
-    return this.k.signingPublic;
-  }
-  currentEpoch = () => this.k.currentEpoch();
-  epochs = () => this.k.epochs();
-  oprfEvaluate = (p: Uint8Array) => this.k.oprfEvaluate(p);
-  channelAgree = (p: Uint8Array) => this.k.channelAgree(p);
-  makeVerifier = (i: Uint8Array) => this.k.makeVerifier(i);
-  checkVerifier = (i: Uint8Array, v: Uint8Array) => this.k.checkVerifier(i, v);
-  seal = (e: number, a: Uint8Array, p: Uint8Array) => this.k.seal(e, a, p);
-  unseal = (e: number, a: Uint8Array, b: Uint8Array) => this.k.unseal(e, a, b);
-  sign = (d: Uint8Array) => this.k.sign(d);
-  tenantSecret = (i: Uint8Array) => this.k.tenantSecret(i);
-  random = (n: number) => this.k.random(n);
-  readAnchor = () => this.k.readAnchor();
-  writeAnchor = async (_a: AnchorState) => undefined;
-  addEpoch = (e: number) => this.k.addEpoch(e);
-  destroyEpoch = (e: number) => this.k.destroyEpoch(e);
-  adoptEpoch = (e: number) => this.k.adoptEpoch(e);
-  ping = () => this.k.ping();
-  close = () => this.k.close();
-}
+/** `k` with the anchor write a no-op (--no-anchor): what anchoring costs. */
+const noAnchor = (k: VaultKeys): VaultKeys => decorateKeys(k, (op, call) => (op === 'writeAnchor' ? Promise.resolve(undefined) : call()));
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
@@ -92,7 +68,7 @@ async function main(): Promise<void> {
     },
     wrapKeys: (k) => {
       raw = k;
-      return values['no-anchor'] ? new NoAnchorKeys(k) : k;
+      return values['no-anchor'] ? noAnchor(k) : k;
     },
   });
   const openMs = performance.now() - t0;
@@ -108,7 +84,7 @@ async function main(): Promise<void> {
     startupMs: Math.round(startupMs),
     openMs: Math.round(openMs),
     records: records.active + records.locked + records.deleted,
-    hsmWorkers: raw instanceof WorkerVaultKeys ? raw.stats().threads : 0,
+    hsmWorkers: poolOf(raw)?.stats().threads ?? 0,
   });
   let cpu0 = process.cpuUsage();
   // Where main-thread stalls come from: event-loop delay and GC pauses since the last reset.
@@ -156,14 +132,13 @@ async function main(): Promise<void> {
           external: m.external,
           cpuUserMs: cpu.user / 1000,
           cpuSystemMs: cpu.system / 1000,
-          pool: raw instanceof WorkerVaultKeys ? raw.stats() : undefined,
+          pool: poolOf(raw)?.stats(),
           ledger: d.vault.ledger.status(),
           checkpoints: d.vault.store.records.checkpoints(),
         };
       }
       case 'stop':
         await d.stop();
-        await (raw instanceof WorkerVaultKeys ? raw.shutdown() : Promise.resolve());
         lock.release();
         setImmediate(() => process.exit(0));
         return { stopped: true };

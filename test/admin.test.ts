@@ -15,6 +15,7 @@ import { captureLog } from './helpers/vault.js';
 import { enroll } from './helpers/flows.js';
 import { VaultError, ErrorCodes } from '../protocol/errors.js';
 import type { VaultKeys } from '../vault/hsm/vault-keys.js';
+import { decorateKeys } from '../vault/hsm/decorate.js';
 
 const KDF_ENV = { BKV_KDF: '{"m":64,"t":1,"p":1}' };
 
@@ -226,36 +227,15 @@ describe('bkv-admin while the daemon owns the token', () => {
 
 describe('readiness when the HSM session is lost and comes back (fault seam, in-process daemon)', () => {
   /** The real token's keys, with a switch that makes the HSM vanish: ping fails and every call is refused. */
-  class Unpluggable implements VaultKeys {
+  class Unpluggable {
     down = false;
-    constructor(private readonly k: VaultKeys) {}
-    get channelPublic() {
-      return this.k.channelPublic;
+    readonly keys: VaultKeys;
+    constructor(k: VaultKeys) {
+      this.keys = decorateKeys(k, (op, call) => {
+        if (!this.down || op === 'close') return call();
+        return op === 'ping' ? Promise.resolve(false) : Promise.reject(new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM session lost (injected)'));
+      });
     }
-    get signingPublic() {
-      return this.k.signingPublic;
-    }
-    currentEpoch = () => this.k.currentEpoch();
-    epochs = () => this.k.epochs();
-    private call<T>(f: () => Promise<T>): Promise<T> {
-      return this.down ? Promise.reject(new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM session lost (injected)')) : f();
-    }
-    oprfEvaluate = (p: Uint8Array) => this.call(() => this.k.oprfEvaluate(p));
-    channelAgree = (p: Uint8Array) => this.call(() => this.k.channelAgree(p));
-    makeVerifier = (i: Uint8Array) => this.call(() => this.k.makeVerifier(i));
-    checkVerifier = (i: Uint8Array, v: Uint8Array) => this.call(() => this.k.checkVerifier(i, v));
-    seal = (e: number, a: Uint8Array, p: Uint8Array) => this.call(() => this.k.seal(e, a, p));
-    unseal = (e: number, a: Uint8Array, b: Uint8Array) => this.call(() => this.k.unseal(e, a, b));
-    sign = (dg: Uint8Array) => this.call(() => this.k.sign(dg));
-    tenantSecret = (i: Uint8Array) => this.call(() => this.k.tenantSecret(i));
-    random = (n: number) => this.call(() => this.k.random(n));
-    readAnchor = () => this.call(() => this.k.readAnchor());
-    writeAnchor = (a: Parameters<VaultKeys['writeAnchor']>[0]) => this.call(() => this.k.writeAnchor(a));
-    addEpoch = (e: number) => this.call(() => this.k.addEpoch(e));
-    destroyEpoch = (e: number) => this.call(() => this.k.destroyEpoch(e));
-    adoptEpoch = (e: number) => this.call(() => this.k.adoptEpoch(e));
-    ping = () => !this.down && this.k.ping();
-    close = () => this.k.close();
   }
 
   it('503 with the HSM check failing while it is gone; a change whose anchor write failed meanwhile is undone, and the undo anchored; 200 once it is back', async () => {
@@ -270,7 +250,7 @@ describe('readiness when the HSM session is lost and comes back (fault seam, in-
     });
     await initVault(c, log);
     let keys: Unpluggable | undefined;
-    const dm = await startInProcess(c, log, { wrapKeys: (k) => (keys = new Unpluggable(k)) });
+    const dm = await startInProcess(c, log, { wrapKeys: (k) => (keys = new Unpluggable(k)).keys });
     const ad = await startAdmin(dm, c, log);
     const url = `http://127.0.0.1:${ad.port}`;
     try {

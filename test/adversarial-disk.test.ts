@@ -84,7 +84,7 @@ async function vaultAt(dbPath: string, token = makeToken()): Promise<Fixture> {
       try {
         f.vault.close();
         f.vault.store.close();
-        f.vault.keys.close();
+        void f.vault.keys.close();
       } catch {
         /* already closed */
       }
@@ -95,7 +95,7 @@ async function vaultAt(dbPath: string, token = makeToken()): Promise<Fixture> {
       try {
         f.vault.close();
         f.vault.store.close();
-        f.vault.keys.close();
+        void f.vault.keys.close();
       } catch {
         /* already closed */
       }

@@ -23,6 +23,7 @@ import { openKeys, openWorkerKeys, selfTest } from '../vault/core/open.js';
 import { Vault } from '../vault/core/vault.js';
 import { Store } from '../vault/store/index.js';
 import type { VaultKeys } from '../vault/hsm/vault-keys.js';
+import { decorateKeys } from '../vault/hsm/decorate.js';
 import { ErrorCodes, VaultError } from '../protocol/errors.js';
 
 const leaks = new LeakScan();
@@ -38,23 +39,16 @@ class FlakyKeys {
   calls: Record<string, number> = {};
   constructor(readonly real: VaultKeys) {}
   wrap(): VaultKeys {
-    return new Proxy(this.real, {
-      get: (target, prop, recv) => {
-        const v = Reflect.get(target, prop, recv) as unknown;
-        if (typeof v !== 'function') return v;
-        const name = String(prop);
-        return (...args: unknown[]) => {
-          this.calls[name] = (this.calls[name] ?? 0) + 1;
-          const failing = this.down && name !== 'close' && (!this.only || this.only.has(name));
-          if (name === 'ping') return failing ? false : (v as (...a: unknown[]) => unknown).apply(target, args);
-          if (failing && name !== 'currentEpoch' && name !== 'epochs') {
-            this.failures++;
-            const err = new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${name} (0x30)`);
-            return this.hold ? this.hold.then(() => Promise.reject(err)) : Promise.reject(err);
-          }
-          return (v as (...a: unknown[]) => unknown).apply(target, args);
-        };
-      },
+    return decorateKeys(this.real, (op, call) => {
+      this.calls[op] = (this.calls[op] ?? 0) + 1;
+      const failing = this.down && op !== 'close' && (!this.only || this.only.has(op));
+      if (op === 'ping') return failing ? Promise.resolve(false) : call();
+      if (failing) {
+        this.failures++;
+        const err = new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${op} (0x30)`);
+        return this.hold ? this.hold.then(() => Promise.reject(err)) : Promise.reject(err);
+      }
+      return call();
     });
   }
 }
@@ -90,10 +84,10 @@ async function flakyVault(workers = false) {
       vault = await Vault.open(flaky.wrap(), new Store(dbPath), log, { kdfFloor: TEST_KDF });
       return vault;
     },
-    close() {
+    async close() {
       vault.close();
       vault.store.close();
-      real.close();
+      await real.close();
       leaks.file('fault database', () => dbPath);
       const r = leaks.scan();
       expect(r.hits).toEqual([]);
@@ -180,7 +174,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       expect(f.logs.some((l) => l.includes('state.recovered'))).toBe(false);
       expect((await recover(w, 'amy', 'pw-amy-1')).outcome).toBe('ok');
     } finally {
-      f.close();
+      await f.close();
     }
   });
 
@@ -209,7 +203,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       const v = await f.restart();
       expect({ kim: v.status('kim'), ken: v.status('ken'), kat: v.status('kat') }).toEqual(before);
     } finally {
-      f.close();
+      await f.close();
     }
   });
 
@@ -243,7 +237,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       expect((await recover(v, 'gil', 'pw-gil-1')).outcome).toBe('ok');
       expect(v.ledger.status().seq).toBe(v.ledger.status().anchored);
     } finally {
-      f.close();
+      await f.close();
     }
   });
 
@@ -278,7 +272,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       expect(v.status('ken').state).toBe('deleted');
       expect(v.status('kim')).toMatchObject({ state: 'active', attemptsLeft: 10 });
     } finally {
-      f.close();
+      await f.close();
     }
   });
 
@@ -289,7 +283,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       const pending = await beginOnly(f.vault, 'lou', 'pw-lou-1');
       f.flaky.only = undefined;
       f.flaky.down = true;
-      expect(f.vault.keys.ping()).toBe(false);
+      expect(await f.vault.keys.ping()).toBe(false);
       const codes = new Set<string>();
       for (let i = 0; i < 20; i++) {
         codes.add(await codeOf(recover(f.vault, 'lou', i % 2 ? 'pw-lou-1' : 'wrong')));
@@ -299,13 +293,13 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       codes.add(await codeOf(f.vault.recoverFinish(CALLER, pending.sessionId, pending.authKey)));
       expect([...codes]).toEqual([ErrorCodes.HSM_UNAVAILABLE]);
       f.flaky.down = false;
-      expect(f.vault.keys.ping()).toBe(true);
+      expect(await f.vault.keys.ping()).toBe(true);
       const r = await f.vault.recoverFinish(CALLER, pending.sessionId, pending.authKey);
       expect(r.outcome).toBe('ok');
       expect(f.vault.status('lou').attemptsLeft).toBe(10);
       expect(f.vault.status('new-0').state).toBe('absent');
     } finally {
-      f.close();
+      await f.close();
     }
   });
 });
@@ -316,8 +310,8 @@ describe('the pkcs11js seam (Token on the main thread)', () => {
 
   /** The Token's module object, whose calls the double intercepts. */
   function p11Of(v: TestVault): pkcs11js.PKCS11 & Record<string, unknown> {
-    const token = (v.vault.keys as unknown as { token?: { p11?: pkcs11js.PKCS11 } }).token;
-    if (!token?.p11) throw new Error('the Token no longer keeps its module object as .p11: update this test double');
+    const token = (v.vault.keys as unknown as { port?: { token?: { p11?: pkcs11js.PKCS11 } } }).port?.token;
+    if (!token?.p11) throw new Error('the keys no longer keep their Token as .port.token, or it no longer keeps its module object as .p11: update this test double');
     return token.p11 as pkcs11js.PKCS11 & Record<string, unknown>;
   }
 
@@ -345,12 +339,12 @@ describe('the pkcs11js seam (Token on the main thread)', () => {
       for (const call of [() => recover(t.vault, 'dev', 'pw-dev-1'), () => enroll(t.vault, 'dev2', 'pw', key())]) {
         expect(await codeOf(call)).toBe(ErrorCodes.HSM_UNAVAILABLE);
       }
-      expect(t.vault.keys.ping()).toBe(false);
+      expect(await t.vault.keys.ping()).toBe(false);
     } finally {
       restore();
     }
     expect(stateDigest(t.dbPath)).toEqual(before);
-    expect(t.vault.keys.ping()).toBe(true);
+    expect(await t.vault.keys.ping()).toBe(true);
     expect((await recover(t.vault, 'dev', 'pw-dev-1')).outcome).toBe('ok');
   });
 
@@ -418,14 +412,14 @@ describe(`real ${TEST_MODULE === 'nss' ? 'NSS softoken' : 'SoftHSM2'} faults`, (
             if (!ok) await new Promise((r) => setTimeout(r, 100));
           }
           expect(ok).toBe(true);
-          expect(f.vault.keys.ping()).toBe(true);
+          expect(await f.vault.keys.ping()).toBe(true);
           expect((await recover(f.vault, 'tom', 'pw-tom-1')).outcome).toBe('ok');
           expect(f.vault.status('sue').attemptsLeft).toBe(10);
           // No attempt was lost to the fault beyond what completed (each finished recovery resets).
           const v = await f.restart();
           expect(v.status('tom')).toMatchObject({ state: 'active', attemptsLeft: 10 });
         } finally {
-          f.close();
+          await f.close();
         }
       }, 60_000);
     });

@@ -10,7 +10,8 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import pino from 'pino';
 import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { Token } from '../vault/hsm/token.js';
-import { TokenVaultKeys } from '../vault/hsm/vault-keys.js';
+import { tokenKeys } from '../vault/hsm/token-port.js';
+import type { VaultKeys } from '../vault/hsm/vault-keys.js';
 import { enforcePolicy, protectionFor } from '../hsm-policy/enforce.js';
 import { KEY_SET, sealLabel } from '../hsm-policy/policy.js';
 import { bundleDigest, parseBundle, parseTarget, serializeBundle, type Bundle, type Target } from '../vault/ceremony/bundle.js';
@@ -127,7 +128,7 @@ describe('the known-answer test proves the copy is the source key', () => {
 describe('a new seal epoch, cloned alone (what a cohort does after a rotation)', () => {
   it('exportBundle({ epoch }) on the rotated HSM, importBundle on the clone: a record sealed on one opens on the other', async () => {
     const seal = KEY_SET.find((k) => k.perEpoch)!;
-    // The rotation's new key, made as an open vault makes it (vault-keys.ts addEpoch).
+    // The rotation's new key, made as an open vault makes it (hsm/keys.ts addEpoch).
     withToken(A, (tok) => tok.generateSecretKey(sealLabel(2), 'aes', 32, seal.usages, protectionFor(seal, 'open')));
     const ex = withToken(A, (tok) => exportBundle(tok, target, { epoch: 2, includeAnchor: true }, log));
     expect(ex.labels).toEqual(['bkv.seal.000002']);
@@ -209,7 +210,7 @@ describe('replacing a dead HSM with a standby clone made earlier', () => {
     } finally {
       v.close();
       v.store.close();
-      v.keys.close();
+      await v.keys.close();
     }
   });
 });
@@ -234,12 +235,12 @@ describe('bundle and target files', () => {
   });
 });
 
-/** TokenVaultKeys (what the vault seals records with) on a test token. */
-async function withTokenAsync<R>(t: TestToken, fn: (k: TokenVaultKeys) => Promise<R>): Promise<R> {
+/** The vault's keys (what it seals records with) on a test token, on this thread. */
+async function withTokenAsync<R>(t: TestToken, fn: (k: VaultKeys) => Promise<R>): Promise<R> {
   const tok = Token.open(cfg(t));
   try {
     const r = enforcePolicy(tok, { create: false });
-    return await fn(new TokenVaultKeys(tok, { kx: r.kx, sig: r.sig, oprf: { priv: r.oprf.priv }, verifier: r.verifier, tenant: r.tenant, anchors: r.anchors, seals: r.seals }));
+    return await fn(tokenKeys(tok, r));
   } finally {
     tok.close();
   }

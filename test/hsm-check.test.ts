@@ -90,7 +90,7 @@ describe('capability check on SoftHSM2', () => {
     // With the vault's keys on the token, each is tried too, and each is refused.
     const v = await openVault({ hsm: hsmOf(t), dbPath: join(tempDir(), 'v.db'), createKeys: true, log, vault: { kdfFloor: TEST_KDF } });
     v.store.close();
-    v.keys.close();
+    await v.keys.close();
     const after = inspectModule(hsmOf(t), { vaultKeys: true });
     expect(after.wrap.vaultKeys.map((w) => w.key)).toEqual(['bkv.kx', 'bkv.sig', 'bkv.oprf', 'bkv.verifier', 'bkv.tenant', 'bkv.seal.000001']);
     expect(after.wrap.vaultKeys.every((w) => !w.wrapped)).toBe(true);
@@ -139,14 +139,14 @@ describe('capability check and quirks on NSS softoken', () => {
       tok.close();
     }
     v.store.close();
-    v.keys.close();
+    await v.keys.close();
 
     v = await open({ hsmWorkers: true });
     expect(await recover(v, 'nss-user', 'wrong again')).toEqual({ outcome: 'wrong-password', attemptsLeft: 8 });
     const r = await recover(v, 'nss-user', 'right');
     expect(r.outcome === 'ok' && Buffer.from(r.key).equals(Buffer.from(k))).toBe(true);
     v.store.close();
-    await (v.keys as { shutdown?: () => Promise<void> }).shutdown?.();
+    await v.keys.close();
 
     // Control: the quirk is what makes it a guess. Told to trust C_Verify, NSS's answer to
     // the start-up self-test's wrong MAC reads as a lost session: the vault does not open,
@@ -155,7 +155,7 @@ describe('capability check and quirks on NSS softoken', () => {
     v = await open();
     expect(v.status('nss-user').attemptsLeft).toBe(10);
     v.store.close();
-    v.keys.close();
+    await v.keys.close();
   });
 
   function nssConfig(t: TestToken, extra: object = {}) {
@@ -262,7 +262,7 @@ describe('errors name the cause', () => {
     const t = token('softhsm');
     const v = await openVault({ hsm: hsmOf(t), dbPath: join(tempDir(), 'v.db'), createKeys: true, log, vault: { kdfFloor: TEST_KDF } });
     v.store.close();
-    v.keys.close();
+    await v.keys.close();
     const tok = Token.open(hsmOf(t));
     try {
       const [kx] = tok.find('private', 'bkv.kx');

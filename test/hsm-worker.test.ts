@@ -1,4 +1,4 @@
-// The HSM worker pool (vault/hsm/worker-keys.ts) against a real SoftHSM2
+// The HSM worker pool (vault/hsm/pool/) against a real SoftHSM2
 // token: the same answers as the direct path, OVERLOADED instead of unbounded
 // queueing, and library recycles (C_Finalize/C_Initialize, which is what
 // frees SoftHSM's destroyed session objects) that drop no request.
@@ -13,8 +13,10 @@ import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { makeToken, type TestToken } from './helpers/softhsm.js';
 import { openKeys, openVault } from '../vault/core/open.js';
-import { WorkerVaultKeys, type WorkerPoolOptions } from '../vault/hsm/worker-keys.js';
-import type { TokenVaultKeys } from '../vault/hsm/vault-keys.js';
+import { poolKeys, poolOf, type HsmPool, type WorkerPoolOptions } from '../vault/hsm/pool/pool.js';
+import type { HsmKeys } from '../vault/hsm/keys.js';
+import type { HsmOp } from '../vault/hsm/port.js';
+import type { VaultKeys } from '../vault/hsm/vault-keys.js';
 import { VaultError, ErrorCodes, RETRYABLE } from '../protocol/errors.js';
 import { enroll, recover } from './helpers/flows.js';
 import { TEST_KDF } from './helpers/vault.js';
@@ -22,7 +24,7 @@ import { SOAK } from './helpers/soak.js';
 
 const log = pino({ level: 'silent' });
 let token: TestToken;
-let direct: TokenVaultKeys;
+let direct: VaultKeys;
 
 const hsm = () => ({ modulePath: token.modulePath, tokenLabel: token.label, pin: token.pin });
 /** A valid P-256 point that is not the key's own. */
@@ -44,9 +46,52 @@ afterAll(() => {
   for (const c of cleanups) c();
 });
 
-async function pool(o: WorkerPoolOptions = {}): Promise<WorkerVaultKeys> {
-  return WorkerVaultKeys.open(hsm(), { log, ...o });
+async function pool(o: WorkerPoolOptions = {}): Promise<HsmKeys<HsmPool>> {
+  return poolKeys(hsm(), { log, ...o });
 }
+
+describe('the rules live once, above the port (vault/hsm/keys.ts), on both ports', () => {
+  /** Records each operation the keys hand to their port. */
+  function counted(k: HsmKeys): string[] {
+    const ops: string[] = [];
+    const port = k.port as { call: (op: HsmOp) => Promise<unknown> };
+    const real = port.call.bind(port);
+    port.call = (op: HsmOp) => {
+      ops.push(op.op);
+      return real(op);
+    };
+    return ops;
+  }
+
+  it('answers or refuses without an HSM call where a rule decides, and frames seals iv(12) ‖ ct ‖ tag(16)', async () => {
+    const w = await pool({ threads: 1, recycleAfter: 0 });
+    const d = openKeys(hsm(), false, log);
+    try {
+      for (const k of [w, d] as HsmKeys[]) {
+        const ops = counted(k);
+        const e = k.currentEpoch();
+        // Too short to hold an IV and a tag: not authentic, and the HSM is not asked.
+        expect(await k.unseal(e, new Uint8Array(1), new Uint8Array(27))).toBeNull();
+        await expect(k.destroyEpoch(e)).rejects.toMatchObject({ code: ErrorCodes.BAD_REQUEST });
+        await k.addEpoch(e);
+        await k.adoptEpoch(e);
+        await k.destroyEpoch(e + 1000);
+        expect(ops).toEqual([]);
+        const sealed = await k.seal(e, new Uint8Array(3), new Uint8Array(5));
+        expect(sealed.length).toBe(12 + 5 + 16);
+        expect(ops).toEqual(['encrypt']);
+        // 28 bytes reach the HSM (and fail its tag check).
+        expect(await k.unseal(e, new Uint8Array(3), sealed.subarray(0, 28))).toBeNull();
+        expect(ops).toEqual(['encrypt', 'decrypt']);
+        await expect(k.adoptEpoch(e + 1000)).rejects.toMatchObject({ code: ErrorCodes.HSM_POLICY_VIOLATION });
+        expect(ops.at(-1)).toBe('findSeal');
+      }
+    } finally {
+      await d.close();
+      await w.close();
+    }
+  });
+});
 
 describe('worker pool answers like the direct path', () => {
   it('every VaultKeys call gives the same result on both paths', async () => {
@@ -86,14 +131,19 @@ describe('worker pool answers like the direct path', () => {
       expect(await direct.readAnchor()).toEqual(a);
       await w.writeAnchor({ seq: a.seq + 1, root: a.root });
       expect((await direct.readAnchor()).seq).toBe(a.seq + 1);
-      expect(w.ping()).toBe(true);
+      // A real round trip (one job through the control lane), not a remembered flag.
+      const jobs = w.port.stats().jobs;
+      expect(await w.ping()).toBe(true);
+      expect(w.port.stats().jobs).toBe(jobs + 1);
     } finally {
-      await w.shutdown();
+      await w.close();
     }
-    expect(w.ping()).toBe(false);
+    // close() resolved only once every worker had ended.
+    expect(w.port.stats()).toMatchObject({ threads: 0, control: false });
+    expect(await w.ping()).toBe(false);
     await expect(w.oprfEvaluate(point())).rejects.toMatchObject({ code: ErrorCodes.HSM_UNAVAILABLE });
     // Closing the pool leaves the library up for the rest of the process.
-    expect(direct.ping()).toBe(true);
+    expect(await direct.ping()).toBe(true);
   });
 
   it('a vault on the pool enrols and recovers, across many recycles', async () => {
@@ -116,13 +166,13 @@ describe('worker pool answers like the direct path', () => {
         if (r.outcome === 'ok') expect(Buffer.from(r.key)).toEqual(Buffer.from(key));
       }
       expect((await recover(vault, 'pool-user', 'wrong')).outcome).toBe('wrong-password');
-      expect((vault.keys as WorkerVaultKeys).stats().recycles).toBeGreaterThanOrEqual(2);
+      expect(poolOf(vault.keys)!.stats().recycles).toBeGreaterThanOrEqual(2);
       // A token created since the library was initialised makes SoftHSM number its slots anew at
       // the next recycle. Every worker, not only the one that re-initialised, must find its token
       // by label again: concurrent recoveries put work on both.
       const other = makeToken();
       cleanups.push(() => other.cleanup());
-      await (vault.keys as WorkerVaultKeys).recycle();
+      await poolOf(vault.keys)!.recycle();
       const users = Array.from({ length: 8 }, (_, i) => `pool-${i}`);
       for (const u of users) await enroll(vault, u, `pw-${u}`, new Uint8Array(randomBytes(32)));
       const outcomes = await Promise.all(users.map((u) => recover(vault, u, `pw-${u}`).then((r) => r.outcome)));
@@ -130,7 +180,7 @@ describe('worker pool answers like the direct path', () => {
     } finally {
       vault.close();
       vault.store.close();
-      await (vault.keys as WorkerVaultKeys).shutdown();
+      await vault.keys.close();
       rmSync(dir, { recursive: true, force: true });
       cleanups.push(() => own.cleanup());
     }
@@ -157,11 +207,11 @@ describe('backpressure', () => {
       }
       expect(RETRYABLE.has(ErrorCodes.OVERLOADED)).toBe(true);
       expect(await Promise.all(finishes)).toEqual(Array(20).fill(true));
-      expect(w.stats().overloaded).toBe(refused.length);
+      expect(w.port.stats().overloaded).toBe(refused.length);
       // Once the queue drained, new work is admitted again.
       expect((await w.channelAgree(b)).length).toBe(32);
     } finally {
-      await w.shutdown();
+      await w.close();
     }
   });
 });
@@ -169,7 +219,7 @@ describe('backpressure', () => {
 describe('control thread', () => {
   // Every answer waits for an anchor write. Queued behind a worker's batches of
   // ECDH it waits for all of them; on the control thread it waits for none.
-  async function ecdhDoneBeforeAnchor(controlThread: boolean): Promise<{ before: number; stats: ReturnType<WorkerVaultKeys['stats']> }> {
+  async function ecdhDoneBeforeAnchor(controlThread: boolean): Promise<{ before: number; stats: ReturnType<HsmPool['stats']> }> {
     const w = await pool({ threads: 1, recycleAfter: 0, controlThread });
     try {
       const a = await w.readAnchor();
@@ -182,9 +232,9 @@ describe('control thread', () => {
       const before = done;
       await Promise.all(work);
       expect((await w.readAnchor()).seq).toBe(a.seq + 1);
-      return { before, stats: w.stats() };
+      return { before, stats: w.port.stats() };
     } finally {
-      await w.shutdown();
+      await w.close();
     }
   }
 
@@ -204,7 +254,7 @@ describe('control thread', () => {
 
 describe('library recycle', () => {
   it('keeps serving: no request is dropped or answered wrongly across recycles', async () => {
-    // Earlier recycles left `direct`'s handles stale (see worker-keys.ts): resolve afresh.
+    // Earlier recycles left `direct`'s handles stale (see vault/hsm/pool/pool.ts): resolve afresh.
     const b = point();
     const fresh = openKeys(hsm(), false, log);
     const want = Buffer.from(await fresh.oprfEvaluate(b));
@@ -220,12 +270,12 @@ describe('library recycle', () => {
           calls.push(w.oprfEvaluate(b).then((x) => Buffer.from(x).equals(want)));
           if (i % 10 === 0) calls.push(w.checkVerifier(input, mac));
         }
-        if (wave === 4) calls.push(w.recycle().then(() => true));
+        if (wave === 4) calls.push(w.port.recycle().then(() => true));
         await new Promise((r) => setTimeout(r, 5));
       }
       const results = await Promise.all(calls);
       expect(results.every((x) => x === true)).toBe(true);
-      const s = w.stats();
+      const s = w.port.stats();
       expect(s.recycles).toBeGreaterThanOrEqual(6);
       expect(s.derives).toBe(1500);
       expect(s.queued + s.inFlight).toBe(0);
@@ -234,7 +284,7 @@ describe('library recycle', () => {
       await w.writeAnchor({ seq: a.seq + 1, root: a.root });
       expect((await w.readAnchor()).seq).toBe(a.seq + 1);
     } finally {
-      await w.shutdown();
+      await w.close();
     }
   });
 
@@ -263,7 +313,7 @@ describe('library recycle', () => {
         for (let done = 0; done < derives; done += 500) await Promise.all(Array.from({ length: 500 }, () => w.oprfEvaluate(b)));
         return native() - before;
       } finally {
-        await w.shutdown();
+        await w.close();
       }
     };
     const kept = await growth(0);

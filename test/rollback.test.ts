@@ -331,14 +331,15 @@ describe('a torn anchor write', () => {
     await recover(t.vault, 'hal', 'wrong'); // acknowledged: 9 left
     // SoftHSM rewrites an object's file in place; a process killed mid-write loses the
     // object. Reproduce that at the seam: destroy the slot being written, then fail.
+    // The keys on this thread (hsm/keys.ts on hsm/token-port.ts): the port's token and its anchor slots' handles.
     const keys = t.vault.keys as unknown as {
-      token: { destroy(h: unknown): void };
-      keys: { anchors: unknown[] };
+      port: { token: { destroy(h: Buffer): void }; table: { keys: { anchor: Uint8Array; anchorB: Uint8Array } } };
       anchor: { latest: number };
       writeAnchor: (a: unknown) => Promise<void>;
     };
     keys.writeAnchor = async () => {
-      keys.token.destroy(keys.keys.anchors[1 - keys.anchor.latest]);
+      const slots = [keys.port.table.keys.anchor, keys.port.table.keys.anchorB];
+      keys.port.token.destroy(Buffer.from(slots[1 - keys.anchor.latest]!));
       throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'simulated crash in the middle of the anchor write');
     };
     expect(await codeOf(recover(t.vault, 'hal', 'wrong-again'))).toBe(ErrorCodes.HSM_UNAVAILABLE);

@@ -302,7 +302,7 @@ common(program.command('rotate'))
           await audit.checkpoint();
         } finally {
           vault.store.close();
-          vault.keys.close();
+          await vault.keys.close();
         }
       },
     );
@@ -384,7 +384,7 @@ common(tenant.command('add'))
           return { name, version, secret: Buffer.from(secret).toString('hex') };
         } finally {
           store.close();
-          keys.close();
+          await keys.close();
         }
       },
     );
@@ -475,7 +475,7 @@ common(tenant.command('token'))
           return { version, token: mintToken(secret, { tenant: name, version, vaultId, ttlSec: o.ttl, ...(o.sub ? { sub: o.sub } : {}) }), expiresAt: new Date(Date.now() + o.ttl * 1000).toISOString() };
         } finally {
           store.close();
-          keys.close();
+          await keys.close();
         }
       },
     );

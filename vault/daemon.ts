@@ -20,7 +20,7 @@ import type { Config } from './config.js';
 import type { VaultKeys } from './hsm/vault-keys.js';
 import { VaultError, ErrorCodes } from '../protocol/errors.js';
 import { toHex } from '../protocol/bytes.js';
-import { InstrumentedKeys, Metrics } from './metrics.js';
+import { instrumentKeys, Metrics } from './metrics.js';
 import { AuditLog } from './audit/log.js';
 import { cachedReadiness, readiness, readinessSignals, type Readiness } from './admin/health.js';
 import { daemonStatus } from './admin/status.js';
@@ -115,7 +115,7 @@ async function openServingVault(
   let store: Store | undefined;
   let cohort: CohortNode | undefined;
   try {
-    const keys = new InstrumentedKeys(wrap ? wrap(raw) : raw, metrics);
+    const keys = instrumentKeys(wrap ? wrap(raw) : raw, metrics);
     await selfTest(keys);
     // WAL checkpoints off the event loop; a failure here only moves them back onto it.
     const onFailure = (code: string) => log.warn({ event: 'store.checkpoint.failed', code }, 'WAL checkpoint off the event loop failed');
@@ -167,7 +167,7 @@ async function openServingVault(
   } catch (e) {
     await cohort?.close();
     store?.close();
-    raw.close();
+    await raw.close();
     throw e;
   }
 }
@@ -239,7 +239,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
   } catch (e) {
     await cohort?.close();
     vault.store.close();
-    vault.keys.close();
+    await vault.keys.close();
     throw e;
   }
   // Cohort: a revocation applied on this node, whichever node made it, cuts the tenant's
@@ -319,7 +319,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
     hsmCheck: check,
     readiness: cachedReadiness(
       () => readiness(vault, audit, { ...(cohort ? { cohort } : {}) }),
-      () => readinessSignals(vault, audit) + (cohort ? `|${cohort.ledger.stopped?.message ?? ''}` : ''),
+      async () => (await readinessSignals(vault, audit)) + (cohort ? `|${cohort.ledger.stopped?.message ?? ''}` : ''),
       { onEvaluate: () => metrics.readyEvaluations.inc() },
     ),
     stop: () =>
@@ -332,7 +332,7 @@ export async function startDaemon(c: Config, log: Logger, hooks: DaemonHooks = {
         // Last: the final audit checkpoint still needs the HSM.
         await audit?.close();
         vault.store.close();
-        vault.keys.close();
+        await vault.keys.close();
       })()),
   };
 }

@@ -5,7 +5,8 @@
 // health, nothing about any one user (threat model item 6).
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import { isVaultError } from '../protocol/errors.js';
-import type { AnchorState, VaultKeys } from './hsm/vault-keys.js';
+import type { VaultKeys } from './hsm/vault-keys.js';
+import { decorateKeys } from './hsm/decorate.js';
 import type { Handler } from './rpc/methods.js';
 import type { RequestEvent } from './rpc/server.js';
 
@@ -217,89 +218,29 @@ export class Metrics {
 }
 
 /**
- * VaultKeys with every HSM call timed and its failures counted. It changes no
- * behaviour: results and errors pass through untouched.
+ * VaultKeys with every HSM call timed and its failures counted (op label: the
+ * method's name in snake_case), and each ping's answer kept as bkv_hsm_up. It
+ * changes no behaviour: results and errors pass through untouched.
  */
-export class InstrumentedKeys implements VaultKeys {
-  constructor(
-    private readonly inner: VaultKeys,
-    private readonly m: Metrics,
-  ) {}
-
-  get channelPublic(): Uint8Array {
-    return this.inner.channelPublic;
-  }
-  get signingPublic(): Uint8Array {
-    return this.inner.signingPublic;
-  }
-  currentEpoch(): number {
-    return this.inner.currentEpoch();
-  }
-  epochs(): number[] {
-    return this.inner.epochs();
-  }
-  oprfEvaluate(point: Uint8Array): Promise<Uint8Array> {
-    return this.timed('oprf_evaluate', () => this.inner.oprfEvaluate(point));
-  }
-  channelAgree(point: Uint8Array): Promise<Uint8Array> {
-    return this.timed('channel_agree', () => this.inner.channelAgree(point));
-  }
-  makeVerifier(input: Uint8Array): Promise<Uint8Array> {
-    return this.timed('make_verifier', () => this.inner.makeVerifier(input));
-  }
-  checkVerifier(input: Uint8Array, verifier: Uint8Array): Promise<boolean> {
-    return this.timed('check_verifier', () => this.inner.checkVerifier(input, verifier));
-  }
-  seal(epoch: number, aad: Uint8Array, plaintext: Uint8Array): Promise<Uint8Array> {
-    return this.timed('seal', () => this.inner.seal(epoch, aad, plaintext));
-  }
-  unseal(epoch: number, aad: Uint8Array, blob: Uint8Array): Promise<Uint8Array | null> {
-    return this.timed('unseal', () => this.inner.unseal(epoch, aad, blob));
-  }
-  adoptEpoch(epoch: number): Promise<void> {
-    return this.timed('adopt_epoch', () => this.inner.adoptEpoch(epoch));
-  }
-  sign(digest: Uint8Array): Promise<Uint8Array> {
-    return this.timed('sign', () => this.inner.sign(digest));
-  }
-  tenantSecret(input: Uint8Array): Promise<Uint8Array> {
-    return this.timed('tenant_secret', () => this.inner.tenantSecret(input));
-  }
-  random(n: number): Promise<Uint8Array> {
-    return this.timed('random', () => this.inner.random(n));
-  }
-  readAnchor(): Promise<AnchorState> {
-    return this.timed('read_anchor', () => this.inner.readAnchor());
-  }
-  writeAnchor(a: AnchorState): Promise<void> {
-    return this.timed('write_anchor', () => this.inner.writeAnchor(a));
-  }
-  addEpoch(epoch: number): Promise<void> {
-    return this.timed('add_epoch', () => this.inner.addEpoch(epoch));
-  }
-  destroyEpoch(epoch: number): Promise<void> {
-    return this.timed('destroy_epoch', () => this.inner.destroyEpoch(epoch));
-  }
-  ping(): boolean {
-    const up = this.inner.ping();
-    this.m.hsmUp.set(up ? 1 : 0);
-    return up;
-  }
-  close(): void {
-    this.inner.close();
-  }
-
-  private async timed<T>(op: string, fn: () => Promise<T>): Promise<T> {
-    const end = this.m.hsmSeconds.startTimer({ op });
-    this.m.hsmInFlight.inc();
+export function instrumentKeys(inner: VaultKeys, m: Metrics): VaultKeys {
+  return decorateKeys(inner, async (op, call) => {
+    if (op === 'close') return call();
+    if (op === 'ping') {
+      const up = (await call()) === true;
+      m.hsmUp.set(up ? 1 : 0);
+      return up;
+    }
+    const label = op.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+    const end = m.hsmSeconds.startTimer({ op: label });
+    m.hsmInFlight.inc();
     try {
-      return await fn();
+      return await call();
     } catch (e) {
-      this.m.hsmErrors.inc({ op, code: isVaultError(e) ? e.code : 'INTERNAL' });
+      m.hsmErrors.inc({ op: label, code: isVaultError(e) ? e.code : 'INTERNAL' });
       throw e;
     } finally {
-      this.m.hsmInFlight.dec();
+      m.hsmInFlight.dec();
       end();
     }
-  }
+  });
 }

@@ -120,7 +120,7 @@ export async function initVault(c: Config, log: Logger, o: InitOptions = {}): Pr
       store.close();
     }
   } finally {
-    keys.close();
+    await keys.close();
   }
 }
 

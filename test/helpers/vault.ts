@@ -53,7 +53,8 @@ export async function tempVault(opts: Partial<VaultOptions> = {}, token = makeTo
     stop() {
       t.vault.close();
       t.vault.store.close();
-      t.vault.keys.close();
+      // Keys on this thread (no worker pool): the token's sessions close before this returns.
+      void t.vault.keys.close();
     },
     async reopen(o = opts) {
       t.stop();

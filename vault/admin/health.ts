@@ -47,7 +47,7 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
   const timeoutMs = opts.timeoutMs ?? 2000;
   let hsm: Check;
   try {
-    hsm = vault.keys.ping() ? { ok: true } : { ok: false, detail: 'the HSM token does not answer (session lost or device gone)' };
+    hsm = (await vault.keys.ping()) ? { ok: true } : { ok: false, detail: 'the HSM token does not answer (session lost or device gone)' };
   } catch (e) {
     hsm = { ok: false, detail: `HSM ping failed: ${(e as Error).message}` };
   }
@@ -132,45 +132,41 @@ export async function readiness(vault: Vault, audit?: AuditLog, opts: { timeoutM
  * Readiness for the unauthenticated /readyz. A flood of it used to run every check per
  * call, a database write and an HSM read each (docs/SECURITY.md F11). Now: concurrent
  * callers share one evaluation, and a result is served again for up to `ttlMs` — unless
- * one of the cheap signals (`signals()`: the HSM's last ping, a failed write,
+ * one of the cheap signals (`signals()`: an HSM ping, a failed write,
  * corruption, the audit log, a stopped ledger) changed since, which evaluates at once.
  * So the write probe runs at most once per `ttlMs` however many ask.
  */
 export function cachedReadiness(
   evaluate: () => Promise<Readiness>,
-  signals: () => string,
+  signals: () => string | Promise<string>,
   opts: { ttlMs?: number; now?: () => number; onEvaluate?: () => void } = {},
 ): () => Promise<Readiness> {
   const ttlMs = opts.ttlMs ?? 1000;
   const now = opts.now ?? Date.now;
   let last: { at: number; signals: string; result: Readiness } | undefined;
   let running: Promise<Readiness> | undefined;
-  return () => {
-    if (running) return running;
-    const s = signals();
-    if (last && now() - last.at < ttlMs && last.signals === s) return Promise.resolve(last.result);
-    opts.onEvaluate?.();
-    running = evaluate().then(
-      (result) => {
-        running = undefined;
+  // Callers that arrive while the signals are read or an evaluation runs share it.
+  return () =>
+    (running ??= (async () => {
+      try {
+        const s = await signals();
+        if (last && now() - last.at < ttlMs && last.signals === s) return last.result;
+        opts.onEvaluate?.();
+        const result = await evaluate();
         // The signals as they stand after the evaluation (it may have retried an anchor write).
-        last = { at: now(), signals: signals(), result };
+        last = { at: now(), signals: await signals(), result };
         return result;
-      },
-      (e: unknown) => {
+      } finally {
         running = undefined;
-        throw e;
-      },
-    );
-    return running;
-  };
+      }
+    })());
 }
 
-/** The cheap signals readiness depends on, read without I/O (see cachedReadiness). */
-export function readinessSignals(vault: Vault, audit?: AuditLog): string {
+/** The cheap signals readiness depends on: one HSM ping round trip, the rest read without I/O (see cachedReadiness). */
+export async function readinessSignals(vault: Vault, audit?: AuditLog): Promise<string> {
   let hsm: boolean;
   try {
-    hsm = vault.keys.ping();
+    hsm = await vault.keys.ping();
   } catch {
     hsm = false;
   }

@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { Token, type TokenConfig } from '../hsm/token.js';
-import { TokenVaultKeys } from '../hsm/vault-keys.js';
+import { tokenKeys } from '../hsm/token-port.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { ANCHOR, KEY_SET, PHASE_TEXT, sealLabel, type Phase } from '../../hsm-policy/policy.js';
 import { ceremonyObjects, type CeremonyObjects } from '../ceremony/steps.js';
@@ -137,7 +137,7 @@ export async function daemonStatus(
   },
 ): Promise<StatusReport> {
   const s = hsmSettings(c);
-  const up = vault.keys.ping();
+  const up = await vault.keys.ping();
   let policy: PolicyReport;
   try {
     policy = up ? livePolicy(tokenConfig(c)) : { conform: false, problem: 'HSM unavailable: not checked', keys: [], epochs: vault.keys.epochs() };
@@ -200,15 +200,7 @@ export async function offlineStatus(c: Config, _log: Logger): Promise<StatusRepo
       report.vaultId = toHex(vaultIdOf(resolved.sig.point));
       report.currentEpoch = Math.max(...resolved.seals.keys());
       // A view over the resolved handles, only to read the anchor; closing the token below is enough.
-      const a = await new TokenVaultKeys(token, {
-        kx: resolved.kx,
-        sig: resolved.sig,
-        oprf: { priv: resolved.oprf.priv },
-        verifier: resolved.verifier,
-        tenant: resolved.tenant,
-        anchors: resolved.anchors,
-        seals: resolved.seals,
-      }).readAnchor();
+      const a = await tokenKeys(token, resolved).readAnchor();
       hsmAnchor = { seq: a.seq, root: toHex(a.root) };
     }
   } finally {

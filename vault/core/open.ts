@@ -5,8 +5,10 @@ import type { Logger } from 'pino';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { Token, pinLibrary, type TokenConfig } from '../hsm/token.js';
 import { quirksOf } from '../hsm/capabilities.js';
-import { TokenVaultKeys, type VaultKeys } from '../hsm/vault-keys.js';
-import { WorkerVaultKeys, type WorkerPoolOptions } from '../hsm/worker-keys.js';
+import type { VaultKeys } from '../hsm/vault-keys.js';
+import { tokenKeys, type TokenPort } from '../hsm/token-port.js';
+import type { HsmKeys } from '../hsm/keys.js';
+import { poolKeys, type HsmPool, type WorkerPoolOptions } from '../hsm/pool/pool.js';
 import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { Store } from '../store/index.js';
 import { Vault, type VaultOptions } from './vault.js';
@@ -20,8 +22,8 @@ export interface OpenOptions {
   vault?: Partial<VaultOptions>;
   log: Logger;
   /**
-   * Run HSM calls in worker threads (WorkerVaultKeys) instead of on this thread
-   * (TokenVaultKeys). Default false here (tools and tests); the daemon serves
+   * Run HSM calls in worker threads (the HsmPool port) instead of on this thread
+   * (TokenPort). Default false here (tools and tests); the daemon serves
    * with workers (openServingKeys, as the config's hsm.workers says).
    */
   hsmWorkers?: boolean | WorkerPoolOptions;
@@ -44,10 +46,10 @@ export function hsmWorkerSettings(h: Pick<Config['hsm'], 'workers' | 'queue' | '
 }
 
 /** The key set on worker threads, resolved (and with createKeys, made) under hsm-policy. */
-export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<WorkerVaultKeys> {
-  const keys = await WorkerVaultKeys.open(withQuirks(hsm), { ...pool, create: createKeys, log });
+export async function openWorkerKeys(hsm: TokenConfig, createKeys: boolean, log: Logger, pool: WorkerPoolOptions = {}): Promise<HsmKeys<HsmPool>> {
+  const keys = await poolKeys(withQuirks(hsm), { ...pool, create: createKeys, log });
   if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
-  const st = keys.stats();
+  const st = keys.port.stats();
   log.info({ event: 'hsm.pool', threads: st.threads, controlThread: st.control }, 'HSM calls run on worker threads');
   return keys;
 }
@@ -77,14 +79,14 @@ export function withQuirks(hsm: TokenConfig): TokenConfig {
   }
 }
 
-export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): TokenVaultKeys {
+export function openKeys(hsm: TokenConfig, createKeys: boolean, log: Logger): HsmKeys<TokenPort> {
   const token = Token.open(hsm);
   try {
     token.quirks = hsm.quirks ?? quirksOf(token, hsm);
     const keys = enforcePolicy(token, { create: createKeys });
     if (keys.created.length) log.info({ event: 'hsm.keys.created', labels: keys.created }, 'created vault keys on the token');
     // The resolver lets the keys recover from a lost login (stale handles) by themselves.
-    return new TokenVaultKeys(token, keys, keys.created, () => enforcePolicy(token, { create: false }));
+    return tokenKeys(token, keys, keys.created, () => enforcePolicy(token, { create: false }));
   } catch (e) {
     token.close();
     throw e;
@@ -120,7 +122,7 @@ export async function openVault(opts: OpenOptions): Promise<Vault> {
     return await Vault.open(keys, store, opts.log, opts.vault);
   } catch (e) {
     store?.close();
-    keys.close();
+    await keys.close();
     throw e;
   }
 }

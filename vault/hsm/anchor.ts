@@ -1,7 +1,6 @@
 // The state anchor's two slots (hsm-policy ANCHOR) and the rules for reading
-// and writing them, in one place for both VaultKeys implementations:
-// TokenVaultKeys calls them on this thread, WorkerVaultKeys has hsm-worker.ts
-// run casAnchor() next to its session.
+// and writing them, in one place: the one VaultKeys (keys.ts) keeps the book,
+// and either port runs casAnchor() next to its session (jobs.ts runJob).
 //
 // One writer per anchor. Every label this process writes carries its writer
 // id (random, per start). The book remembers what each slot held when the

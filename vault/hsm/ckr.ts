@@ -80,7 +80,7 @@ export function isSessionLost(ckr: number | undefined): boolean {
  * Codes after which the object handles we hold are stale: SoftHSM (and the PKCS#11
  * spec) invalidate private-object handles when the login ends, e.g. when every
  * session was closed or C_Logout ran. Retrying on the same handles never helps;
- * the key set must be found again by label (TokenVaultKeys.fresh; the worker pool
+ * the key set must be found again by label (TokenPort.fresh in token-port.ts; the worker pool
  * re-resolves in its recycle).
  */
 export function isHandleLost(ckr: number | undefined): boolean {
@@ -192,7 +192,7 @@ export function toVaultError(e: unknown, op: string, ctx: HsmContext = {}): Vaul
   }
   // A lost login surfaces as stale handles: the HSM is momentarily unusable and nothing was
   // done. HSM_UNAVAILABLE is what the worker pool heals on (recycle and re-resolve), and
-  // what TokenVaultKeys recovers from (test/adversarial-hsm.test.ts, real C_Logout).
+  // what TokenPort recovers from (test/adversarial-hsm.test.ts, real C_Logout).
   if (isSessionLost(ckr) || isHandleLost(ckr) || ckr === CKR.DEVICE_MEMORY) {
     return new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${describe(op, ckr, ctx)}`);
   }

@@ -292,7 +292,7 @@ export class Token {
   private idle: Handle[] = [];
   /**
    * Set when a call failed on a stale object handle (CKR_OBJECT/KEY_HANDLE_INVALID):
-   * handles found before are no longer valid. TokenVaultKeys re-resolves and clears it.
+   * handles found before are no longer valid. TokenPort (token-port.ts) re-resolves and clears it.
    */
   handlesLost = false;
   private open = 0;
@@ -454,7 +454,7 @@ export class Token {
       } catch (e) {
         const ckr = ckrOf(e);
         // Stale key handles: the login ended under us. Only flagged here: the owner decides
-        // how to recover (TokenVaultKeys resets the sessions and finds its keys again; the
+        // how to recover (TokenPort resets the sessions and finds its keys again; the
         // worker pool has its own recycle, which must not have sessions closed under it).
         if (isHandleLost(ckr)) this.handlesLost = true;
         if (isSessionLost(ckr)) {

@@ -81,7 +81,7 @@ export function methodTable(vault: Vault, channels: ChannelTable, namespaces: Na
     health: async (params, _ctx, beforeWork) => {
       parse(EmptyParams, params ?? {});
       beforeWork();
-      if (!vault.keys.ping()) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM not answering');
+      if (!(await vault.keys.ping())) throw new VaultError(ErrorCodes.HSM_UNAVAILABLE, 'HSM not answering');
       return { result: { status: 'ok', version: VERSION }, outcome: 'ok' };
     },
   };
