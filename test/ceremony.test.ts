@@ -105,7 +105,7 @@ beforeAll(async () => {
   dA = await startDaemon({ dataDir: A });
   vaultId = (JSON.parse((await admin(A, 'status', '--json')).stdout) as { vaultId: string }).vaultId;
   // Two users enrolled on A before the clone; bob only ever guesses wrong.
-  for (const [user, pw] of [['alice', 'alice pw'], ['bob', 'bob pw']]) {
+  for (const [user, pw] of [['alice', 'alice pw'], ['bob', 'bob pw']] as const) {
     const r = await bkv(dA, ['backup', 'create', '--in', join(work, 'chats.db'), '--out', join(work, `${user}.bkv`), '--user', user, '--password-stdin'], `${pw}\n`, join(A, 'vault-key.pub'));
     expect(r.code, r.stderr).toBe(0);
   }

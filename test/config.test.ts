@@ -151,7 +151,7 @@ describe('HSM pool and checkpoint settings: config fields, BKV_* overrides', () 
       recycleAfter: 0,
       controlThread: false,
     });
-    for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_WORKERS: '300' }, { BKV_HSM_QUEUE: '0' }]) {
+    for (const env of [{ BKV_HSM_CONTROL: '2' }, { BKV_HSM_CONTROL: 'yes' }, { BKV_HSM_WORKERS: '0.5' }, { BKV_HSM_WORKERS: '300' }, { BKV_HSM_QUEUE: '0' }] as Record<string, string>[]) {
       expect(() => cfg(env)).toThrow(expect.objectContaining({ code: ErrorCodes.BAD_REQUEST }));
     }
     expect(() => cfg({ BKV_HSM_CONTROL: '2' })).toThrow('config: BKV_HSM_CONTROL must be 1 or 0');

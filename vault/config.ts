@@ -198,7 +198,7 @@ export const DEFAULTS: Config = {
   tenants: { grants: {}, isolate: [] },
 };
 
-type Json = { [k: string]: unknown };
+export type Json = { [k: string]: unknown };
 
 function merge(base: Json, over: Json): Json {
   const out: Json = { ...base };

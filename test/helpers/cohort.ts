@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { VaultClient } from '../../client/sdk.js';
 import { WebSocketTransport } from '../../client/transport.js';
 import { readVaultKey } from '../../client/cli.js';
-import { loadConfig } from '../../vault/config.js';
+import { loadConfig, type Json } from '../../vault/config.js';
 import { startDaemon, TEST_CONFIG, type RunningDaemon } from './daemon.js';
 import { startEtcdCluster, type EtcdCluster } from './etcd.js';
 import { TEST_KDF } from './vault.js';
@@ -72,7 +72,7 @@ export async function startTestCohort(opts: {
 }
 
 /** The message loadConfig refuses `overrides` with, or '' when it accepts them. */
-export function configError(overrides: object): string {
+export function configError(overrides: Json): string {
   try {
     loadConfig({ env: {}, overrides });
     return '';
