@@ -136,13 +136,19 @@ export class CohortKeyring {
     return this.o.now?.() ?? Date.now();
   }
 
+  /** The last value peek() decoded, by its mod_revision: sealingEpoch() runs on every enrolment and descriptor. */
+  private peeked: { revision: bigint; state: KeyringState | undefined } | undefined;
+
   /** The keyring as this node's replica holds it (possibly a little behind). */
   peek(): KeyringState | undefined {
     const e = this.o.replica.get(this.o.ledger.recordKey(KEYRING_ID));
     if (!e) return undefined;
+    if (this.peeked?.revision === e.modRevision) return this.peeked.state;
     const env = decodeEnvelope(e.value);
     if (!env) throw corrupt();
-    return decodeKeyring(env.payload);
+    const state = decodeKeyring(env.payload);
+    this.peeked = { revision: e.modRevision, state };
+    return state;
   }
 
   async read(): Promise<KeyringState | undefined> {
