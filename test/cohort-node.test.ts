@@ -137,8 +137,7 @@ describe('a 3-node cohort on a 3-member etcd', () => {
     // Node 3's directory has it from etcd: node 3 mints its token (same vault keys everywhere).
     const tok = await api3!.post<{ token: string; version: number }>('/admin/tenants/token', { name: 'shared', ttlSec: 600 });
     expect(tok).toMatchObject({ status: 200, body: { version: 1 } });
-    const as = (d: RunningDaemon) =>
-      new VaultClient({ transport: new WebSocketTransport({ url: d.url, token: tok.body.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 });
+    const as = (d: RunningDaemon) => t.client(d, tok.body.token);
     const key = new Uint8Array(32).fill(7);
     const c2 = as(nodes[1]!);
     await c2.enrollPassword('shared-user', 'pw shared', key);

@@ -20,8 +20,8 @@ export interface TestCohort {
   pinnedKey: Uint8Array;
   /** The config node i (0-based) runs with. */
   config(i: number): object;
-  /** An SDK client on one node, no retries. */
-  client(d: RunningDaemon): VaultClient;
+  /** An SDK client on one node, no retries; as the node's dev tenant unless another tenant's token is given. */
+  client(d: RunningDaemon, token?: string): VaultClient;
   stop(): Promise<void>;
 }
 
@@ -62,7 +62,7 @@ export async function startTestCohort(opts: {
       seedDir,
       pinnedKey,
       config,
-      client: (d) => new VaultClient({ transport: new WebSocketTransport({ url: d.url, token: d.token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 }),
+      client: (d, token = d.token) => new VaultClient({ transport: new WebSocketTransport({ url: d.url, token }), pinnedKey, kdf: TEST_KDF, maxRetries: 0 }),
       stop,
     };
   } catch (e) {
