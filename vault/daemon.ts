@@ -28,8 +28,7 @@ import { isLoopback, startAdminServer, type AdminActions, type RunningAdmin } fr
 import { writeFileAtomic } from '../lib/safe-file.js';
 import { dataPermissions } from './admin/perms.js';
 import { cohortCeremony, exportInDaemon } from './ceremony/steps.js';
-import { CohortKeyring } from './cohort/keyring.js';
-import { CohortNode } from './cohort/node.js';
+import type { CohortNode } from './cohort/node.js';
 import type { Ledger } from './core/ledger.js';
 import { hsmSettings } from './config.js';
 import { inspectModule, rememberQuirks, requireCapabilities, requireUnwrappable, type CapabilityReport } from './hsm/capabilities.js';
@@ -124,6 +123,9 @@ async function openServingVault(
     const cc = c.cohort;
     const joinCohort = cc
       ? async (ledger: Ledger) => {
+          // Loaded only here: the etcd client (etcd3, gRPC) costs ~0.2 s of every start, and
+          // most vaults run alone.
+          const [{ CohortNode }, { CohortKeyring }] = await Promise.all([import('./cohort/node.js'), import('./cohort/keyring.js')]);
           cohort = await CohortNode.start(
             {
               endpoints: cc.endpoints,

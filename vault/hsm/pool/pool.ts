@@ -145,8 +145,12 @@ export class HsmPool implements HsmPort {
       });
       // The first worker alone: it may create keys, and nobody else logs in before it checked the PIN.
       const first = await WorkerSlot.start(url, init(true), 0, false, slots);
-      for (let i = 1; i < threads; i++) await WorkerSlot.start(url, init(false), i, false, slots);
-      if (o.controlThread ?? true) await WorkerSlot.start(url, init(false), threads, true, slots);
+      // The others only open sessions on a token the first has checked: side by side, so a
+      // start costs about two thread starts, not one per thread.
+      const rest: Promise<unknown>[] = [];
+      for (let i = 1; i < threads; i++) rest.push(WorkerSlot.start(url, init(false), i, false, slots));
+      if (o.controlThread ?? true) rest.push(WorkerSlot.start(url, init(false), threads, true, slots));
+      await Promise.all(rest);
       return new HsmPool(slots, first.keys!, opts, o.log, unpin);
     } catch (e) {
       await Promise.all(slots.map((s) => s.worker.terminate().catch(() => undefined)));
