@@ -28,7 +28,7 @@ COPY client ./client
 COPY protocol ./protocol
 COPY lib ./lib
 # Only what ships: the daemon, the policy and the client (not scripts/ or bench/, which may import tests).
-RUN printf '{"extends":"./tsconfig.json","include":["vault","hsm-policy","client"]}\n' > tsconfig.image.json \
+RUN printf '{"extends":"./tsconfig.json","compilerOptions":{"incremental":false},"include":["vault","hsm-policy","client"]}\n' > tsconfig.image.json \
  && npx tsc -p tsconfig.image.json \
  && npm prune --omit=dev --no-audit --no-fund --loglevel=error \
  && chmod 755 dist/vault/main.js dist/vault/admin.js dist/client/cli.js
