@@ -2,7 +2,11 @@ import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
   test: {
-    include: ['test/**/*.test.ts'],
+    // The default suite: test/unit (in-process, no HSM token, no child process) and
+    // test/integration (real tokens, SQLite files, etcd members, daemons over sockets).
+    // test/soak (RSS, timing, long runs) needs an idle machine: vitest.soak.config.ts,
+    // run by ./scripts/soak and ./scripts/timing.
+    include: ['test/unit/**/*.test.ts', 'test/integration/**/*.test.ts'],
     globalSetup: ['test/global-setup.ts'],
     // Each file in its own process: SoftHSM reads SOFTHSM2_CONF once per
     // C_Initialize, and native modules must not leak state between files.

@@ -2,7 +2,7 @@
 // around it (a WebSocket transport it hands the native WebSocket, the backup
 // file format, the 64-digit code). `npm run bundle:sdk` bundles this file for
 // browsers with no Node polyfills (scripts/bundle-sdk.ts refuses any `node:`
-// or builtin import in its graph); test/browser-sdk.test.ts runs that bundle
+// or builtin import in its graph); test/integration/browser-sdk.test.ts runs that bundle
 // in headless Chromium against a real vault.
 export * from './sdk.js';
 export { WebSocketTransport, rpcErrorToVaultError } from './transport.js';

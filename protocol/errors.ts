@@ -81,7 +81,7 @@ export function isVaultError(e: unknown, code?: ErrorCode): e is VaultError {
 // JSON-RPC integer the WebSocket server answers with, whether a retry is safe,
 // the admin listener's HTTP status and both command lines' exit codes. The
 // servers and CLIs read this table; docs/RPC.md shows it and
-// test/error-table.test.ts keeps the two equal row by row. Pure data, no Node
+// test/unit/error-table.test.ts keeps the two equal row by row. Pure data, no Node
 // imports: it moves to a browser-safe package with the rest of the protocol.
 
 /** Exit codes of `bkv` (README.md, `bkv --help`). */

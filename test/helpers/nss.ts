@@ -137,7 +137,7 @@ function processNss(): ProcessNss {
   if (state) return state;
   const modulePath = nssModulePath();
   const root = checkPath(mkdtempSync(join(tmpdir(), 'bkv-nss-')));
-  // 64 by default: test/rollback.test.ts, the busiest file, makes 16 today. NSS allows ids 4..100.
+  // 64 by default: test/integration/rollback.test.ts, the busiest file, makes 16 today. NSS allows ids 4..100.
   const max = Math.min(97, Math.max(1, Number(process.env.BKV_NSS_TOKENS ?? 64) || 64));
   const s: ProcessNss = { root, modulePath, prefix: randomBytes(4).toString('hex'), max, parameters: '', next: 0, live: 0 };
   const slots = Array.from({ length: max }, (_, i) => slotSpec(s, i)).join(' ');

@@ -8,10 +8,10 @@ import { pathToFileURL } from 'node:url';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer, type AddressInfo } from 'node:net';
-import { ADMIN, DAEMON, ROOT } from './helpers/daemon.js';
-import { acquireLock } from '../vault/admin/lock.js';
+import { ADMIN, DAEMON, ROOT } from '../helpers/daemon.js';
+import { acquireLock } from '../../vault/admin/lock.js';
 import type { Command } from 'commander';
-import { adminProgram } from '../vault/admin.js';
+import { adminProgram } from '../../vault/admin.js';
 
 let dir: string;
 let data: string;

@@ -7,7 +7,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
 
 let d: RunningDaemon;
 let admin: string;

@@ -10,12 +10,12 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startDaemon, ADMIN, CLI, type RunningDaemon } from './helpers/daemon.js';
-import { captureLog } from './helpers/vault.js';
-import { enroll } from './helpers/flows.js';
-import { VaultError, ErrorCodes } from '../protocol/errors.js';
-import type { VaultKeys } from '../vault/hsm/vault-keys.js';
-import { decorateKeys } from '../vault/hsm/decorate.js';
+import { startDaemon, ADMIN, CLI, type RunningDaemon } from '../helpers/daemon.js';
+import { captureLog } from '../helpers/vault.js';
+import { enroll } from '../helpers/flows.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import type { VaultKeys } from '../../vault/hsm/vault-keys.js';
+import { decorateKeys } from '../../vault/hsm/decorate.js';
 
 const KDF_ENV = { BKV_KDF: '{"m":64,"t":1,"p":1}' };
 
@@ -239,9 +239,9 @@ describe('readiness when the HSM session is lost and comes back (fault seam, in-
   }
 
   it('503 with the HSM check failing while it is gone; a change whose anchor write failed meanwhile is undone, and the undo anchored; 200 once it is back', async () => {
-    const { loadConfig } = await import('../vault/config.js');
-    const { initVault } = await import('../vault/setup.js');
-    const { startDaemon: startInProcess, startAdmin } = await import('../vault/daemon.js');
+    const { loadConfig } = await import('../../vault/config.js');
+    const { initVault } = await import('../../vault/setup.js');
+    const { startDaemon: startInProcess, startAdmin } = await import('../../vault/daemon.js');
     const dir = mkdtempSync(join(tmpdir(), 'bkv-seam-'));
     const log = captureLog([]);
     const c = loadConfig({

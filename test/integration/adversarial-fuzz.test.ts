@@ -16,8 +16,8 @@ import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import fc from 'fast-check';
 import { p256 } from '@noble/curves/nist.js';
-import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
-import { TEST_KDF } from './helpers/vault.js';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { TEST_KDF } from '../helpers/vault.js';
 import {
   RawSocket,
   advConfig,
@@ -27,13 +27,13 @@ import {
   pinnedKeyOf,
   stateDigest,
   waitFor,
-} from './helpers/adversarial.js';
-import { VaultClient, Channel } from '../client/sdk.js';
-import { startOprf, finishOprf, openRecovered, type PendingOprf } from '../client/protocol.js';
-import type { KdfParams } from '../protocol/kdf.js';
-import { channelIdOf } from '../protocol/channel.js';
-import { fromB64, toB64 } from '../protocol/bytes.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
+} from '../helpers/adversarial.js';
+import { VaultClient, Channel } from '../../client/sdk.js';
+import { startOprf, finishOprf, openRecovered, type PendingOprf } from '../../client/protocol.js';
+import type { KdfParams } from '../../protocol/kdf.js';
+import { channelIdOf } from '../../protocol/channel.js';
+import { fromB64, toB64 } from '../../protocol/bytes.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 
 const FRAMES = Number(process.env.BKV_FUZZ_FRAMES ?? 10_000);
 const SEED = Number(process.env.BKV_FUZZ_SEED ?? 20261127);

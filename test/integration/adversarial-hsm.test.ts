@@ -15,16 +15,16 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pkcs11js from 'pkcs11js';
-import { captureLog, tempVault, TEST_KDF, type TestVault } from './helpers/vault.js';
-import { TEST_MODULE, hsmOf, makeToken } from './helpers/softhsm.js';
-import { CALLER, enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
-import { LeakScan, codeOf, stateDigest } from './helpers/adversarial.js';
-import { openKeys, openWorkerKeys, selfTest } from '../vault/core/open.js';
-import { Vault } from '../vault/core/vault.js';
-import { Store } from '../vault/store/index.js';
-import type { VaultKeys } from '../vault/hsm/vault-keys.js';
-import { decorateKeys } from '../vault/hsm/decorate.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { captureLog, tempVault, TEST_KDF, type TestVault } from '../helpers/vault.js';
+import { TEST_MODULE, hsmOf, makeToken } from '../helpers/softhsm.js';
+import { CALLER, enroll, recover, beginOnly, secretsSeen } from '../helpers/flows.js';
+import { LeakScan, codeOf, stateDigest } from '../helpers/adversarial.js';
+import { openKeys, openWorkerKeys, selfTest } from '../../vault/core/open.js';
+import { Vault } from '../../vault/core/vault.js';
+import { Store } from '../../vault/store/index.js';
+import type { VaultKeys } from '../../vault/hsm/vault-keys.js';
+import { decorateKeys } from '../../vault/hsm/decorate.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 
 const leaks = new LeakScan();
 const key = () => new Uint8Array(randomBytes(32));
@@ -113,7 +113,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
       const v = () => f.vault;
       await enroll(v(), 'amy', 'pw-amy-1', key());
       await enroll(v(), 'ned', 'pw-ned-1', key());
-      const { startOprf, enrollPayload } = await import('../client/protocol.js');
+      const { startOprf, enrollPayload } = await import('../../client/protocol.js');
       // Each step is one core call, prepared (outside the outage) up to the call itself.
       const steps: { name: string; prepare: () => Promise<() => Promise<unknown>> }[] = [
         { name: 'enroll.begin', prepare: async () => () => v().enrollBegin(CALLER, 'zoe', startOprf(v().vaultId, 'zoe', 'pw-zoe-1').blinded) },
@@ -214,7 +214,7 @@ describe('the HSM failing calls for a while (VaultKeys seam)', () => {
     const f = await flakyVault();
     try {
       await enroll(f.vault, 'gil', 'pw-gil-1', key());
-      const { startOprf, enrollPayload } = await import('../client/protocol.js');
+      const { startOprf, enrollPayload } = await import('../../client/protocol.js');
       const p = startOprf(f.vault.vaultId, 'gap', 'pw-gap-1');
       const b = await f.vault.enrollBegin(CALLER, 'gap', p.blinded);
       const payload = await enrollPayload(p, b.evaluated, TEST_KDF, key());

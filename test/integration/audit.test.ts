@@ -7,13 +7,13 @@ import { appendFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { p256 } from '@noble/curves/nist.js';
-import { ADMIN } from './helpers/daemon.js';
-import { tempVault, type TestVault } from './helpers/vault.js';
-import { AuditLog } from '../vault/audit/log.js';
-import { encodeLine, lineHash, publicKeyFromText, verifyAudit, checkpointDigest } from '../vault/audit/chain.js';
-import { auditEventOf } from '../vault/audit/events.js';
-import { publicKeyPem } from '../vault/setup.js';
-import { toHex } from '../protocol/bytes.js';
+import { ADMIN } from '../helpers/daemon.js';
+import { tempVault, type TestVault } from '../helpers/vault.js';
+import { AuditLog } from '../../vault/audit/log.js';
+import { encodeLine, lineHash, publicKeyFromText, verifyAudit, checkpointDigest } from '../../vault/audit/chain.js';
+import { auditEventOf } from '../../vault/audit/events.js';
+import { publicKeyPem } from '../../vault/setup.js';
+import { toHex } from '../../protocol/bytes.js';
 
 let tv: TestVault;
 let dir: string;

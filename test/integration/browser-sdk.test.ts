@@ -16,9 +16,9 @@ import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
 import WebSocket, { WebSocketServer } from 'ws';
 import { chromium, type BrowserContext, type Page } from 'playwright-core';
-import { bundleSdk } from '../scripts/bundle-sdk.js';
-import { readVaultKey } from '../client/cli.js';
-import { startDaemon, ROOT, type RunningDaemon } from './helpers/daemon.js';
+import { bundleSdk } from '../../scripts/bundle-sdk.js';
+import { readVaultKey } from '../../client/cli.js';
+import { startDaemon, ROOT, type RunningDaemon } from '../helpers/daemon.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 // From the machine notes: without the background-networking flags Chromium
@@ -37,7 +37,7 @@ const haveChromium = existsSync(CHROMIUM);
 if (!haveChromium) {
   const why = `${CHROMIUM} not found: the real-browser SDK test cannot run. ./scripts/setup installs Debian's chromium.`;
   if (process.env.CI) throw new Error(why); // CI runs scripts/setup, so a missing browser there is a broken setup, not a skip
-  console.warn(`\n*** SKIPPING test/browser-sdk.test.ts: ${why} ***\n`);
+  console.warn(`\n*** SKIPPING test/integration/browser-sdk.test.ts: ${why} ***\n`);
 }
 
 /** What window.bkvRun (test/browser/index.html) reports. */

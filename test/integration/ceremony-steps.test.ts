@@ -8,22 +8,22 @@
 // a Security Officer session on it (trust), as bkv-admin does.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import pino from 'pino';
-import { makeToken, type TestToken } from './helpers/softhsm.js';
-import { Token } from '../vault/hsm/token.js';
-import { tokenKeys } from '../vault/hsm/token-port.js';
-import type { VaultKeys } from '../vault/hsm/vault-keys.js';
-import { enforcePolicy, protectionFor } from '../hsm-policy/enforce.js';
-import { KEY_SET, sealLabel } from '../hsm-policy/policy.js';
-import { bundleDigest, parseBundle, parseTarget, serializeBundle, type Bundle, type Target } from '../vault/ceremony/bundle.js';
-import { exportBundle, importBundle, labelledKeys, targetInit, trust } from '../vault/ceremony/steps.js';
-import { reanchor } from '../vault/ceremony/reanchor.js';
-import { openVault } from '../vault/core/open.js';
-import { tempVault, TEST_KDF } from './helpers/vault.js';
-import { enroll, recover } from './helpers/flows.js';
+import { makeToken, type TestToken } from '../helpers/softhsm.js';
+import { Token } from '../../vault/hsm/token.js';
+import { tokenKeys } from '../../vault/hsm/token-port.js';
+import type { VaultKeys } from '../../vault/hsm/vault-keys.js';
+import { enforcePolicy, protectionFor } from '../../hsm-policy/enforce.js';
+import { KEY_SET, sealLabel } from '../../hsm-policy/policy.js';
+import { bundleDigest, parseBundle, parseTarget, serializeBundle, type Bundle, type Target } from '../../vault/ceremony/bundle.js';
+import { exportBundle, importBundle, labelledKeys, targetInit, trust } from '../../vault/ceremony/steps.js';
+import { reanchor } from '../../vault/ceremony/reanchor.js';
+import { openVault } from '../../vault/core/open.js';
+import { tempVault, TEST_KDF } from '../helpers/vault.js';
+import { enroll, recover } from '../helpers/flows.js';
 import { copyFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { VaultError, ErrorCodes } from '../protocol/errors.js';
-import { fromHex, utf8 } from '../protocol/bytes.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
+import { fromHex, utf8 } from '../../protocol/bytes.js';
 
 const log = pino({ level: 'silent' });
 const tokens: TestToken[] = [];

@@ -5,7 +5,7 @@
 // pinned from A, and wrong guesses behave alike. Every refusal (daemon running,
 // missing SO PIN, wrong fingerprint, wrong target, tampered bundle, a bundle of
 // another vault than the one named) gets its code and leaves the token's object
-// list as it was (test/ceremony-steps.test.ts has the library-level cases).
+// list as it was (test/integration/ceremony-steps.test.ts has the library-level cases).
 // After the seal, no key leaves, not even under a key the SO marks trusted.
 //
 // The tests in this file run in order and build on each other, like the ceremony.
@@ -15,16 +15,16 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameS
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ADMIN, CLI, startDaemon, type RunningDaemon } from './helpers/daemon.js';
-import { SecurityOfficer, Token } from '../vault/hsm/token.js';
-import { CKR } from '../vault/hsm/ckr.js';
-import { enforcePolicy } from '../hsm-policy/enforce.js';
-import { KEY_SET, sealLabel } from '../hsm-policy/policy.js';
-import { loadConfig, hsmSettings } from '../vault/config.js';
-import { prepareEmbedded } from '../vault/setup.js';
-import { initToken } from '../vault/hsm/token.js';
-import { labelledKeys } from '../vault/ceremony/steps.js';
-import { SOFTHSM_MODULE } from './helpers/softhsm.js';
+import { ADMIN, CLI, startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { SecurityOfficer, Token } from '../../vault/hsm/token.js';
+import { CKR } from '../../vault/hsm/ckr.js';
+import { enforcePolicy } from '../../hsm-policy/enforce.js';
+import { KEY_SET, sealLabel } from '../../hsm-policy/policy.js';
+import { loadConfig, hsmSettings } from '../../vault/config.js';
+import { prepareEmbedded } from '../../vault/setup.js';
+import { initToken } from '../../vault/hsm/token.js';
+import { labelledKeys } from '../../vault/ceremony/steps.js';
+import { SOFTHSM_MODULE } from '../helpers/softhsm.js';
 
 interface Run {
   code: number | null;

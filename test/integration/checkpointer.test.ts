@@ -6,9 +6,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
-import { Store } from '../vault/store/index.js';
-import type { StoredRecord } from '../vault/store/records.js';
-import { BACKSTOP_AUTOCHECKPOINT, Checkpointer, DEFAULT_AUTOCHECKPOINT } from '../vault/store/checkpointer.js';
+import { Store } from '../../vault/store/index.js';
+import type { StoredRecord } from '../../vault/store/records.js';
+import { BACKSTOP_AUTOCHECKPOINT, Checkpointer, DEFAULT_AUTOCHECKPOINT } from '../../vault/store/checkpointer.js';
 
 const dirs: string[] = [];
 afterEach(() => {

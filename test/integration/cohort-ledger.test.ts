@@ -9,11 +9,11 @@ import { cpSync, rmSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Etcd3 } from 'etcd3';
-import { connectEtcd, type EtcdClientOptions } from '../vault/cohort/etcd.js';
-import { CohortLedger, type CohortLedgerOptions, type CommitResult } from '../vault/cohort/ledger.js';
-import { MemoryReplica, chainStep, ZERO_HEAD } from '../vault/cohort/replica.js';
-import { decodeEnvelope, encodeEnvelope, newCommitId } from '../vault/cohort/envelope.js';
-import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
+import { connectEtcd, type EtcdClientOptions } from '../../vault/cohort/etcd.js';
+import { CohortLedger, type CohortLedgerOptions, type CommitResult } from '../../vault/cohort/ledger.js';
+import { MemoryReplica, chainStep, ZERO_HEAD } from '../../vault/cohort/replica.js';
+import { decodeEnvelope, encodeEnvelope, newCommitId } from '../../vault/cohort/envelope.js';
+import { startEtcdCluster, type EtcdCluster } from '../helpers/etcd.js';
 
 const u32 = (n: number) => {
   const b = new Uint8Array(4);

@@ -1,6 +1,6 @@
 // A real cohort: a 3-member etcd (test/helpers/etcd.ts) and 3 real daemons
 // (test/helpers/daemon.ts) holding the same vault keys (copies of one data
-// folder, token included, as test/failover.test.ts does), each with its own
+// folder, token included, as test/integration/failover.test.ts does), each with its own
 // SQLite replica, serving through the replication engine (docs/COHORT.md).
 // Enrol on one node, recover on another, status on the third; 200 concurrent
 // wrong guesses spread over the three nodes count exactly the limit and reach
@@ -17,17 +17,17 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport, type Transport } from '../client/transport.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { loadConfig } from '../vault/config.js';
-import { ADMIN, startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
-import type { EtcdCluster } from './helpers/etcd.js';
-import { configError, startTestCohort, type TestCohort } from './helpers/cohort.js';
-import { TEST_KDF } from './helpers/vault.js';
-import { codeOf } from './helpers/codes.js';
-import { adminApi } from './helpers/admin-api.js';
-import { RawSocket } from './helpers/adversarial.js';
+import { VaultClient } from '../../client/sdk.js';
+import { WebSocketTransport, type Transport } from '../../client/transport.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
+import { loadConfig } from '../../vault/config.js';
+import { ADMIN, startDaemon, TEST_CONFIG, type RunningDaemon } from '../helpers/daemon.js';
+import type { EtcdCluster } from '../helpers/etcd.js';
+import { configError, startTestCohort, type TestCohort } from '../helpers/cohort.js';
+import { TEST_KDF } from '../helpers/vault.js';
+import { codeOf } from '../helpers/codes.js';
+import { adminApi } from '../helpers/admin-api.js';
+import { RawSocket } from '../helpers/adversarial.js';
 
 async function deadPort(): Promise<number> {
   const s = createServer();

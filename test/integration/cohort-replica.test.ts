@@ -8,11 +8,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Etcd3 } from 'etcd3';
-import { connectEtcd } from '../vault/cohort/etcd.js';
-import { CohortLedger } from '../vault/cohort/ledger.js';
-import { snapshotHead } from '../vault/cohort/replica.js';
-import { SqliteReplica } from '../vault/store/cohort-replica.js';
-import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
+import { connectEtcd } from '../../vault/cohort/etcd.js';
+import { CohortLedger } from '../../vault/cohort/ledger.js';
+import { snapshotHead } from '../../vault/cohort/replica.js';
+import { SqliteReplica } from '../../vault/store/cohort-replica.js';
+import { startEtcdCluster, type EtcdCluster } from '../helpers/etcd.js';
 
 const u32 = (n: number) => {
   const b = new Uint8Array(4);

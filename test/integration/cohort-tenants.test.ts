@@ -1,5 +1,5 @@
 // The cohort tenant directory (vault/cohort/tenants.ts) against a real 3-member
-// etcd, engine-level like test/cohort-ledger.test.ts: several "nodes" in this
+// etcd, engine-level like test/integration/cohort-ledger.test.ts: several "nodes" in this
 // process, each an engine with its own etcd client and MemoryReplica seen
 // through its own CohortTenants. A tenant added on one node is active on the
 // others; a revocation made on one reaches every node's listener (what closes
@@ -8,13 +8,13 @@
 // another tenant's id is refused; a rebuilt replica has every tenant.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Etcd3 } from 'etcd3';
-import { connectEtcd } from '../vault/cohort/etcd.js';
-import { CohortLedger } from '../vault/cohort/ledger.js';
-import { MemoryReplica, ObservedReplica } from '../vault/cohort/replica.js';
-import { CohortTenants, cohortTenantId, TENANT_IMPORT_ID } from '../vault/cohort/tenants.js';
-import type { Tenant } from '../vault/store/tenants.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { startEtcdCluster, type EtcdCluster } from './helpers/etcd.js';
+import { connectEtcd } from '../../vault/cohort/etcd.js';
+import { CohortLedger } from '../../vault/cohort/ledger.js';
+import { MemoryReplica, ObservedReplica } from '../../vault/cohort/replica.js';
+import { CohortTenants, cohortTenantId, TENANT_IMPORT_ID } from '../../vault/cohort/tenants.js';
+import type { Tenant } from '../../vault/store/tenants.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
+import { startEtcdCluster, type EtcdCluster } from '../helpers/etcd.js';
 
 interface Node {
   etcd: Etcd3;

@@ -9,14 +9,14 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport } from '../client/transport.js';
-import { readVaultKey } from '../client/cli.js';
-import { loadConfig } from '../vault/config.js';
-import { startDaemon, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
-import { ETCD_BIN, freePorts } from './helpers/etcd.js';
-import { configError } from './helpers/cohort.js';
-import { TEST_KDF } from './helpers/vault.js';
+import { VaultClient } from '../../client/sdk.js';
+import { WebSocketTransport } from '../../client/transport.js';
+import { readVaultKey } from '../../client/cli.js';
+import { loadConfig } from '../../vault/config.js';
+import { startDaemon, TEST_CONFIG, type RunningDaemon } from '../helpers/daemon.js';
+import { ETCD_BIN, freePorts } from '../helpers/etcd.js';
+import { configError } from '../helpers/cohort.js';
+import { TEST_KDF } from '../helpers/vault.js';
 
 const openssl = (dir: string, ...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
 

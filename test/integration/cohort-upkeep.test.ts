@@ -12,12 +12,12 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport as WsTransport, type Transport } from '../client/transport.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { ADMIN, TEST_CONFIG, type RunningDaemon } from './helpers/daemon.js';
-import { startTestCohort, type TestCohort } from './helpers/cohort.js';
-import { TEST_KDF } from './helpers/vault.js';
+import { VaultClient } from '../../client/sdk.js';
+import { WebSocketTransport as WsTransport, type Transport } from '../../client/transport.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
+import { ADMIN, TEST_CONFIG, type RunningDaemon } from '../helpers/daemon.js';
+import { startTestCohort, type TestCohort } from '../helpers/cohort.js';
+import { TEST_KDF } from '../helpers/vault.js';
 
 const adminInfo = (d: RunningDaemon) => ({
   url: (JSON.parse(readFileSync(join(d.dataDir, 'admin.json'), 'utf8')) as { url: string }).url,

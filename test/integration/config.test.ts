@@ -6,10 +6,10 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ADMIN } from './helpers/daemon.js';
-import { loadConfig } from '../vault/config.js';
-import { hsmWorkerSettings } from '../vault/core/open.js';
-import { ErrorCodes } from '../protocol/errors.js';
+import { ADMIN } from '../helpers/daemon.js';
+import { loadConfig } from '../../vault/config.js';
+import { hsmWorkerSettings } from '../../vault/core/open.js';
+import { ErrorCodes } from '../../protocol/errors.js';
 
 let dir: string;
 beforeAll(() => {

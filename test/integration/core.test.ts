@@ -3,11 +3,11 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { readFileSync, existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
-import { tempVault, type TestVault } from './helpers/vault.js';
-import { CALLER, enroll, recover, beginOnly, secretsSeen } from './helpers/flows.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { utf8 } from '../protocol/bytes.js';
-import { codeOf } from './helpers/codes.js';
+import { tempVault, type TestVault } from '../helpers/vault.js';
+import { CALLER, enroll, recover, beginOnly, secretsSeen } from '../helpers/flows.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
+import { utf8 } from '../../protocol/bytes.js';
+import { codeOf } from '../helpers/codes.js';
 
 let t: TestVault;
 beforeAll(async () => {
@@ -165,7 +165,7 @@ describe('tampered storage never yields a key', () => {
   });
 
   it('below the state check, the verifier and the seal bind user id and generation', async () => {
-    const { verifierInput, sealAad } = await import('../protocol/record.js');
+    const { verifierInput, sealAad } = await import('../../protocol/record.js');
     await enroll(t.vault, 'lena', 'pw-lena', key());
     const b = await beginOnly(t.vault, 'lena', 'pw-lena');
     const r = row('lena')!;
@@ -228,8 +228,8 @@ describe('bad input changes nothing', () => {
 
   it('rejects enrolment payloads of the wrong shape without creating a record', async () => {
     const k = key();
-    const { startOprf, enrollPayload } = await import('../client/protocol.js');
-    const { TEST_KDF } = await import('./helpers/vault.js');
+    const { startOprf, enrollPayload } = await import('../../client/protocol.js');
+    const { TEST_KDF } = await import('../helpers/vault.js');
     const p = startOprf(t.vault.vaultId, 'nina', 'pw-nina');
     const b = await t.vault.enrollBegin(CALLER, 'nina', p.blinded);
     const payload = await enrollPayload(p, b.evaluated, TEST_KDF, k);

@@ -3,19 +3,19 @@
 // SoftHSM2 token, real SQLite file.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { readVaultKey } from '../client/cli.js';
+import { readVaultKey } from '../../client/cli.js';
 import WebSocket from 'ws';
-import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
-import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport, type Transport } from '../client/transport.js';
-import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, type ErrorCode } from '../protocol/errors.js';
-import { TEST_KDF } from './helpers/vault.js';
-import { codeOf } from './helpers/codes.js';
-import { RawChannel } from './helpers/adversarial.js';
-import { enrollPayload, finishOprf, startOprf } from '../client/protocol.js';
-import { channelIdOf } from '../protocol/channel.js';
-import { fromB64, toB64 } from '../protocol/bytes.js';
-import type { KdfParams } from '../protocol/kdf.js';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { VaultClient } from '../../client/sdk.js';
+import { WebSocketTransport, type Transport } from '../../client/transport.js';
+import { VaultError, ErrorCodes, ERRORS, JSONRPC_FRAMING, type ErrorCode } from '../../protocol/errors.js';
+import { TEST_KDF } from '../helpers/vault.js';
+import { codeOf } from '../helpers/codes.js';
+import { RawChannel } from '../helpers/adversarial.js';
+import { enrollPayload, finishOprf, startOprf } from '../../client/protocol.js';
+import { channelIdOf } from '../../protocol/channel.js';
+import { fromB64, toB64 } from '../../protocol/bytes.js';
+import type { KdfParams } from '../../protocol/kdf.js';
 
 let d: RunningDaemon;
 let pinned: Uint8Array;
@@ -410,11 +410,11 @@ describe('token lifetime (daemon in this process, so the test can mint with the 
     const { mkdtempSync, rmSync } = await import('node:fs');
     const { tmpdir } = await import('node:os');
     const { join } = await import('node:path');
-    const { loadConfig } = await import('../vault/config.js');
-    const { initVault } = await import('../vault/setup.js');
-    const { startDaemon: startInProcess, devToken } = await import('../vault/daemon.js');
-    const { mintToken } = await import('../vault/rpc/auth.js');
-    const { captureLog } = await import('./helpers/vault.js');
+    const { loadConfig } = await import('../../vault/config.js');
+    const { initVault } = await import('../../vault/setup.js');
+    const { startDaemon: startInProcess, devToken } = await import('../../vault/daemon.js');
+    const { mintToken } = await import('../../vault/rpc/auth.js');
+    const { captureLog } = await import('../helpers/vault.js');
     const dir = mkdtempSync(join(tmpdir(), 'bkv-inproc-'));
     const logs: string[] = [];
     const log = captureLog(logs);

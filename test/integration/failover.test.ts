@@ -12,14 +12,14 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { WebSocket, WebSocketServer } from 'ws';
-import { VaultClient, type FailoverEvent } from '../client/sdk.js';
-import { WebSocketTransport, parseVaultUrls, webSocketTransports } from '../client/transport.js';
-import { afterFailure, NodeRing, REPEATABLE_WHEN_UNKNOWN, type Step } from '../client/failover.js';
-import { main, readVaultKey, vaultUrls } from '../client/cli.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
-import { TEST_KDF } from './helpers/vault.js';
-import { codeOf } from './helpers/codes.js';
+import { VaultClient, type FailoverEvent } from '../../client/sdk.js';
+import { WebSocketTransport, parseVaultUrls, webSocketTransports } from '../../client/transport.js';
+import { afterFailure, NodeRing, REPEATABLE_WHEN_UNKNOWN, type Step } from '../../client/failover.js';
+import { main, readVaultKey, vaultUrls } from '../../client/cli.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { TEST_KDF } from '../helpers/vault.js';
+import { codeOf } from '../helpers/codes.js';
 
 describe('the fail-over policy', () => {
   it('moves on only for node-side errors, and repeats a step of unknown fate only when a repeat costs nothing', () => {

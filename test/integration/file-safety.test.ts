@@ -14,8 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
-import { main, ExitCodes } from '../client/cli.js';
-import { DAEMON, ADMIN, TEST_CONFIG, startDaemon } from './helpers/daemon.js';
+import { main, ExitCodes } from '../../client/cli.js';
+import { DAEMON, ADMIN, TEST_CONFIG, startDaemon } from '../helpers/daemon.js';
 
 let dir: string;
 const MiB = 1024 * 1024;

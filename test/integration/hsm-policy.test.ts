@@ -10,13 +10,13 @@
 // Tokens (afterEach) and the pkcs11-tool tests close before running the tool.
 import { describe, it, expect, afterEach } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { makeToken, type TestToken } from './helpers/softhsm.js';
-import { Token, type Handle, type KeyAttributes } from '../vault/hsm/token.js';
-import { CKR } from '../vault/hsm/ckr.js';
-import { emptyRoot, enforcePolicy, phaseOf, protectionFor, violations, type EcKey, type ResolvedKeys } from '../hsm-policy/enforce.js';
-import { anchorLabel } from '../vault/core/state-hash.js';
-import { ANCHOR, KEY_SET, PHASE_RULES, sealLabel, type KeySpec, type KeyUsage, type Phase } from '../hsm-policy/policy.js';
-import { VaultError, ErrorCodes, type ErrorCode } from '../protocol/errors.js';
+import { makeToken, type TestToken } from '../helpers/softhsm.js';
+import { Token, type Handle, type KeyAttributes } from '../../vault/hsm/token.js';
+import { CKR } from '../../vault/hsm/ckr.js';
+import { emptyRoot, enforcePolicy, phaseOf, protectionFor, violations, type EcKey, type ResolvedKeys } from '../../hsm-policy/enforce.js';
+import { anchorLabel } from '../../vault/core/state-hash.js';
+import { ANCHOR, KEY_SET, PHASE_RULES, sealLabel, type KeySpec, type KeyUsage, type Phase } from '../../hsm-policy/policy.js';
+import { VaultError, ErrorCodes, type ErrorCode } from '../../protocol/errors.js';
 
 const PKCS11_TOOL = '/usr/bin/pkcs11-tool';
 const ALL_USAGES: KeyUsage[] = ['derive', 'sign', 'verify', 'encrypt', 'decrypt'];

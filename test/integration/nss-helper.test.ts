@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import pkcs11js from 'pkcs11js';
-import { makeNssToken, nssLibraryParameters, type NssTestToken } from './helpers/nss.js';
+import { makeNssToken, nssLibraryParameters, type NssTestToken } from '../helpers/nss.js';
 
 const P = pkcs11js;
 const P256_OID = Buffer.from('06082a8648ce3d030107', 'hex');

@@ -6,12 +6,12 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { ADMIN, startDaemon, type RunningDaemon } from './helpers/daemon.js';
-import { adminApi, type AdminApi } from './helpers/admin-api.js';
-import { RawSocket, advConfig, pinnedKeyOf } from './helpers/adversarial.js';
-import { TEST_KDF } from './helpers/vault.js';
-import { VaultClient } from '../client/sdk.js';
-import { WebSocketTransport } from '../client/transport.js';
+import { ADMIN, startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { adminApi, type AdminApi } from '../helpers/admin-api.js';
+import { RawSocket, advConfig, pinnedKeyOf } from '../helpers/adversarial.js';
+import { TEST_KDF } from '../helpers/vault.js';
+import { VaultClient } from '../../client/sdk.js';
+import { WebSocketTransport } from '../../client/transport.js';
 
 let d: RunningDaemon;
 let api: AdminApi;

@@ -4,13 +4,13 @@ import { describe, it, expect, afterEach, vi } from 'vitest';
 import { copyFileSync, existsSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
-import { tempVault, type TestVault } from './helpers/vault.js';
-import { enroll, recover } from './helpers/flows.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
-import { sealAad } from '../protocol/record.js';
-import { codeOf } from './helpers/codes.js';
-import { bucketOf } from '../vault/core/state-hash.js';
-import { SCHEMA_VERSION } from '../vault/store/db.js';
+import { tempVault, type TestVault } from '../helpers/vault.js';
+import { enroll, recover } from '../helpers/flows.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
+import { sealAad } from '../../protocol/record.js';
+import { codeOf } from '../helpers/codes.js';
+import { bucketOf } from '../../vault/core/state-hash.js';
+import { SCHEMA_VERSION } from '../../vault/store/db.js';
 
 const open: TestVault[] = [];
 afterEach(() => {

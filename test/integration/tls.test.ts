@@ -5,11 +5,11 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import WebSocket from 'ws';
-import { loadConfig } from '../vault/config.js';
-import { initVault } from '../vault/setup.js';
-import { startDaemon, devToken } from '../vault/daemon.js';
-import { captureLog } from './helpers/vault.js';
-import { VaultError } from '../protocol/errors.js';
+import { loadConfig } from '../../vault/config.js';
+import { initVault } from '../../vault/setup.js';
+import { startDaemon, devToken } from '../../vault/daemon.js';
+import { captureLog } from '../helpers/vault.js';
+import { VaultError } from '../../protocol/errors.js';
 
 describe('transport security', () => {
   it('serves wss:// with the configured certificate and refuses plain ws:// on a non-loopback address', async () => {

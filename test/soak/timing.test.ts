@@ -13,17 +13,16 @@
 // seeded random order so drift hits both alike.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { tempVault, type TestVault } from './helpers/vault.js';
-import { CALLER, enroll, beginOnly } from './helpers/flows.js';
-import { startDaemon, type RunningDaemon } from './helpers/daemon.js';
-import { TEST_KDF } from './helpers/vault.js';
-import { RawChannel, RecordingTransport, advConfig, mannWhitney, median, pinnedKeyOf } from './helpers/adversarial.js';
-import { VaultClient } from '../client/sdk.js';
-import { finishOprf, startOprf } from '../client/protocol.js';
-import { fromB64, toB64 } from '../protocol/bytes.js';
-import type { KdfParams } from '../protocol/kdf.js';
-import type { Descriptor } from '../protocol/descriptor.js';
-import { TIMING } from './helpers/soak.js';
+import { tempVault, type TestVault } from '../helpers/vault.js';
+import { CALLER, enroll, beginOnly } from '../helpers/flows.js';
+import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { TEST_KDF } from '../helpers/vault.js';
+import { RawChannel, RecordingTransport, advConfig, mannWhitney, median, pinnedKeyOf } from '../helpers/adversarial.js';
+import { VaultClient } from '../../client/sdk.js';
+import { finishOprf, startOprf } from '../../client/protocol.js';
+import { fromB64, toB64 } from '../../protocol/bytes.js';
+import type { KdfParams } from '../../protocol/kdf.js';
+import type { Descriptor } from '../../protocol/descriptor.js';
 
 const SAMPLES = Number(process.env.BKV_TIMING_SAMPLES ?? 150);
 
@@ -52,53 +51,11 @@ function shuffledPlan(n: number, seed: number): boolean[] {
   return plan;
 }
 
-// The core's part of the claim, checked exactly rather than by the clock: a right and a
-// wrong password make the same HSM calls in the same order and write the record and the
-// anchor alike. The keys are the real SoftHSM-backed ones, wrapped only to record calls.
-describe('recover.finish: right vs wrong password, in the core', () => {
-  let t: TestVault;
-  const calls: string[] = [];
-  beforeAll(async () => {
-    t = await tempVault();
-    const keys = t.vault.keys as unknown as Record<string, unknown>;
-    for (const m of ['oprfEvaluate', 'makeVerifier', 'checkVerifier', 'seal', 'unseal', 'sign', 'random', 'readAnchor', 'writeAnchor']) {
-      const real = keys[m] as (...a: unknown[]) => unknown;
-      keys[m] = (...a: unknown[]) => {
-        calls.push(m);
-        return real.apply(t.vault.keys, a);
-      };
-    }
-  });
-  afterAll(() => t.close());
-
-  async function finishTraced(userId: string, password: string) {
-    const b = await beginOnly(t.vault, userId, password);
-    const before = t.vault.store.records.get(userId)!;
-    t.clock.now += 1000;
-    calls.length = 0;
-    const r = await t.vault.recoverFinish(CALLER, b.sessionId, b.authKey);
-    const after = t.vault.store.records.get(userId)!;
-    return { outcome: r.outcome, calls: [...calls], rewritten: after.updatedAt > before.updatedAt };
-  }
-
-  it('makes the same HSM calls and writes the record and the anchor either way', async () => {
-    await enroll(t.vault, 'same-work', 'pw-same-work', new Uint8Array(randomBytes(32)));
-    const wrong = await finishTraced('same-work', 'wrong password');
-    const right = await finishTraced('same-work', 'pw-same-work');
-    expect(wrong.outcome).toBe('wrong-password');
-    expect(right.outcome).toBe('ok');
-    expect(right.calls).toContain('checkVerifier');
-    expect(right.calls).toContain('unseal');
-    expect(right.calls).toContain('writeAnchor');
-    expect(wrong.calls).toEqual(right.calls);
-    expect([wrong.rewritten, right.rewritten]).toEqual([true, true]);
-  });
-});
-
 // Clock measurement of the core, main-thread HSM (not the serving configuration): run by
 // ./scripts/timing on a quiet machine, figures in docs/SECURITY.md. Not part of the suite,
-// because beside other test files the machine's noise decides it, not the vault.
-describe.runIf(TIMING)('recover.finish: right vs wrong password, core timing', () => {
+// because beside other test files the machine's noise decides it, not the vault. The exact
+// half of the claim (the same HSM calls either way) is test/integration/same-work.test.ts.
+describe('recover.finish: right vs wrong password, core timing', () => {
   let t: TestVault;
   beforeAll(async () => {
     t = await tempVault();
@@ -127,9 +84,8 @@ describe.runIf(TIMING)('recover.finish: right vs wrong password, core timing', (
   }, 600_000);
 });
 
-// Also a clock comparison, so also only in ./scripts/timing: in the suite the other test files'
-// noise decided it more than once, and its last case only measures (asserts sample counts).
-describe.runIf(TIMING)('over the wire (what the relay can time)', () => {
+// Also a clock comparison: in the suite the other test files' noise decided it more than once.
+describe('over the wire (what the relay can time)', () => {
   let d: RunningDaemon;
   let desc: Descriptor;
   let t: RecordingTransport;

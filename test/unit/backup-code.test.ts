@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
-import { formatKeyCode, parseKeyCode, generateBackupKey } from '../client/backup-code.js';
-import { VaultError, ErrorCodes } from '../protocol/errors.js';
+import { formatKeyCode, parseKeyCode, generateBackupKey } from '../../client/backup-code.js';
+import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 
 const KEY = Uint8Array.from({ length: 32 }, (_, i) => (i * 37 + 0xa5) & 0xff);
 

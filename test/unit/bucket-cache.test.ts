@@ -4,8 +4,8 @@
 import { describe, it, expect } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
-import { BucketCache, verifiedLeaves, withLeaf, type Leaves } from '../vault/core/bucket-cache.js';
-import { bucketHash } from '../vault/core/state-hash.js';
+import { BucketCache, verifiedLeaves, withLeaf, type Leaves } from '../../vault/core/bucket-cache.js';
+import { bucketHash } from '../../vault/core/state-hash.js';
 
 const leaf = () => new Uint8Array(randomBytes(32));
 const hashOf = (ls: Leaves) => bucketHash(ls.map((l) => l.leaf));

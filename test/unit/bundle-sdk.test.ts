@@ -1,12 +1,12 @@
 // The browser bundle of the SDK (scripts/bundle-sdk.ts, `npm run bundle:sdk`):
 // it builds with no Node polyfills, keeps `ws` out, and its check refuses a
 // Node builtin planted anywhere in the import graph, naming the chain that
-// reached it. test/browser-sdk.test.ts runs the bundle in Chromium.
+// reached it. test/integration/browser-sdk.test.ts runs the bundle in Chromium.
 import { describe, it, expect } from 'vitest';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { bundleSdk, isNodeBuiltin } from '../scripts/bundle-sdk.js';
+import { bundleSdk, isNodeBuiltin } from '../../scripts/bundle-sdk.js';
 
 /** The build's error text, or a failure if it built. */
 async function refusal(source: string): Promise<string> {

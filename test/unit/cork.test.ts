@@ -2,7 +2,7 @@
 // are held and leave together after it; nothing is held past the turn.
 import { describe, it, expect, afterEach } from 'vitest';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import { corkPerTurn } from '../vault/rpc/cork.js';
+import { corkPerTurn } from '../../vault/rpc/cork.js';
 
 let server: Server | undefined;
 let sockets: Socket[] = [];

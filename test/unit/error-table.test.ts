@@ -7,11 +7,11 @@ import { describe, it, expect } from 'vitest';
 import { createHmac, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ADMIN_EXIT, BKV_EXIT, ERRORS, ErrorCodes, JSONRPC_FRAMING, RETRYABLE, type ErrorCode } from '../protocol/errors.js';
-import { Authenticator } from '../vault/rpc/auth.js';
-import { codeOf } from './helpers/codes.js';
+import { ADMIN_EXIT, BKV_EXIT, ERRORS, ErrorCodes, JSONRPC_FRAMING, RETRYABLE, type ErrorCode } from '../../protocol/errors.js';
+import { Authenticator } from '../../vault/rpc/auth.js';
+import { codeOf } from '../helpers/codes.js';
 
-const ROOT = join(import.meta.dirname, '..');
+const ROOT = join(import.meta.dirname, '../..');
 const doc = (name: string) => readFileSync(join(ROOT, name), 'utf8');
 
 interface DocRow {

@@ -9,9 +9,9 @@ import {
   decideDelete,
   decideExpiry,
   destroyed,
-} from '../vault/core/machine.js';
-import type { StoredRecord } from '../vault/store/records.js';
-import { ErrorCodes } from '../protocol/errors.js';
+} from '../../vault/core/machine.js';
+import type { StoredRecord } from '../../vault/store/records.js';
+import { ErrorCodes } from '../../protocol/errors.js';
 
 const CREATED = 1_600_000_000_000;
 const BEFORE = 1_650_000_000_000;

@@ -4,11 +4,11 @@
 //   framing spelled out with bytes.ts's frame(), as docs/PROTOCOL.md defines it.
 import { describe, it, expect } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
-import * as portable from '../protocol/channel.js';
-import * as fast from '../vault/rpc/channel-node.js';
-import { bucketHash, bucketOf, leafHash, type LeafFields } from '../vault/core/state-hash.js';
-import { concat, frame, u32be, u64be, utf8 } from '../protocol/bytes.js';
-import { ErrorCodes } from '../protocol/errors.js';
+import * as portable from '../../protocol/channel.js';
+import * as fast from '../../vault/rpc/channel-node.js';
+import { bucketHash, bucketOf, leafHash, type LeafFields } from '../../vault/core/state-hash.js';
+import { concat, frame, u32be, u64be, utf8 } from '../../protocol/bytes.js';
+import { ErrorCodes } from '../../protocol/errors.js';
 
 const sha = (b: Uint8Array) => new Uint8Array(createHash('sha256').update(b).digest());
 const opt = (b: Uint8Array | null) => (b ? concat(new Uint8Array([1]), b) : new Uint8Array([0]));

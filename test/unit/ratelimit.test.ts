@@ -5,8 +5,8 @@
 // map entries one request visits, the buckets held, and whose buckets survive.
 // The timing figure is an opt-in run (scripts/flood, docs/SECURITY.md).
 import { describe, it, expect } from 'vitest';
-import { RateLimiter } from '../vault/rpc/ratelimit.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { RateLimiter } from '../../vault/rpc/ratelimit.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 
 // Production defaults (vault/config.ts), per-tenant user buckets included.
 const RATES = { tenant: { perSec: 2000, burst: 4000 }, user: { perSec: 60 / 60, burst: 20 } };

@@ -10,16 +10,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { p256 } from '@noble/curves/nist.js';
-import { Channel, VaultClient, decodeDescriptor, raiseKdf } from '../client/sdk.js';
-import { WebSocketTransport, rpcErrorToVaultError } from '../client/transport.js';
-import { CliError, ExitCodes, exitCodeFor, kdfFromEnv, main, parseVaultKey, readVaultKey } from '../client/cli.js';
-import { channelIdOf, channelKeys, openMessage, sealMessage } from '../protocol/channel.js';
-import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
-import { fromB64, fromHex, toB64, toHex } from '../protocol/bytes.js';
-import { MIN_KDF } from '../protocol/kdf.js';
-import { ErrorCodes, VaultError } from '../protocol/errors.js';
+import { Channel, VaultClient, decodeDescriptor, raiseKdf } from '../../client/sdk.js';
+import { WebSocketTransport, rpcErrorToVaultError } from '../../client/transport.js';
+import { CliError, ExitCodes, exitCodeFor, kdfFromEnv, main, parseVaultKey, readVaultKey } from '../../client/cli.js';
+import { channelIdOf, channelKeys, openMessage, sealMessage } from '../../protocol/channel.js';
+import { descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../../protocol/descriptor.js';
+import { fromB64, fromHex, toB64, toHex } from '../../protocol/bytes.js';
+import { MIN_KDF } from '../../protocol/kdf.js';
+import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 import { CommanderError } from 'commander';
-import { codeOf } from './helpers/codes.js';
+import { codeOf } from '../helpers/codes.js';
 
 const fixed = (byte: number) => new Uint8Array(32).fill(byte);
 

@@ -13,14 +13,14 @@ import { join } from 'node:path';
 import { createCipheriv, createHash, createHmac, hkdfSync } from 'node:crypto';
 import { p256, p256_hasher } from '@noble/curves/nist.js';
 import { argon2id } from 'hash-wasm';
-import { ErrorCodes } from '../protocol/errors.js';
-import { concat, fromHex, toB64, toHex, utf8 } from '../protocol/bytes.js';
-import { DST, PROTOCOL_VERSION, SIZES } from '../protocol/suite.js';
-import { blind, evaluateReference, finalize, hashToGroup, oprfInput, validatePoint } from '../protocol/oprf.js';
-import { argon2Salt, deriveClientKeys, type KdfParams } from '../protocol/kdf.js';
-import { envelopeAad, openEnvelope, sealEnvelope } from '../protocol/envelope.js';
-import { sealAad, verifierInput } from '../protocol/record.js';
-import { descriptorBytes, descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../protocol/descriptor.js';
+import { ErrorCodes } from '../../protocol/errors.js';
+import { concat, fromHex, toB64, toHex, utf8 } from '../../protocol/bytes.js';
+import { DST, PROTOCOL_VERSION, SIZES } from '../../protocol/suite.js';
+import { blind, evaluateReference, finalize, hashToGroup, oprfInput, validatePoint } from '../../protocol/oprf.js';
+import { argon2Salt, deriveClientKeys, type KdfParams } from '../../protocol/kdf.js';
+import { envelopeAad, openEnvelope, sealEnvelope } from '../../protocol/envelope.js';
+import { sealAad, verifierInput } from '../../protocol/record.js';
+import { descriptorBytes, descriptorDigest, vaultIdOf, verifyDescriptor, type Descriptor } from '../../protocol/descriptor.js';
 import {
   CHANNEL_DST,
   MAX_PLAINTEXT,
@@ -36,10 +36,10 @@ import {
   unpad,
   type Direction,
   type MessageHeader,
-} from '../protocol/channel.js';
-import { mintToken, tenantSecretInput } from '../vault/rpc/auth.js';
-import { finishOprf, passwordBytes, startOprf } from '../client/protocol.js';
-import { codeOf, codeOfSync } from './helpers/codes.js';
+} from '../../protocol/channel.js';
+import { mintToken, tenantSecretInput } from '../../vault/rpc/auth.js';
+import { finishOprf, passwordBytes, startOprf } from '../../client/protocol.js';
+import { codeOf, codeOfSync } from '../helpers/codes.js';
 
 // ---- the vectors -------------------------------------------------------------------
 
@@ -101,7 +101,7 @@ interface Vectors {
   };
 }
 
-const V = JSON.parse(readFileSync(join(import.meta.dirname, 'vectors', 'protocol-v1.json'), 'utf8')) as Vectors;
+const V = JSON.parse(readFileSync(join(import.meta.dirname, '..', 'vectors', 'protocol-v1.json'), 'utf8')) as Vectors;
 
 const hex = (b: Uint8Array): string => toHex(b);
 const scalar = (h: string): bigint => BigInt('0x' + h);

@@ -303,7 +303,7 @@ export class Vault {
     // After a failed anchor write, count no new guess until the anchor has caught up:
     // otherwise a user retrying through an HSM storage outage spends an attempt per
     // try without ever getting an answer, until the record is destroyed
-    // (test/adversarial-hsm.test.ts). Fails with HSM_UNAVAILABLE, nothing counted.
+    // (test/integration/adversarial-hsm.test.ts). Fails with HSM_UNAVAILABLE, nothing counted.
     if (this.anchorFailing) await this.anchored();
     // Cheap refusal first, so locked or unknown users cost no HSM work.
     const got = this.current(userId);
@@ -344,7 +344,7 @@ export class Vault {
         // The counted guess is pending from its commit on, not only once its answer leaves:
         // otherwise a begin racing in while this one awaits the anchor sees the limit spent
         // and nothing pending, and destroys the record under a guess that may be right
-        // (found by test/adversarial-guessing.test.ts).
+        // (found by test/integration/adversarial-guessing.test.ts).
         (d) => {
           if (!d.ok) return;
           session = this.sessions.open(slot!, 'recover', userId, d.change.generation, now);

@@ -192,7 +192,7 @@ export function toVaultError(e: unknown, op: string, ctx: HsmContext = {}): Vaul
   }
   // A lost login surfaces as stale handles: the HSM is momentarily unusable and nothing was
   // done. HSM_UNAVAILABLE is what the worker pool heals on (recycle and re-resolve), and
-  // what TokenPort recovers from (test/adversarial-hsm.test.ts, real C_Logout).
+  // what TokenPort recovers from (test/integration/adversarial-hsm.test.ts, real C_Logout).
   if (isSessionLost(ckr) || isHandleLost(ckr) || ckr === CKR.DEVICE_MEMORY) {
     return new VaultError(ErrorCodes.HSM_UNAVAILABLE, `HSM unavailable during ${describe(op, ckr, ctx)}`);
   }

@@ -52,7 +52,7 @@ export class TokenPort implements HsmPort {
    * Run one HSM call on handles known to be current. If the token saw a stale handle
    * (login lost: every session closed, C_Logout, a token reset), find the keys again
    * and retry once; until the token is back this fails with HSM_UNAVAILABLE, and the
-   * first call after it returns succeeds (test/adversarial-hsm.test.ts).
+   * first call after it returns succeeds (test/integration/adversarial-hsm.test.ts).
    */
   private fresh<T>(fn: () => T): T {
     if (this.token.handlesLost) this.reresolve();

@@ -3,7 +3,7 @@
 // vault WebCrypto's per-call overhead (algorithm normalisation, a key import
 // and a thread-pool round trip per message) was the largest main-thread cost
 // of a recovery: ~100 µs per message against ~5 µs here. Byte-for-byte the
-// same construction (test/channel-node.test.ts checks it against channel.ts).
+// same construction (test/unit/perf-equivalence.test.ts checks it against channel.ts).
 import { createCipheriv, createDecipheriv } from 'node:crypto';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import { MAX_PLAINTEXT, messageAad, messageNonce, pad, unpad, type MessageHeader } from '../../protocol/channel.js';

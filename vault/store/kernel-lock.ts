@@ -19,7 +19,7 @@
 // other test runs): taking the lock costs ~2 ms (open 1.3 ms, BEGIN EXCLUSIVE
 // 0.7 ms), being refused 0.15 ms once the file is open. Six starters racing
 // after the owner's SIGKILL, 20 rounds: exactly one owner every round
-// (test/single-owner.test.ts); the pid-file lock this replaces gave 2 to 6
+// (test/soak/single-owner-race.test.ts; the default suite runs 8 rounds); the pid-file lock this replaces gave 2 to 6
 // owners in 18 of 30 such rounds.
 //
 // The one POSIX rule to keep: closing ANY descriptor of a file drops every
@@ -57,7 +57,7 @@ export function tryKernelLock(file: string): KernelLock | undefined {
   try {
     // Not 0: BEGIN EXCLUSIVE climbs SHARED → RESERVED → PENDING → EXCLUSIVE, and racers'
     // passing SHARED locks can then make every racer fail with SQLITE_BUSY (zero owners,
-    // seen in test/single-owner.test.ts under load). With a busy handler SQLite makes the
+    // seen in test/integration/single-owner.test.ts under load). With a busy handler SQLite makes the
     // side that would deadlock give up at once and the other wait for it: one owner. A real
     // owner never lets go, so a refusal only comes this much later.
     db = new Database(file, { timeout: BUSY_WAIT_MS });

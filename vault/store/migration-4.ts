@@ -6,7 +6,7 @@
 // definition needs a migration of its own and leaves this one alone.
 // (Before issue 15 it called the live fromRow() and leafHash(), and db.ts and
 // records.ts imported each other.) The byte helpers are the protocol's, pinned
-// by its test vectors. test/rollback.test.ts checks that a database migrated
+// by its test vectors. test/integration/rollback.test.ts checks that a database migrated
 // through here opens against its anchor, which holds while the two definitions
 // agree.
 import { createHash } from 'node:crypto';

@@ -322,7 +322,7 @@ export class RecordStore {
   /**
    * SQLite reported a damaged file (SQLITE_CORRUPT*, SQLITE_NOTADB) since this process
    * opened it. Latched: the records on the damaged pages stay unreadable until an operator
-   * restores the file, so readiness reports it (test/adversarial-disk.test.ts).
+   * restores the file, so readiness reports it (test/integration/adversarial-disk.test.ts).
    */
   corruptionSeen = false;
 
