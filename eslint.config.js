@@ -6,6 +6,7 @@ import tseslint from 'typescript-eslint';
 
 const PKCS11 = { name: 'pkcs11js', message: 'only vault/hsm/ talks to the HSM library' };
 const SQLITE = { name: 'better-sqlite3', message: 'only vault/store/ talks to SQLite' };
+const APP_CALLERS = { group: ['**/daemon.js', '**/admin.js'], message: 'vault/app/ is called by the daemon and bkv-admin, never the reverse' };
 const NO_VAULT = { group: ['**/vault/**', '../vault/*'], message: 'protocol/ and client/ must not import the daemon (vault/)' };
 
 export default tseslint.config(
@@ -39,6 +40,12 @@ export default tseslint.config(
     files: ['vault/**/*.ts', 'hsm-policy/**/*.ts'],
     ignores: ['vault/hsm/**', 'vault/store/**'],
     rules: { 'no-restricted-imports': ['error', { paths: [PKCS11, SQLITE] }] },
+  },
+  {
+    // The operations both the daemon and offline bkv-admin run: neither of those two (they call in,
+    // not the other way round), and no HSM library or SQLite (they get a directory and a secret).
+    files: ['vault/app/**/*.ts'],
+    rules: { 'no-restricted-imports': ['error', { paths: [PKCS11, SQLITE], patterns: [APP_CALLERS] }] },
   },
   { files: ['vault/hsm/**/*.ts'], rules: { 'no-restricted-imports': ['error', { paths: [SQLITE] }] } },
   { files: ['vault/store/**/*.ts'], rules: { 'no-restricted-imports': ['error', { paths: [PKCS11] }] } },

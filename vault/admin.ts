@@ -16,7 +16,8 @@ import { openKeys, openVault } from './core/open.js';
 import { Store } from './store/index.js';
 import { openDb } from './store/db.js';
 import { TenantStore, checkTenantName, type Tenant } from './store/tenants.js';
-import { mintToken, tenantSecretInput } from './rpc/auth.js';
+import { addTenant, hsmTenantSecret, mintTenantToken, revokeTenant, type TenantDeps } from './app/tenants.js';
+import { rotate } from './app/rotate.js';
 import { vaultIdOf } from '../protocol/descriptor.js';
 import { Metrics } from './metrics.js';
 import { logTap, openAudit } from './logging.js';
@@ -86,6 +87,25 @@ async function withVault<T>(
   } finally {
     await audit.close({ checkpoint: false });
     lock.release();
+  }
+}
+
+/** What vault/app/tenants.ts needs, offline: vault.db's table, and secrets straight from the HSM (no daemon caches them). */
+function offlineTenantDeps(c: Config, store: Store, log: Logger, keys: VaultKeys): TenantDeps {
+  const vaultId = vaultIdOf(keys.signingPublic);
+  return { tenants: store.tenants, secretFor: hsmTenantSecret(keys, vaultId), vaultId, tokenMaxLifetimeSec: c.limits.tokenMaxLifetimeSec, log };
+}
+
+/**
+ * Offline, an unknown tenant has always been bkv-admin's own error (exit 5, no code in the
+ * message); keep it so, whatever the shared operation throws for it.
+ */
+async function notFoundAsCli<T>(p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (e) {
+    if (e instanceof VaultError && e.code === ErrorCodes.RECORD_NOT_FOUND) throw new CliError(EXIT.NOT_FOUND, e.message);
+    throw e;
   }
 }
 
@@ -298,7 +318,7 @@ common(program.command('rotate'))
         });
         audit.attachSigner({ vaultId: vault.vaultId, sign: (d) => vault.keys.sign(d) });
         try {
-          show(await vault.rotate({ ...body, onProgress: progress }));
+          show(await rotate(vault, body, progress, false));
           await audit.checkpoint();
         } finally {
           vault.store.close();
@@ -377,11 +397,9 @@ common(tenant.command('add'))
         const keys = openKeys(tokenConfig(c), false, log);
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {
-          const version = store.tenants.add(name, Date.now());
-          const secret = await keys.tenantSecret(tenantSecretInput(vaultIdOf(keys.signingPublic), name, version));
-          log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
+          const r = await addTenant(offlineTenantDeps(c, store, log, keys), name);
           await signAudit(audit, keys);
-          return { name, version, secret: Buffer.from(secret).toString('hex') };
+          return r;
         } finally {
           store.close();
           await keys.close();
@@ -433,11 +451,8 @@ common(tenant.command('revoke'))
         refuseOfflineInCohort(c, 'tenant revoke');
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {
-          const revoked = store.tenants.revoke(name, Date.now(), version);
-          if (revoked === 0) throw new CliError(EXIT.NOT_FOUND, `no active tenant "${name}"${version === undefined ? '' : ` version ${version}`}`);
-          log.info({ event: 'tenant.revoke', tenant: name, revoked, ...(version !== undefined ? { versions: [version] } : {}) }, 'tenant credentials revoked');
-          // No daemon runs, so no connection is open.
-          return { name, revoked, connectionsClosed: 0 };
+          // No daemon runs, so no connection is open: nothing to cut off.
+          return await notFoundAsCli(revokeTenant({ tenants: store.tenants, log }, name, version));
         } finally {
           store.close();
         }
@@ -466,13 +481,9 @@ common(tenant.command('token'))
         const keys = openKeys(tokenConfig(c), false, log);
         const store = new Store(c.dbPath ?? join(c.dataDir, 'vault.db'));
         try {
-          const version = store.tenants.list().filter((t) => t.name === name && t.state === 'active').reduce((m, t) => Math.max(m, t.version), 0);
-          if (!version) throw new CliError(EXIT.NOT_FOUND, `no active tenant "${name}"`);
-          const vaultId = vaultIdOf(keys.signingPublic);
-          const secret = await keys.tenantSecret(tenantSecretInput(vaultId, name, version));
-          log.info({ event: 'tenant.token', tenant: name, version, ttlSec: o.ttl }, 'tenant token minted');
+          const r = await notFoundAsCli(mintTenantToken(offlineTenantDeps(c, store, log, keys), name, o.ttl, o.sub));
           await signAudit(audit, keys);
-          return { version, token: mintToken(secret, { tenant: name, version, vaultId, ttlSec: o.ttl, ...(o.sub ? { sub: o.sub } : {}) }), expiresAt: new Date(Date.now() + o.ttl * 1000).toISOString() };
+          return r;
         } finally {
           store.close();
           await keys.close();

@@ -12,6 +12,8 @@ import type { TenantDirectory } from './store/tenants.js';
 import type { NamespacePolicy } from './core/namespace.js';
 import { ChannelTable } from './rpc/channels.js';
 import { Authenticator, mintToken } from './rpc/auth.js';
+import { addTenant, mintTenantToken, revokeTenant, type TenantDeps } from './app/tenants.js';
+import { rotate } from './app/rotate.js';
 import { RateLimiter } from './rpc/ratelimit.js';
 import { VERSION, methodTable } from './rpc/methods.js';
 import { startServer, type RunningServer, type RequestEvent } from './rpc/server.js';
@@ -383,13 +385,12 @@ export const adminFiles = (dataDir: string) => ({ info: join(dataDir, 'admin.jso
 export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
   const { vault, auth } = d;
   const { tenants } = d;
-  const latestActive = (name: string) => {
-    const v = tenants
-      .list()
-      .filter((t) => t.name === name && t.state === 'active')
-      .reduce((m, t) => Math.max(m, t.version), 0);
-    if (!v) throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"`);
-    return v;
+  const deps: TenantDeps = {
+    tenants,
+    secretFor: (name, version) => auth.secretFor(name, version),
+    vaultId: vault.vaultId,
+    tokenMaxLifetimeSec: c.limits.tokenMaxLifetimeSec,
+    log,
   };
   return {
     status: () =>
@@ -401,49 +402,24 @@ export function adminActions(d: Daemon, c: Config, log: Logger): AdminActions {
         connections: () => d.server.connections(),
         hsmCheck: d.hsmCheck,
       }),
-    rotate: (o, onProgress) =>
-      d.cohort
-        ? vault.rotateCohort({ resume: o.resume, ...(o.waitSec ? { waitMs: o.waitSec * 1000 } : {}), onProgress })
-        : vault.rotate({ resume: o.resume, ...(o.batchSize ? { batchSize: o.batchSize } : {}), onProgress }),
+    rotate: (o, onProgress) => rotate(vault, o, onProgress, !!d.cohort),
     tenants: () => ({ tenants: tenants.list() }),
-    async addTenant(name) {
-      const version = await tenants.add(name, Date.now());
-      const secret = await auth.secretFor(name, version);
-      log.info({ event: 'tenant.add', tenant: name, version }, 'tenant credential added');
-      return { name, version, secret: Buffer.from(secret).toString('hex') };
-    },
+    addTenant: (name) => addTenant(deps, name),
     async revokeTenant(name, version) {
-      const versions = tenants
-        .list()
-        .filter((t) => t.name === name && t.state === 'active' && (version === undefined || t.version === version))
-        .map((t) => t.version);
-      const revoked = await tenants.revoke(name, Date.now(), version);
-      if (revoked === 0) {
-        throw new VaultError(ErrorCodes.RECORD_NOT_FOUND, `no active tenant "${name.slice(0, 63)}"${version === undefined ? '' : ` version ${version}`}`);
-      }
-      let connectionsClosed: number;
-      if (d.cohort) {
-        // Applied here before revoke() resolved: the listener in startDaemon has already cut
-        // them off (and every other node does on applying it).
-        connectionsClosed = await (d.revocations.get(name) ?? 0);
-      } else {
+      const r = await revokeTenant(deps, name, version, async (versions) => {
+        if (d.cohort) {
+          // Applied here before revoke() resolved: the listener in startDaemon has already cut
+          // them off (and every other node does on applying it).
+          return (await d.revocations.get(name)) ?? 0;
+        }
         // "Tokens stop working at once": open connections too, not only new upgrades
         // (issue 14, finding 3). Every further request of theirs is refused from here on.
         auth.revoked(name, versions);
-        connectionsClosed = await d.server.revoke(name, versions);
-      }
-      log.info({ event: 'tenant.revoke', tenant: name, revoked, versions, connectionsClosed }, 'tenant credentials revoked');
-      return { name, revoked, connectionsClosed };
+        return d.server.revoke(name, versions);
+      });
+      return { name: r.name, revoked: r.revoked, connectionsClosed: r.connectionsClosed };
     },
-    async mintTenantToken(name, ttlSec, sub) {
-      if (ttlSec > c.limits.tokenMaxLifetimeSec) {
-        throw new VaultError(ErrorCodes.BAD_REQUEST, `ttl over limits.tokenMaxLifetimeSec (${c.limits.tokenMaxLifetimeSec} s): the vault would refuse the token`);
-      }
-      const version = latestActive(name);
-      const token = mintToken(await auth.secretFor(name, version), { tenant: name, version, vaultId: vault.vaultId, ttlSec, ...(sub ? { sub } : {}) });
-      log.info({ event: 'tenant.token', tenant: name, version, ttlSec }, 'tenant token minted');
-      return { name, version, token, expiresAt: new Date(Date.now() + ttlSec * 1000).toISOString() };
-    },
+    mintTenantToken: (name, ttlSec, sub) => mintTenantToken(deps, name, ttlSec, sub),
     async checkpoint() {
       const checkpointed = (await d.audit?.checkpoint()) ?? false;
       const s = d.audit?.status();
