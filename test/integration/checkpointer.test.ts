@@ -45,7 +45,11 @@ async function writeBatches(store: Store, batches: number, perBatch: number): Pr
   }
 }
 
-/** Records readable from the database file alone, as if the log were lost. */
+/**
+ * Records readable from the database file alone, as if the log were lost; -1 when the copy
+ * caught the checkpointer half-way through writing pages (a torn copy, not a torn database:
+ * the next poll sees the finished pass).
+ */
 function rowsInMainFile(path: string): number {
   const copy = `${path}.main-only`;
   copyFileSync(path, copy);
@@ -53,6 +57,9 @@ function rowsInMainFile(path: string): number {
   try {
     const hasTable = db.prepare("SELECT 1 FROM sqlite_master WHERE name = 'records'").get();
     return hasTable ? (db.prepare('SELECT count(*) AS n FROM records').get() as { n: number }).n : 0;
+  } catch (e) {
+    if (['SQLITE_CORRUPT', 'SQLITE_NOTADB'].includes(String((e as { code?: string }).code))) return -1;
+    throw e;
   } finally {
     db.close();
     for (const f of [copy, `${copy}-wal`, `${copy}-shm`]) rmSync(f, { force: true });
