@@ -11,11 +11,14 @@ import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startDaemon, ADMIN, CLI, type RunningDaemon } from '../helpers/daemon.js';
-import { captureLog } from '../helpers/vault.js';
+import { captureLog, TEST_KDF } from '../helpers/vault.js';
 import { enroll } from '../helpers/flows.js';
 import { VaultError, ErrorCodes } from '../../protocol/errors.js';
 import type { VaultKeys } from '../../vault/hsm/vault-keys.js';
 import { decorateKeys } from '../../vault/hsm/decorate.js';
+import { VaultClient } from '../../client/sdk.js';
+import { WebSocketTransport } from '../../client/transport.js';
+import { readVaultKey } from '../../client/cli.js';
 
 const KDF_ENV = { BKV_KDF: '{"m":64,"t":1,"p":1}' };
 
@@ -120,13 +123,22 @@ describe('health and readiness of the real daemon', () => {
 
 describe('metrics', () => {
   it('request, HSM, lockout and record counters move with traffic', async () => {
+    // /metrics serves one rendering for a second (METRICS_TTL_MS in vault/admin/server.ts): each
+    // scrape here comes after that second, so neither is a rendering from before it.
+    const ttl = () => new Promise((r) => setTimeout(r, 1100));
+    await ttl();
     const before = (await get(`${admin}/metrics`)).text;
-    const chats = join(work, 'chats.db');
-    expect((await bkv(['backup', 'create', '--in', chats, '--out', join(work, 'm.bkv'), '--user', 'metrics-user', '--password-stdin'], 'right horse\n')).code).toBe(0);
+    // The SDK in this process, not eleven bkv processes: the subject is the daemon's counters
+    // (the CLI's own wrong-password path is e2e-cli's).
+    const transport = new WebSocketTransport({ url: d.url, token: d.token });
+    const sdk = new VaultClient({ transport, pinnedKey: readVaultKey(d.vaultKeyFile), kdf: TEST_KDF, maxRetries: 0 });
+    await sdk.enrollPassword('metrics-user', 'right horse', randomBytes(32));
     for (let i = 0; i < 10; i++) {
-      const r = await bkv(['backup', 'restore', '--in', join(work, 'm.bkv'), '--out', join(work, 'm.out'), '--user', 'metrics-user', '--password-stdin'], `wrong ${i}\n`);
-      expect(r.code).toBe(i < 9 ? 3 : 4);
+      const err = await sdk.recoverWithPassword('metrics-user', `wrong ${i}`).then(() => undefined, (e: unknown) => e);
+      expect((err as VaultError).code).toBe(i < 9 ? ErrorCodes.WRONG_PASSWORD : ErrorCodes.LOCKED);
     }
+    transport.close();
+    await ttl();
     const after = (await get(`${admin}/metrics`)).text;
     const delta = (name: string, labels: Record<string, string> = {}) => metric(after, name, labels) - metric(before, name, labels);
     expect(delta('bkv_rpc_requests_total', { method: 'enroll.finish', outcome: 'ok' })).toBe(1);
