@@ -13,7 +13,9 @@ export default defineConfig({
     pool: 'forks',
     isolate: true,
     fileParallelism: true,
-    maxWorkers: 2,
+    // Three files at a time on two cores: many wait on daemons, etcd elections and child
+    // processes. Measured side by side: 246 s with two, 217 s with three.
+    maxWorkers: 3,
     testTimeout: 60_000,
     // ./scripts/coverage: lines of the shipped code run by the suite in its own processes
     // (a spawned daemon's lines are not counted, so the figure is a floor).

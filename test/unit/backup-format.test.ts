@@ -299,6 +299,8 @@ describe('BKV1 streaming', () => {
     // 1 MiB chunks plus not-yet-collected garbage stays far below it.
     // Typical here: ~22 MiB arrayBuffers, ~45 MiB rss. A leak of consumed pieces measured 144 / 283.
     // RSS moves with whatever else the machine runs: test/soak/backup-memory.test.ts judges it.
-    expect(r.peakAB, 'peak arrayBuffers growth').toBeLessThan(32 * 1024 * 1024);
+    // The bound is half the stream, not a tight fit: how much garbage is still uncollected
+    // depends on the machine's load (34 MiB seen beside a busy suite).
+    expect(r.peakAB, 'peak arrayBuffers growth').toBeLessThan(64 * 1024 * 1024);
   }, 20_000);
 });
