@@ -4,8 +4,12 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
-import { parse as parseYaml } from 'yaml';
+import { createRequire } from 'node:module';
 import { VaultError, ErrorCodes } from '../protocol/errors.js';
+
+// Loaded only for a YAML file: its ~70 modules cost every daemon, bkv-admin and ceremony
+// start ~40 ms, and most configs are JSON.
+const parseYaml = (text: string): unknown => (createRequire(import.meta.url)('yaml') as typeof import('yaml')).parse(text);
 
 export const SOFTHSM_CANDIDATES = [
   '/usr/lib/softhsm/libsofthsm2.so',
