@@ -19,7 +19,6 @@ import { TenantStore, checkTenantName, type Tenant } from './store/tenants.js';
 import { addTenant, hsmTenantSecret, mintTenantToken, revokeTenant, type TenantDeps } from './app/tenants.js';
 import { rotate } from './app/rotate.js';
 import { vaultIdOf } from '../protocol/descriptor.js';
-import { Metrics } from './metrics.js';
 import { logTap, openAudit } from './logging.js';
 import { acquireLock } from './admin/lock.js';
 import { offlineStatus, phaseLines, type StatusReport } from './admin/status.js';
@@ -62,7 +61,7 @@ function config(o: Common): Config {
 /** Logger for offline commands: warnings to stderr, security events into the audit log. */
 function offlineLogger(audit?: AuditLog): Logger {
   const streams: pino.StreamEntry[] = [{ level: 'warn', stream: pino.destination({ dest: 2, sync: true }) }];
-  if (audit) streams.push({ level: 'info', stream: { write: logTap(new Metrics({ processMetrics: false }), audit) } });
+  if (audit) streams.push({ level: 'info', stream: { write: logTap(undefined, audit) } });
   return pino({ level: 'info', base: { svc: 'bkv-admin' } }, pino.multistream(streams));
 }
 
@@ -80,7 +79,7 @@ async function withVault<T>(
   if (!existsSync(c.dataDir)) throw new CliError(EXIT.NOT_FOUND, `no data folder at ${c.dataDir}: run "bkv-admin init" first`);
   const lock = acquireLock(c.dataDir, 'bkv-admin');
   let log: Logger | undefined;
-  const audit = openAudit(c, new Metrics({ processMetrics: false }), () => log);
+  const audit = openAudit(c, undefined, () => log);
   log = offlineLogger(audit);
   try {
     return await offline(log, audit);
@@ -247,7 +246,7 @@ common(program.command('init'))
     mkdirSync(c.dataDir, { recursive: true, mode: 0o700 });
     const lock = acquireLock(c.dataDir, 'bkv-admin init');
     let log: Logger | undefined;
-    const audit = openAudit(c, new Metrics({ processMetrics: false }), () => log);
+    const audit = openAudit(c, undefined, () => log);
     log = offlineLogger(audit);
     try {
       const r = await initVault(c, log);

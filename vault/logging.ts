@@ -32,31 +32,35 @@ export function makeLogger(c: Config, tap?: (line: string) => void): Logger {
   return pino({ ...opts, level }, pino.multistream(streams));
 }
 
-/** The log tap: security events into the audit log, event counts into metrics. */
-export function logTap(metrics: Metrics, audit?: AuditLog): (line: string) => void {
+/**
+ * The log tap: security events into the audit log, event counts into metrics. The offline
+ * tools (bkv-admin, the ceremony) pass no metrics: nothing would scrape them, and prom-client
+ * is ~40 modules of start-up.
+ */
+export function logTap(metrics: Metrics | undefined, audit?: AuditLog): (line: string) => void {
   return (line) => {
     const ev = eventOf(line);
     if (!ev) return;
-    metrics.onLogEvent(ev);
+    metrics?.onLogEvent(ev);
     if (!audit) return;
     const a = auditEventOf(line);
     if (a) {
       audit.append(a.event, a.fields, a.time);
-      metrics.securityEvents.inc({ event: a.event });
+      metrics?.securityEvents.inc({ event: a.event });
     }
   };
 }
 
-/** Open the audit log with metrics wired in; errors are logged through `log()` once it exists. */
-export function openAudit(c: Config, metrics: Metrics, log: () => Logger | undefined): AuditLog {
+/** Open the audit log with metrics (if any) wired in; errors are logged through `log()` once it exists. */
+export function openAudit(c: Config, metrics: Metrics | undefined, log: () => Logger | undefined): AuditLog {
   return AuditLog.open(c.audit.file ?? join(c.dataDir, 'audit.log'), {
     checkpointEvery: c.audit.checkpointEvery,
     checkpointSec: c.audit.checkpointSec,
-    onAppend: () => metrics.auditEvents.inc(),
-    onCheckpoint: () => metrics.auditCheckpoints.inc(),
+    onAppend: () => metrics?.auditEvents.inc(),
+    onCheckpoint: () => metrics?.auditCheckpoints.inc(),
     // "audit.error" is not an audited event, so this cannot loop back into the audit log.
     onError: (what, e) => {
-      metrics.auditErrors.inc();
+      metrics?.auditErrors.inc();
       log()?.error({ event: 'audit.error', what, err: (e as Error)?.message }, 'audit log write failed');
     },
   });

@@ -20,7 +20,6 @@ import { enforcePolicy } from '../../hsm-policy/enforce.js';
 import { PHASE_TEXT } from '../../hsm-policy/policy.js';
 import { vaultIdOf } from '../../protocol/descriptor.js';
 import { fromHex } from '../../protocol/bytes.js';
-import { Metrics } from '../metrics.js';
 import { logTap, openAudit } from '../logging.js';
 import { acquireLock } from '../admin/lock.js';
 import { adminCall, findDaemon } from '../admin/client.js';
@@ -70,10 +69,10 @@ async function offline<T>(c: Config, step: string, fn: (log: Logger, audit: Audi
   }
   const lock = acquireLock(c.dataDir, `bkv-admin ceremony ${step}`);
   let log: Logger | undefined;
-  const audit = openAudit(c, new Metrics({ processMetrics: false }), () => log);
+  const audit = openAudit(c, undefined, () => log);
   const streams: pino.StreamEntry[] = [
     { level: 'warn', stream: pino.destination({ dest: 2, sync: true }) },
-    { level: 'info', stream: { write: logTap(new Metrics({ processMetrics: false }), audit) } },
+    { level: 'info', stream: { write: logTap(undefined, audit) } },
   ];
   log = pino({ level: 'info', base: { svc: 'bkv-admin' } }, pino.multistream(streams));
   try {
