@@ -4,9 +4,9 @@
 // checked against a model of what the vault must have done.
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import type { RunningDaemon } from './daemon.js';
+import { startDaemon, type RunningDaemon } from './daemon.js';
 import { TEST_KDF } from './vault.js';
-import { type LeakScan, RecordingTransport, pinnedKeyOf } from './adversarial.js';
+import { LeakScan, RecordingTransport, advConfig, pinnedKeyOf } from './adversarial.js';
 import { VaultClient } from '../../client/sdk.js';
 import { ErrorCodes, VaultError } from '../../protocol/errors.js';
 
@@ -22,6 +22,15 @@ export interface LoadContext {
   d: RunningDaemon;
   leaks: LeakScan;
   wire: string[];
+}
+
+/** A daemon for load (tenant rate limits out of the way), its logs and files under the leak scan. */
+export async function startLoad(): Promise<LoadContext> {
+  const d = await startDaemon({ config: advConfig({ limits: { tenantPerSec: 1e6, tenantBurst: 1e6 } }) });
+  const ctx: LoadContext = { d, leaks: new LeakScan(), wire: [] };
+  ctx.leaks.text('wire sample', () => ctx.wire);
+  ctx.leaks.daemon(d);
+  return ctx;
 }
 
 interface UserModel {

@@ -8,23 +8,19 @@
 // Long runs and memory: test/soak/load-memory.test.ts (./scripts/soak); scripts/load runs
 // 60 s with 200 connections; figures in docs/SECURITY.md.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
-import { LeakScan, advConfig, establishedOn, waitFor } from '../helpers/adversarial.js';
-import { loadRun, type LoadContext, type Stats } from '../helpers/load.js';
+import type { RunningDaemon } from '../helpers/daemon.js';
+import { establishedOn, waitFor } from '../helpers/adversarial.js';
+import { loadRun, startLoad, type LoadContext, type Stats } from '../helpers/load.js';
 
 const SECONDS = Number(process.env.BKV_LOAD_SECONDS ?? 3);
 const CONNECTIONS = Number(process.env.BKV_LOAD_CONNECTIONS ?? 20);
 
-let d: RunningDaemon;
 let ctx: LoadContext;
-const leaks = new LeakScan();
-const wire: string[] = [];
+let d: RunningDaemon;
 
 beforeAll(async () => {
-  d = await startDaemon({ config: advConfig({ limits: { tenantPerSec: 1e6, tenantBurst: 1e6 } }) });
-  ctx = { d, leaks, wire };
-  leaks.text('wire sample', () => wire);
-  leaks.daemon(d);
+  ctx = await startLoad();
+  d = ctx.d;
 });
 
 afterAll(async () => {
@@ -49,7 +45,7 @@ describe(`load: ${CONNECTIONS} connections for ${SECONDS} s`, () => {
   }, (SECONDS + 120) * 1000);
 
   it('leaks nothing into the sampled wire traffic, the logs, the database or the audit log', () => {
-    const r = leaks.scan();
+    const r = ctx.leaks.scan();
     console.log(`load leak scan: ${r.secrets} secrets x ${r.places} places (${r.bytes} bytes)`);
     expect(r.hits).toEqual([]);
   });

@@ -3,23 +3,19 @@
 // next. RSS on a shared machine moves with other work, so only ./scripts/soak runs this.
 // BKV_LOAD_SECONDS (default 10) with BKV_LOAD_CONNECTIONS (default 50).
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
-import { LeakScan, advConfig, establishedOn, rssOf, waitFor, quantile } from '../helpers/adversarial.js';
-import { cpuSecondsOf, loadRun, type LoadContext, type Stats } from '../helpers/load.js';
+import type { RunningDaemon } from '../helpers/daemon.js';
+import { establishedOn, rssOf, waitFor, quantile } from '../helpers/adversarial.js';
+import { cpuSecondsOf, loadRun, startLoad, type LoadContext, type Stats } from '../helpers/load.js';
 
 const SECONDS = Number(process.env.BKV_LOAD_SECONDS ?? 10);
 const CONNECTIONS = Number(process.env.BKV_LOAD_CONNECTIONS ?? 50);
 
-let d: RunningDaemon;
 let ctx: LoadContext;
-const leaks = new LeakScan();
-const wire: string[] = [];
+let d: RunningDaemon;
 
 beforeAll(async () => {
-  d = await startDaemon({ config: advConfig({ limits: { tenantPerSec: 1e6, tenantBurst: 1e6 } }) });
-  ctx = { d, leaks, wire };
-  leaks.text('wire sample', () => wire);
-  leaks.daemon(d);
+  ctx = await startLoad();
+  d = ctx.d;
 });
 
 afterAll(async () => {
@@ -86,7 +82,7 @@ describe(`load: ${CONNECTIONS} connections for ${SECONDS} s`, () => {
   }, (2 * SECONDS + 150) * 1000);
 
   it('leaks nothing into the sampled wire traffic, the logs, the database or the audit log', () => {
-    const r = leaks.scan();
+    const r = ctx.leaks.scan();
     console.log(`load leak scan: ${r.secrets} secrets x ${r.places} places (${r.bytes} bytes)`);
     expect(r.hits).toEqual([]);
   });
