@@ -8,7 +8,6 @@
 // Long runs and memory: test/soak/load-memory.test.ts (./scripts/soak); scripts/load runs
 // 60 s with 200 connections; figures in docs/SECURITY.md.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import type { RunningDaemon } from '../helpers/daemon.js';
 import { establishedOn, waitFor } from '../helpers/adversarial.js';
 import { loadRun, startLoad, type LoadContext, type Stats } from '../helpers/load.js';
 
@@ -16,22 +15,20 @@ const SECONDS = Number(process.env.BKV_LOAD_SECONDS ?? 3);
 const CONNECTIONS = Number(process.env.BKV_LOAD_CONNECTIONS ?? 20);
 
 let ctx: LoadContext;
-let d: RunningDaemon;
 
 beforeAll(async () => {
   ctx = await startLoad();
-  d = ctx.d;
 });
 
 afterAll(async () => {
-  await d?.cleanup();
+  await ctx?.d.cleanup();
 });
 
 describe(`load: ${CONNECTIONS} connections for ${SECONDS} s`, () => {
   it('no lost or doubled counter update, no hanging connection', async () => {
     const s: Stats = { ops: {}, retryable: {}, violations: [], latencies: [] };
     const { elapsed, hotCounted } = await loadRun(ctx, SECONDS, CONNECTIONS, 'load', s);
-    const closed = await waitFor(() => establishedOn(d.port) === 0, 10_000);
+    const closed = await waitFor(() => establishedOn(ctx.d.port) === 0, 10_000);
     const total = Object.values(s.ops).reduce((a, b) => a + b, 0);
     console.log(`load report ${JSON.stringify({ connections: CONNECTIONS, seconds: Math.round(elapsed * 10) / 10, operations: total, ops: s.ops, retryable: s.retryable, hotWrongGuessesCounted: hotCounted })}`);
     expect(s.violations.slice(0, 10)).toEqual([]);
@@ -39,9 +36,9 @@ describe(`load: ${CONNECTIONS} connections for ${SECONDS} s`, () => {
     // The hot users' wrong guesses did race across connections, and each was counted once.
     expect(hotCounted).toBeGreaterThan(0);
     expect(closed).toBe(true);
-    expect(d.proc.exitCode).toBeNull();
+    expect(ctx.d.proc.exitCode).toBeNull();
     // Errors in the daemon's own words: none.
-    expect(d.logs.filter((l) => /"level":(50|60)|Unhandled|uncaught/i.test(l)).slice(0, 5)).toEqual([]);
+    expect(ctx.d.logs.filter((l) => /"level":(50|60)|Unhandled|uncaught/i.test(l)).slice(0, 5)).toEqual([]);
   }, (SECONDS + 120) * 1000);
 
   it('leaks nothing into the sampled wire traffic, the logs, the database or the audit log', () => {

@@ -6,7 +6,7 @@ import { p256 } from '@noble/curves/nist.js';
 import pino from 'pino';
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { makeToken, type TestToken } from '../helpers/softhsm.js';
+import { hsmOf, makeToken, type TestToken } from '../helpers/softhsm.js';
 import { openKeys } from '../../vault/core/open.js';
 import { poolKeys, type HsmPool, type WorkerPoolOptions } from '../../vault/hsm/pool/pool.js';
 import type { HsmKeys } from '../../vault/hsm/keys.js';
@@ -16,7 +16,7 @@ const log = pino({ level: 'silent' });
 let token: TestToken;
 let direct: VaultKeys;
 
-const hsm = () => ({ modulePath: token.modulePath, tokenLabel: token.label, pin: token.pin });
+const hsm = () => hsmOf(token);
 /** A valid P-256 point that is not the key's own. */
 const point = () => p256.getPublicKey(p256.utils.randomSecretKey(), false);
 
